@@ -1,0 +1,35 @@
+"""corral: a structured-concurrency task engine on anyio.
+
+Push many items through an async (or plain) function with bounded memory,
+errors as values and every item accounted for, on asyncio, uvloop and trio.
+"""
+
+from ._errors import CorralError as CorralError
+from ._errors import FlushError as FlushError
+from ._errors import PoolClosed as PoolClosed
+from ._errors import QueueFull as QueueFull
+from ._helpers import ApplyToEach as ApplyToEach
+from ._helpers import Outcomes as Outcomes
+from ._helpers import apply_to_all as apply_to_all
+from ._helpers import apply_to_each as apply_to_each
+from ._outcome import Job as Job
+from ._outcome import Outcome as Outcome
+from ._pool import Pool as Pool
+from ._pool import PoolStats as PoolStats
+
+__all__ = [
+    "ApplyToEach",
+    "CorralError",
+    "FlushError",
+    "Job",
+    "Outcome",
+    "Outcomes",
+    "Pool",
+    "PoolClosed",
+    "PoolStats",
+    "QueueFull",
+    "apply_to_all",
+    "apply_to_each",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""corral's exceptions.
+
+The hierarchy::
+
+    Exception
+    └── CorralError                  every error corral raises on its own behalf
+        └── FlushError               a Batcher's final flush failed; ``.items`` holds
+                                     what could not be flushed
+
+    anyio.WouldBlock
+    └── QueueFull (+ CorralError)    ``submit_nowait`` / ``add_nowait`` on a full queue
+
+    anyio.ClosedResourceError
+    └── PoolClosed (+ CorralError)   submitting to a pool that is not running, or
+                                     waiting on a job that ended unfinished
+
+Errors raised by *your* handler are never wrapped: they become
+``Outcome.error`` (or propagate unchanged where the API says so).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+__all__ = ["CorralError", "FlushError", "PoolClosed", "QueueFull"]
+
+
+class CorralError(Exception):
+    """Base class of the errors corral raises on its own behalf."""
+
+
+class QueueFull(CorralError, anyio.WouldBlock):
+    """Raised by the ``*_nowait`` twins when the call would have to wait.
+
+    ``Pool.submit_nowait`` raises it while ``max_pending`` items are waiting for a
+    worker. It is an :class:`anyio.WouldBlock`, so code written against anyio's
+    memory streams handles it already. Nothing was enqueued when it is raised.
+    """
+
+
+class PoolClosed(CorralError, anyio.ClosedResourceError):
+    """Raised when a pool cannot accept or finish work because it is not running.
+
+    * ``submit`` / ``submit_nowait`` before ``async with pool:`` was entered or
+      after the block exited (or while it is shutting down after a failure);
+    * ``await job.wait()`` for a job that ended *unfinished* (the pool was
+      cancelled, failed fast, or its block raised before the job ran).
+
+    It is an :class:`anyio.ClosedResourceError`.
+    """
+
+
+class FlushError(CorralError):
+    """A batcher's final flush failed; nothing more will be flushed.
+
+    ``items`` holds every item that was not flushed, in the order it was added;
+    the same items are in ``batcher.unflushed``. The flush function's exception is
+    the ``__cause__``.
+    """
+
+    items: Sequence[Any]
+
+    def __init__(self, message: str, items: Sequence[Any]) -> None:
+        super().__init__(message)
+        self.items = items

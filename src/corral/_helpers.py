@@ -1,0 +1,352 @@
+"""apply_to_all and apply_to_each: a Pool fed from an iterable.
+
+Both pull lazily: an item is taken from ``items`` only when the pool has room
+for it, so at most ``workers + max_pending`` items (plus, for
+``apply_to_each``, as many finished outcomes the consumer has not taken yet)
+exist at any time, whatever the length of the input.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
+from typing import Any, Generic, NoReturn, TypeVar, overload
+
+import anyio
+from anyio.lowlevel import checkpoint
+
+from ._outcome import Outcome
+from ._pool import Pool
+from ._validate import check_bool
+
+__all__ = ["ApplyToEach", "Outcomes", "apply_to_all", "apply_to_each"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _check_items(items: object) -> None:
+    if not isinstance(items, (Iterable, AsyncIterable)):
+        raise TypeError(f"items must be an iterable or an async iterable, got {items!r}")
+
+
+async def _feed(
+    pool: Pool[T, R],
+    items: Iterable[T] | AsyncIterable[T],
+    before_pull: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Submit every item of ``items`` to ``pool``; return how many.
+
+    Fills the queue without yielding while it has room and waits (a
+    checkpoint) only when it is full, so the workers run in batches. An item
+    taken from ``items`` whose submit is interrupted is recorded as unfinished.
+    """
+    count = 0
+    submit_nowait = pool._submit_if_room
+
+    async def put(item: T) -> None:
+        try:
+            await pool.submit(item)
+        except BaseException:
+            pool._orphans.append(item)
+            raise
+
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            if not submit_nowait(item):
+                await put(item)
+            count += 1
+            if before_pull is not None:
+                await before_pull()
+    else:
+        for item in items:
+            if not submit_nowait(item):
+                await put(item)
+            count += 1
+            if before_pull is not None:
+                await before_pull()
+    return count
+
+
+@overload
+async def apply_to_all(
+    handler: Callable[[T], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Any = None,
+    rate_limit: Any = None,
+    limiter: Any = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Any] = (),
+    on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+) -> list[Outcome[T, R]]: ...
+@overload
+async def apply_to_all(
+    handler: Callable[[T], R],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Any = None,
+    rate_limit: Any = None,
+    limiter: Any = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Any] = (),
+    on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+) -> list[Outcome[T, R]]: ...
+async def apply_to_all(
+    handler: Callable[[T], Any],
+    items: Iterable[T] | AsyncIterable[T],
+    **options: Any,
+) -> list[Outcome[T, Any]]:
+    """Run ``handler`` on every item and return the outcomes in input order.
+
+    Errors are values (``Outcome.error``); the call raises only for
+    ``fail_fast`` (the first failure), an error raised by ``items`` itself or
+    by ``on_outcome``, or cancellation, in each case after every task stopped.
+    Takes the keyword options of :class:`Pool`.
+
+    >>> import anyio
+    >>> async def square(x: int) -> int:
+    ...     return x * x
+    >>> outcomes = anyio.run(apply_to_all, square, range(4))
+    >>> [o.result for o in outcomes]
+    [0, 1, 4, 9]
+    """
+    pool: Pool[T, Any] = Pool(handler, **options)
+    _check_items(items)
+    results: list[Any] = []
+    append = results.append
+
+    def record(outcome: Outcome[T, Any]) -> None:
+        results[outcome.index] = outcome
+
+    pool._add_sink(record)
+    count = 0
+    async with pool:
+        submit_if_room = pool._submit_if_room
+        # the loop of _feed, inlined with the list growth: this is the hot path
+        if isinstance(items, AsyncIterable):
+            async for item in items:
+                append(None)
+                if not submit_if_room(item):
+                    await _submit_or_orphan(pool, item)
+                count += 1
+        else:
+            for item in items:
+                append(None)
+                if not submit_if_room(item):
+                    await _submit_or_orphan(pool, item)
+                count += 1
+    return results
+
+
+async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
+    try:
+        await pool.submit(item)
+    except BaseException:
+        pool._orphans.append(item)
+        raise
+
+
+class Outcomes(Generic[T, R]):
+    """The async iterator that ``async with apply_to_each(...)`` gives.
+
+    Iterate it with ``async for``; every ``__anext__`` is a checkpoint. After the
+    block, :attr:`unfinished` lists the items that got no outcome (the block was
+    left early, raised, or was cancelled).
+    """
+
+    def __init__(self, pool: Pool[T, R], *, ordered: bool, window: int) -> None:
+        self._pool = pool
+        self._ordered = ordered
+        self._window = window
+        self._ready: deque[Outcome[T, R]] = deque()
+        self._done: dict[int, Outcome[T, R]] = {}
+        self._emitted = 0
+        self._pulled = 0
+        self._feeding = True
+        self._consumer: anyio.Event | None = None
+        self._feeder: anyio.Event | None = None
+
+    @property
+    def unfinished(self) -> list[T]:
+        """Items taken from the input that got no outcome (valid after the block)."""
+        return self._pool.unfinished
+
+    def __aiter__(self) -> Outcomes[T, R]:
+        return self
+
+    def _deliver(self, outcome: Outcome[T, R]) -> None:
+        if self._ordered:
+            self._done[outcome.index] = outcome
+            if outcome.index != self._emitted:
+                return
+        else:
+            self._ready.append(outcome)
+        if self._consumer is not None:
+            self._consumer.set()
+            self._consumer = None
+
+    def _take(self) -> Outcome[T, R] | None:
+        if self._ordered:
+            return self._done.pop(self._emitted, None)
+        return self._ready.popleft() if self._ready else None
+
+    async def __anext__(self) -> Outcome[T, R]:
+        await checkpoint()
+        while True:
+            outcome = self._take()
+            if outcome is not None:
+                self._emitted += 1
+                if self._feeder is not None and self._pulled - self._emitted < self._window:
+                    self._feeder.set()
+                    self._feeder = None
+                return outcome
+            if not self._feeding and self._emitted == self._pulled:
+                raise StopAsyncIteration
+            self._consumer = event = anyio.Event()
+            await event.wait()
+
+    async def _before_pull(self) -> None:
+        self._pulled += 1
+        while self._pulled - self._emitted >= self._window:
+            self._feeder = event = anyio.Event()
+            await event.wait()
+
+    async def _feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
+        try:
+            await _feed(self._pool, items, self._before_pull)
+        finally:
+            self._feeding = False
+            if self._consumer is not None:
+                self._consumer.set()
+                self._consumer = None
+
+
+class ApplyToEach(Generic[T, R]):
+    """What :func:`apply_to_each` returns: use it with ``async with``."""
+
+    def __init__(
+        self, pool: Pool[T, R], items: Iterable[T] | AsyncIterable[T], ordered: bool
+    ) -> None:
+        self._pool = pool
+        self._items = items
+        self._ordered = ordered
+        self._cm: AbstractAsyncContextManager[Outcomes[T, R]] | None = None
+
+    def __aiter__(self) -> NoReturn:
+        raise TypeError(
+            "apply_to_each(...) is an async context manager, not an iterator; use "
+            "`async with apply_to_each(handler, items) as outcomes:` and then "
+            "`async for outcome in outcomes:` inside the block"
+        )
+
+    async def __aenter__(self) -> Outcomes[T, R]:
+        if self._cm is not None:
+            raise RuntimeError("apply_to_each(...) can be entered only once")
+        self._cm = self._run()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[Outcomes[T, R]]:
+        pool = self._pool
+        window = pool._workers + pool._max_pending
+        outcomes = Outcomes(pool, ordered=self._ordered, window=window)
+        pool._add_sink(outcomes._deliver)
+        async with pool:
+            assert pool._tg is not None
+            pool._tg.start_soon(outcomes._feed, self._items, name="corral apply_to_each feeder")
+            yield outcomes
+            # The block ended without an exception: whatever is still queued or
+            # running is not wanted any more (an early `break`).
+            pool._stop()
+
+
+@overload
+def apply_to_each(
+    handler: Callable[[T], Awaitable[R]],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    ordered: bool = False,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Any = None,
+    rate_limit: Any = None,
+    limiter: Any = None,
+    timeout: float | None = None,
+    middleware: Sequence[Any] = (),
+    on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+) -> ApplyToEach[T, R]: ...
+@overload
+def apply_to_each(
+    handler: Callable[[T], R],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    ordered: bool = False,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Any = None,
+    rate_limit: Any = None,
+    limiter: Any = None,
+    timeout: float | None = None,
+    middleware: Sequence[Any] = (),
+    on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+) -> ApplyToEach[T, R]: ...
+def apply_to_each(
+    handler: Callable[[T], Any],
+    items: Iterable[T] | AsyncIterable[T],
+    *,
+    ordered: bool = False,
+    **options: Any,
+) -> ApplyToEach[T, Any]:
+    """Run ``handler`` on every item; iterate the outcomes as they complete.
+
+    Use as ``async with apply_to_each(handler, items) as outcomes:`` then
+    ``async for outcome in outcomes:``. Outcomes come in completion order, or
+    in input order with ``ordered=True`` (held in a reorder buffer of at most
+    ``workers + max_pending`` outcomes; input is not pulled beyond that).
+    Leaving the block early (``break``, an exception, cancellation) stops the
+    remaining work at once; ``outcomes.unfinished`` then lists what got no
+    outcome. Takes the keyword options of :class:`Pool`.
+
+    >>> import anyio
+    >>> async def square(x: int) -> int:
+    ...     return x * x
+    >>> async def main() -> list[int]:
+    ...     async with apply_to_each(square, range(4), ordered=True) as outcomes:
+    ...         return [o.result async for o in outcomes]
+    >>> anyio.run(main)
+    [0, 1, 4, 9]
+    """
+    pool: Pool[T, Any] = Pool(handler, **options)
+    _check_items(items)
+    return ApplyToEach(pool, items, check_bool("ordered", ordered))

@@ -1,0 +1,110 @@
+"""Outcome (the value every item ends as) and Job (a handle on a submitted item)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+import anyio
+import attrs
+
+from ._errors import PoolClosed
+
+__all__ = ["Job", "Outcome"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@attrs.frozen
+class Outcome(Generic[T, R]):
+    """What became of one item: its result or its error, never both.
+
+    ``index`` is the item's position (in the input for the helpers, in submission
+    order for a :class:`Pool`); ``id`` is the caller's id or, by default, the
+    index. ``attempts`` counts calls of the handler (more than one only under a
+    retry policy). ``elapsed`` is the time in seconds from the start of the first
+    attempt to the outcome, read with :func:`anyio.current_time`.
+
+    >>> Outcome(item=2, index=0, id=0, result=4).unwrap()
+    4
+    """
+
+    item: T
+    index: int
+    id: Hashable
+    result: R | None = None
+    error: Exception | None = None
+    attempts: int = 1
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the handler returned (``error`` is None)."""
+        return self.error is None
+
+    def unwrap(self) -> R:
+        """Return ``result``, or raise ``error`` if the item failed."""
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class Job(Generic[T, R]):
+    """Handle on one item submitted to a :class:`Pool`.
+
+    Returned by ``Pool.submit`` and ``Pool.submit_nowait``. Creating a job costs
+    no event: one is made only when somebody awaits :meth:`wait` before the
+    outcome exists.
+    """
+
+    __slots__ = ("_ended", "_event", "_outcome", "id", "index", "item")
+
+    def __init__(self, item: T, index: int, id: Hashable) -> None:
+        self.item = item
+        self.index = index
+        self.id = id
+        self._outcome: Outcome[T, R] | None = None
+        self._event: anyio.Event | None = None
+        self._ended = False  # True once the job can no longer get an outcome
+
+    @property
+    def done(self) -> bool:
+        """True once the item has its outcome."""
+        return self._outcome is not None
+
+    @property
+    def outcome(self) -> Outcome[T, R] | None:
+        """The item's outcome, or None while it is queued or running."""
+        return self._outcome
+
+    async def wait(self) -> Outcome[T, R]:
+        """Wait for the item's outcome and return it.
+
+        Always a checkpoint. Cancelling the wait does not affect the item.
+
+        :raises PoolClosed: the pool exited without giving this item an outcome
+            (it is in ``pool.unfinished``).
+        """
+        if self._outcome is None and not self._ended and self._event is None:
+            self._event = anyio.Event()
+        if self._event is not None and self._outcome is None and not self._ended:
+            await self._event.wait()
+        else:
+            await anyio.lowlevel.checkpoint()
+        if self._outcome is None:
+            raise PoolClosed(
+                f"job {self.id!r} ended unfinished: its pool exited before the item "
+                "had an outcome (see pool.unfinished)"
+            )
+        return self._outcome
+
+    def _abandon(self) -> None:
+        """Mark the job unfinished for good and wake its waiters."""
+        self._ended = True
+        if self._event is not None:
+            self._event.set()
+
+    def __repr__(self) -> str:
+        state = "done" if self._outcome is not None else "pending"
+        return f"<Job id={self.id!r} item={self.item!r} {state}>"

@@ -1,0 +1,608 @@
+"""Pool: one task group, one memory object stream, ``workers`` worker tasks.
+
+How an item travels::
+
+    submit ──► live[index] = Job ──► memory stream ──► worker ──► Outcome
+                                                                   │
+                 del live[index]; job gets its outcome; on_outcome ◄┘
+
+``live`` (a dict in submission order) is the single record of every item that
+has no outcome yet; whatever is in it when the pool stops is ``unfinished``.
+The stream itself is unbounded: ``max_pending`` is enforced by :meth:`submit`
+with its own FIFO of waiting submitters, so that a submit interrupted at any
+point (also by a native asyncio cancellation) either enqueued or did not, and
+so that submits from the pool's own workers can bypass the bound.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeAlias, TypeVar, overload
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.lowlevel import checkpoint
+
+from ._errors import PoolClosed, QueueFull
+from ._handlers import check_callable, is_async_callable, make_async
+from ._outcome import Job, Outcome
+from ._validate import check_bool, check_int, check_optional_str
+
+__all__ = ["Pool", "PoolStats"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# What travels through the stream and sits in ``live``: (index, item, id, job).
+# A tuple, not an object, because it is made once per item; the Job is None for
+# items fed by the helpers, which nobody can wait on.
+_Entry: TypeAlias = tuple[int, T, Hashable, Job[T, R] | None]
+
+_NEW, _RUNNING, _STOPPING, _CLOSED = "new", "running", "stopping", "closed"
+
+# A worker task sets this to its pool, so that submits made from inside a
+# handler (or from tasks the handler starts) can bypass ``max_pending``.
+_worker_of: contextvars.ContextVar[Pool[Any, Any] | None] = contextvars.ContextVar(
+    "corral_worker_of", default=None
+)
+
+# A worker checkpoints at least once every this many items, so that a handler
+# that never awaits cannot starve the event loop or delay cancellation.
+_MAX_STREAK = 64
+
+
+@attrs.frozen
+class PoolStats:
+    """A snapshot of a pool's counters (they accumulate over re-entries).
+
+    ``queued``: submitted, waiting for a worker. ``running``: in a worker.
+    ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts.
+    ``backpressure_waits``: submits that had to wait for room.
+    """
+
+    submitted: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    retried: int
+    backpressure_waits: int
+    unfinished: int
+
+
+def _clock() -> Callable[[], float]:
+    """The running backend's clock, looked up once instead of once per read.
+
+    Same value as :func:`anyio.current_time` (so trio's MockClock applies);
+    falls back to it if anyio's internals move.
+    """
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        clock: Callable[[], float] = get_async_backend().current_time
+    except (ImportError, AttributeError):  # pragma: no cover - anyio changed
+        return anyio.current_time
+    return clock
+
+
+def _unwrap_group(exc: BaseException) -> BaseException:
+    """The single leaf of nested one-exception groups, else ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class Pool(Generic[T, R]):
+    """A worker pool scoped to an ``async with`` block.
+
+    ``handler`` is called once per item (async, or plain in a worker thread).
+    Submit items with :meth:`submit`; each becomes exactly one :class:`Outcome`,
+    or is listed in :attr:`unfinished` after the block. Errors are values: a
+    handler exception becomes ``Outcome.error`` and does not disturb other items.
+
+    Leaving the block normally waits until the pool is idle (nothing queued,
+    nothing running; handlers may keep submitting follow-up work until it runs
+    out). Leaving it with an exception, or by cancellation, cancels the workers,
+    lists the items without outcome in :attr:`unfinished`, and re-raises the
+    exception unwrapped.
+
+    >>> import anyio
+    >>> async def double(x: int) -> int:
+    ...     return 2 * x
+    >>> async def main() -> list[int]:
+    ...     async with Pool(double, workers=4) as pool:
+    ...         jobs = [await pool.submit(i) for i in range(3)]
+    ...     return [job.outcome.result for job in jobs]
+    >>> anyio.run(main)
+    [0, 2, 4]
+
+    :param workers: number of worker tasks (and of threads for a plain handler).
+    :param max_pending: how many submitted items may wait for a worker before
+        :meth:`submit` blocks; default ``2 * workers``, at least 16.
+    :param on_outcome: called with every outcome in the same step that
+        records it (a plain function) or right after it (an async function is
+        awaited by the worker). An exception from it stops the pool and is
+        re-raised from the ``async with``.
+    :param fail_fast: the first final failure cancels the pool and the block's
+        own code; the failing item keeps its error outcome and that exception is
+        re-raised, unwrapped, when the block exits.
+    :param name: a label for repr, task names and (later) logging.
+    """
+
+    @overload
+    def __init__(
+        self: Pool[T, R],
+        handler: Callable[[T], Awaitable[R]],
+        *,
+        workers: int = 10,
+        max_pending: int | None = None,
+        retry: Any = None,
+        rate_limit: Any = None,
+        limiter: Any = None,
+        timeout: float | None = None,
+        middleware: Sequence[Any] = (),
+        on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+        fail_fast: bool = False,
+        name: str | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Pool[T, R],
+        handler: Callable[[T], R],
+        *,
+        workers: int = 10,
+        max_pending: int | None = None,
+        retry: Any = None,
+        rate_limit: Any = None,
+        limiter: Any = None,
+        timeout: float | None = None,
+        middleware: Sequence[Any] = (),
+        on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+        fail_fast: bool = False,
+        name: str | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        handler: Callable[[T], Any],
+        *,
+        workers: int = 10,
+        max_pending: int | None = None,
+        retry: Any = None,
+        rate_limit: Any = None,
+        limiter: Any = None,
+        timeout: float | None = None,
+        middleware: Sequence[Any] = (),
+        on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
+        fail_fast: bool = False,
+        name: str | None = None,
+    ) -> None:
+        check_callable("handler", handler)
+        self._handler = handler
+        self._workers = check_int("workers", workers, minimum=1)
+        if max_pending is None:
+            max_pending = max(2 * workers, 16)
+        self._max_pending = check_int("max_pending", max_pending, minimum=1)
+        _reject_unbuilt_middleware(
+            retry=retry,
+            rate_limit=rate_limit,
+            limiter=limiter,
+            timeout=timeout,
+            middleware=middleware,
+        )
+        check_callable("on_outcome", on_outcome, optional=True)
+        self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
+        self._on_outcome_async: Callable[[Outcome[T, R]], Awaitable[Any]] | None = None
+        if on_outcome is not None:
+            if is_async_callable(on_outcome):
+                self._on_outcome_async = on_outcome
+            else:
+                self._on_outcome_sync = on_outcome
+        self._fail_fast = check_bool("fail_fast", fail_fast)
+        self.name = check_optional_str("name", name)
+
+        self._state = _NEW
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._queue: deque[_Entry[T, R]] = deque()  # waiting for a worker
+        self._idle_workers: deque[anyio.Event] = deque()  # workers waiting for work
+        self._live: dict[int, _Entry[T, R]] = {}
+        self._space_waiters: deque[anyio.Event] = deque()
+        self._idle_event: anyio.Event | None = None
+        self._watched = False  # someone waits for idle or join: workers notify
+        self._in_callbacks = 0  # workers awaiting an async on_outcome
+        self._joiners: list[_Joiner] = []
+        self._unfinished: list[T] = []
+        self._orphans: list[T] = []  # taken from a helper's input, never submitted
+        self._fail_exc: Exception | None = None
+        # counters
+        self._next_index = 0
+        self._queued = 0  # in the stream, plus slots granted to waiting submitters
+        self._reserved = 0  # slots granted to waiting submitters, not yet used
+        self._failed = 0
+        self._lost = 0  # submitted items that ended unfinished, over all entries
+        self._retried = 0
+        self._backpressure_waits = 0
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return f"<corral.Pool{label} {self._state} workers={self._workers}>"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def stats(self) -> PoolStats:
+        """A frozen snapshot of the counters; cheap, safe to call any time."""
+        queued = self._queued - self._reserved
+        live = len(self._live)
+        return PoolStats(
+            submitted=self._next_index,
+            queued=queued,
+            running=live - queued,
+            succeeded=self._next_index - live - self._lost - self._failed,
+            failed=self._failed,
+            retried=self._retried,
+            backpressure_waits=self._backpressure_waits,
+            unfinished=len(self._unfinished),
+        )
+
+    @property
+    def unfinished(self) -> list[T]:
+        """Items left without an outcome when the pool last exited, in submission
+        order. Empty after a clean exit; reset when the pool is entered again."""
+        return list(self._unfinished)
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Pool[T, R]:
+        if self._state in (_RUNNING, _STOPPING):
+            raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
+        thread_limiter = anyio.CapacityLimiter(self._workers)
+        call = make_async(self._handler, thread_limiter)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._unfinished = []
+        self._fail_exc = None
+        self._state = _RUNNING
+        label = self.name or hex(id(self))
+        for number in range(self._workers):
+            tg.start_soon(self._worker, call, name=f"corral worker {label}#{number}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tg = self._tg
+        assert tg is not None
+        body_exc = exc
+        if exc is None and self._state is _RUNNING:
+            try:
+                await self._wait_idle()
+            except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised below
+                exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
+        self._close()
+        raised: BaseException | None = None
+        suppress = False
+        try:
+            suppress = await tg.__aexit__(exc_type, exc, tb)
+        except BaseException as group:  # noqa: BLE001 - unwrapped and re-raised below
+            # the block's exception, or a worker's own (an on_outcome error, a
+            # KeyboardInterrupt in a handler), surfaces as itself, not as a group
+            raised = _unwrap_group(group)
+        finally:
+            self._finalize()
+        if raised is None:
+            if self._fail_exc is not None:
+                raise self._fail_exc
+            return suppress
+        if raised is body_exc:
+            return False  # the block's own exception, re-raised as it was
+        if self._fail_exc is not None and isinstance(raised, anyio.get_cancelled_exc_class()):
+            raise self._fail_exc
+        raise raised
+
+    def _close(self) -> None:
+        """Accept no more items; wake everyone waiting to submit."""
+        if self._state is _CLOSED:
+            return
+        self._state = _CLOSED
+        while self._idle_workers:  # they find the queue empty and the pool closed
+            self._idle_workers.popleft().set()
+        while self._space_waiters:
+            self._space_waiters.popleft().set()
+
+    def _finalize(self) -> None:
+        """After the workers stopped: whatever is still live is unfinished."""
+        self._close()
+        entries = list(self._live.values())
+        self._live.clear()
+        self._lost += len(entries)
+        self._unfinished = [entry[1] for entry in entries] + self._orphans
+        self._orphans = []
+        for entry in entries:
+            if entry[3] is not None:
+                entry[3]._abandon()
+        joiners, self._joiners = self._joiners, []
+        for joiner in joiners:
+            joiner.event.set()
+        self._queued = self._reserved = self._in_callbacks = 0
+        self._watched = False
+        self._queue.clear()
+        self._tg = None
+
+    def _closed_error(self) -> PoolClosed:
+        if self._state is _NEW:
+            return PoolClosed(f"{self!r} is not running yet: submit inside `async with pool:`")
+        if self._state is _STOPPING:
+            return PoolClosed(f"{self!r} is stopping and takes no new items")
+        return PoolClosed(f"{self!r} has exited and takes no new items")
+
+    # ---------------------------------------------------------------- submit
+
+    async def submit(self, item: T, *, id: Hashable = None) -> Job[T, R]:
+        """Enqueue ``item`` and return its :class:`Job`.
+
+        Blocks while ``max_pending`` items wait for a worker (submitters are
+        served first come, first served), except when called from the pool's own
+        handler, which never blocks. Always a checkpoint. Cancel-safe, also under
+        native asyncio cancellation: if it raises, the item was not enqueued; if
+        it returns, it was.
+
+        :param id: the job's and outcome's ``id``; default the submission index.
+        :raises PoolClosed: the pool is not running.
+        """
+        await checkpoint()
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        if (self._queued >= self._max_pending or self._space_waiters) and (
+            _worker_of.get() is not self
+        ):
+            await self._wait_for_space()
+            self._reserved -= 1  # the slot granted to us is now used
+        else:
+            self._queued += 1
+        return self._put(item, id)
+
+    def submit_nowait(self, item: T, *, id: Hashable = None) -> Job[T, R]:
+        """Enqueue ``item`` without waiting, or raise.
+
+        :raises QueueFull: ``max_pending`` items are waiting (never raised for
+            submits from the pool's own handler).
+        :raises PoolClosed: the pool is not running.
+        """
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        if (self._queued >= self._max_pending or self._space_waiters) and (
+            _worker_of.get() is not self
+        ):
+            raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
+        self._queued += 1
+        return self._put(item, id)
+
+    def _put(self, item: T, id: Hashable) -> Job[T, R]:
+        index = self._next_index
+        self._next_index = index + 1
+        job: Job[T, R] = Job(item, index, index if id is None else id)
+        self._live[index] = entry = (index, item, job.id, job)
+        self._queue.append(entry)
+        if self._idle_workers:
+            self._idle_workers.popleft().set()
+        return job
+
+    def _submit_if_room(self, item: T) -> bool:
+        """Enqueue without a checkpoint or a Job if there is room (the helpers)."""
+        if self._state is not _RUNNING or self._queued >= self._max_pending or self._space_waiters:
+            return False
+        self._queued += 1
+        index = self._next_index
+        self._next_index = index + 1
+        self._live[index] = entry = (index, item, index, None)
+        self._queue.append(entry)
+        if self._idle_workers:
+            self._idle_workers.popleft().set()
+        return True
+
+    async def _wait_for_space(self) -> None:
+        """Wait until a queue slot is handed to us (then counted in ``_reserved``)."""
+        self._backpressure_waits += 1
+        event = anyio.Event()
+        self._space_waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                # granted, then interrupted: hand the slot on, keep nothing
+                if self._state is _RUNNING:
+                    self._reserved -= 1
+                    self._free_slot()
+            else:
+                self._space_waiters.remove(event)
+            raise
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+
+    def _free_slot(self) -> None:
+        """A queued item left the queue: hand its slot to the first waiter."""
+        if self._space_waiters:
+            self._space_waiters.popleft().set()
+            self._reserved += 1
+        else:
+            self._queued -= 1
+
+    async def join(self) -> None:
+        """Wait until every item submitted before this call has its outcome.
+
+        Always a checkpoint. Items submitted meanwhile are not waited for.
+
+        :raises PoolClosed: the pool is not running, or it stopped before all of
+            them had an outcome.
+        """
+        await checkpoint()
+        if self._state is _NEW or self._state is _CLOSED:
+            raise self._closed_error()
+        target = self._next_index
+        remaining = sum(1 for index in self._live if index < target)
+        if not remaining:
+            return
+        joiner = _Joiner(target, remaining)
+        self._joiners.append(joiner)
+        self._watched = True
+        try:
+            await joiner.event.wait()
+        except BaseException:
+            if joiner in self._joiners:
+                self._joiners.remove(joiner)
+            raise
+        if joiner.remaining:
+            raise PoolClosed(f"{self!r} exited before the joined items had outcomes")
+
+    async def _wait_idle(self) -> None:
+        await checkpoint()
+        while self._live or self._in_callbacks:
+            self._idle_event = event = anyio.Event()
+            self._watched = True
+            await event.wait()
+
+    # ---------------------------------------------------------------- workers
+
+    async def _worker(
+        self,
+        call: Callable[[T], Awaitable[R]],
+    ) -> None:
+        # Everything the loop touches is bound to a local once: the per-item path
+        # is the engine's hot path (see benchmarks/bench_apply.py).
+        _worker_of.set(self)
+        queue = self._queue
+        idle_workers = self._idle_workers
+        clock = _clock()
+        live = self._live
+        space_waiters = self._space_waiters
+        sink = self._on_outcome_sync
+        after = self._on_outcome_async
+        fail_fast = self._fail_fast
+        streak = 0
+        while True:
+            if queue:
+                if streak == _MAX_STREAK:
+                    streak = 0
+                    await checkpoint()
+                    continue
+                index, item, id_, job = queue.popleft()
+                streak += 1
+            elif self._state is _CLOSED:
+                return
+            else:
+                streak = 0
+                await self._wait_for_work(idle_workers)
+                continue
+            if space_waiters:
+                space_waiters.popleft().set()
+                self._reserved += 1
+            else:
+                self._queued -= 1
+            start = clock()
+            try:
+                result = await call(item)
+            except Exception as error:  # noqa: BLE001 - errors are values
+                outcome: Outcome[T, R] = Outcome(item, index, id_, None, error, 1, clock() - start)
+                self._failed += 1
+            else:
+                outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
+            # -- one step: the item leaves `live` and gets its outcome --
+            del live[index]
+            if job is not None:
+                job._outcome = outcome
+                if job._event is not None:
+                    job._event.set()
+            if sink is not None:
+                sink(outcome)
+            if self._watched:
+                self._notify(index)
+            if fail_fast and outcome.error is not None:
+                self._fail(outcome.error)
+            # -- end of the step --
+            if after is not None:
+                self._in_callbacks += 1
+                try:
+                    await after(outcome)
+                finally:
+                    self._in_callbacks -= 1
+                if self._watched:
+                    self._notify(None)
+
+    @staticmethod
+    async def _wait_for_work(idle_workers: deque[anyio.Event]) -> None:
+        event = anyio.Event()
+        idle_workers.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if not event.is_set():
+                idle_workers.remove(event)
+            elif idle_workers:  # woken for an item, then cancelled: pass it on
+                idle_workers.popleft().set()
+            raise
+
+    def _notify(self, index: int | None) -> None:
+        """Wake ``join`` and idle waiters an outcome (or a callback's end) concerns."""
+        if self._joiners and index is not None:
+            for joiner in self._joiners:
+                if index < joiner.target:
+                    joiner.remaining -= 1
+                    if joiner.remaining == 0:
+                        joiner.event.set()
+            self._joiners = [joiner for joiner in self._joiners if joiner.remaining]
+        if not self._live and not self._in_callbacks and self._idle_event is not None:
+            self._idle_event.set()
+            self._idle_event = None
+        self._watched = bool(self._joiners) or self._idle_event is not None
+
+    def _fail(self, error: Exception) -> None:
+        if self._fail_exc is None:
+            self._fail_exc = error
+            self._stop()
+
+    def _stop(self) -> None:
+        """Cancel the workers and the block's own code; take no new items."""
+        if self._state is _RUNNING:
+            self._state = _STOPPING
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    def _add_sink(self, sink: Callable[[Outcome[T, R]], None]) -> None:
+        """Deliver every outcome to ``sink`` first, in the recording step."""
+        user = self._on_outcome_sync
+        if user is None:
+            self._on_outcome_sync = sink
+        else:
+
+            def both(outcome: Outcome[T, R]) -> None:
+                sink(outcome)
+                user(outcome)
+
+            self._on_outcome_sync = both
+
+
+class _Joiner:
+    __slots__ = ("event", "remaining", "target")
+
+    def __init__(self, target: int, remaining: int) -> None:
+        self.target = target
+        self.remaining = remaining
+        self.event = anyio.Event()
+
+
+def _reject_unbuilt_middleware(**options: Any) -> None:
+    """Middleware options are part of the signature already; refuse to ignore them."""
+    for name, value in options.items():
+        if value is not None and not (name == "middleware" and not value):
+            raise NotImplementedError(
+                f"{name}= is not implemented yet in this version of corral; "
+                "it arrives with the middleware release (see CHANGELOG.md)"
+            )

@@ -1,0 +1,321 @@
+"""apply_to_all and apply_to_each: order, laziness, early exit, iterables."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import Outcome, apply_to_all, apply_to_each
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_apply_to_all_keeps_input_order_under_random_delays() -> None:
+    """1,000 items with random delays: outcomes come back in input order, each once."""
+    rng = random.Random(1234)
+    delays = [rng.random() * 0.002 for _ in range(1000)]
+
+    async def handler(i: int) -> int:
+        await anyio.sleep(delays[i])
+        return i * i
+
+    outcomes = await apply_to_all(handler, range(1000), workers=50)
+    assert [o.index for o in outcomes] == list(range(1000))
+    assert [o.item for o in outcomes] == list(range(1000))
+    assert [o.result for o in outcomes] == [i * i for i in range(1000)]
+    assert all(o.ok and o.attempts == 1 for o in outcomes)
+
+
+async def test_apply_to_all_errors_are_values() -> None:
+    """One failing item is an error outcome; the others are unaffected."""
+
+    async def handler(x: int) -> int:
+        if x == 7:
+            raise ValueError("seven")
+        return x
+
+    outcomes = await apply_to_all(handler, range(10), workers=3)
+    assert [o.ok for o in outcomes] == [i != 7 for i in range(10)]
+    assert isinstance(outcomes[7].error, ValueError)
+    with pytest.raises(ValueError, match="seven"):
+        outcomes[7].unwrap()
+
+
+async def test_apply_to_all_empty_input() -> None:
+    """No items, no outcomes, no hang."""
+
+    async def handler(x: int) -> int:
+        return x
+
+    assert await apply_to_all(handler, []) == []
+
+
+async def test_apply_to_all_accepts_async_iterables_and_streams() -> None:
+    """An async generator and an anyio memory stream both work as input."""
+
+    async def agen() -> AsyncIterator[int]:
+        for i in range(5):
+            await anyio.lowlevel.checkpoint()
+            yield i
+
+    async def handler(x: int) -> int:
+        return x + 1
+
+    assert [o.result for o in await apply_to_all(handler, agen())] == [1, 2, 3, 4, 5]
+
+    send, receive = anyio.create_memory_object_stream[int](10)
+    async with send, receive:
+        for i in range(3):
+            send.send_nowait(i)
+        send.close()
+        assert [o.result for o in await apply_to_all(handler, receive)] == [1, 2, 3]
+
+
+async def test_apply_to_all_pulls_lazily() -> None:
+    """While the first items are stuck, only a bounded window of a lazy input was
+    taken: workers + max_pending (+1 in hand), not the whole input."""
+    pulled = 0
+    release = anyio.Event()
+
+    def items() -> Iterator[int]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield i
+
+    async def handler(x: int) -> int:
+        await release.wait()
+        return x
+
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            outcomes = await apply_to_all(handler, items(), workers=4, max_pending=6)
+            assert len(outcomes) == 10_000
+
+        tg.start_soon(run)
+        await anyio.wait_all_tasks_blocked()
+        assert pulled <= 4 + 6 + 1
+        release.set()
+    assert pulled == 10_000
+
+
+async def test_apply_to_all_runs_sync_handlers_in_threads() -> None:
+    """A plain function works as the handler."""
+    outcomes = await apply_to_all(lambda x: x * 3, range(20), workers=4)
+    assert [o.result for o in outcomes] == [x * 3 for x in range(20)]
+
+
+async def test_apply_to_all_iterable_error_propagates_after_cleanup() -> None:
+    """An exception raised by the input itself comes out of apply_to_all unwrapped."""
+    finished = []
+
+    def items() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise OSError("input broke")
+
+    async def handler(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        finished.append(x)
+        return x
+
+    with pytest.raises(OSError, match="input broke"):
+        await apply_to_all(handler, items())
+
+
+async def test_apply_to_all_fail_fast_raises_the_first_failure() -> None:
+    """fail_fast in a helper: the first failure is raised as itself."""
+
+    async def handler(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        if x == 3:
+            raise LookupError(x)
+        return x
+
+    with pytest.raises(LookupError):
+        await apply_to_all(handler, range(100), workers=2, fail_fast=True)
+
+
+async def test_apply_to_each_completion_order() -> None:
+    """Without ordered=True, outcomes arrive as items complete."""
+    events = {i: anyio.Event() for i in range(3)}
+
+    async def handler(i: int) -> int:
+        await events[i].wait()
+        return i
+
+    got: list[int] = []
+    async with apply_to_each(handler, range(3), workers=3) as outcomes:
+        await anyio.wait_all_tasks_blocked()
+        for i in (2, 0, 1):
+            events[i].set()
+            got.append((await outcomes.__anext__()).item)
+        with pytest.raises(StopAsyncIteration):
+            await outcomes.__anext__()
+    assert got == [2, 0, 1]
+
+
+async def test_apply_to_each_ordered_gives_input_order() -> None:
+    """ordered=True yields in input order whatever the completion order."""
+    rng = random.Random(99)
+    delays = [rng.random() * 0.002 for _ in range(300)]
+
+    async def handler(i: int) -> int:
+        await anyio.sleep(delays[i])
+        return i
+
+    async with apply_to_each(handler, range(300), ordered=True, workers=20) as outcomes:
+        got = [o.item async for o in outcomes]
+    assert got == list(range(300))
+
+
+async def test_apply_to_each_ordered_reorder_buffer_is_bounded() -> None:
+    """A stuck first item stops the input from being pulled beyond the window."""
+    pulled = 0
+    first = anyio.Event()
+
+    def items() -> Iterator[int]:
+        nonlocal pulled
+        for i in range(1000):
+            pulled += 1
+            yield i
+
+    async def handler(i: int) -> int:
+        if i == 0:
+            await first.wait()
+        return i
+
+    async with apply_to_each(handler, items(), ordered=True, workers=2, max_pending=3) as outcomes:
+        await anyio.wait_all_tasks_blocked()
+        assert pulled <= 2 + 3 + 1
+        first.set()
+        got = [o.item async for o in outcomes]
+    assert got == list(range(1000))
+
+
+async def test_apply_to_each_break_from_endless_input_returns_promptly() -> None:
+    """break out of an endless generator: the block ends at once, only a bounded
+    window was pulled, no task is left running, the rest is reported unfinished."""
+    pulled = 0
+    running: set[int] = set()
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        i = 0
+        while True:
+            pulled += 1
+            yield i
+            i += 1
+
+    async def handler(i: int) -> int:
+        running.add(i)
+        try:
+            if i >= 20:
+                await anyio.sleep_forever()
+            await anyio.lowlevel.checkpoint()
+            return i
+        finally:
+            running.discard(i)
+
+    seen: list[Outcome[int, int]] = []
+    with anyio.fail_after(10):
+        async with apply_to_each(handler, endless(), workers=4, max_pending=4) as outcomes:
+            async for outcome in outcomes:
+                seen.append(outcome)
+                if len(seen) == 20:
+                    break
+    assert not running
+    assert pulled <= len(seen) + 4 + 4 + 4 + 2
+    assert {o.item for o in seen}.isdisjoint(outcomes.unfinished)
+    assert sorted(o.item for o in seen) == list(range(20))
+    assert outcomes.unfinished == list(range(20, 20 + len(outcomes.unfinished)))
+
+
+async def test_apply_to_each_exception_in_block_stops_everything() -> None:
+    """An exception inside the block cancels the work and comes out unwrapped."""
+    cancelled: list[int] = []
+
+    async def handler(i: int) -> int:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(i)
+        return i
+
+    with pytest.raises(ZeroDivisionError):
+        async with apply_to_each(handler, range(5), workers=5) as outcomes:
+            await anyio.wait_all_tasks_blocked()
+            _ = 1 / 0
+    assert sorted(cancelled) == [0, 1, 2, 3, 4]
+    assert outcomes.unfinished == [0, 1, 2, 3, 4]
+
+
+async def test_apply_to_each_cancelled_from_outside_leaves_nothing_running() -> None:
+    """Cancelling the caller's scope stops the helper's tasks; nothing survives."""
+    running = 0
+
+    async def handler(i: int) -> int:
+        nonlocal running
+        running += 1
+        try:
+            await anyio.sleep_forever()
+        finally:
+            running -= 1
+        return i
+
+    with anyio.CancelScope() as scope:
+        async with apply_to_each(handler, range(100), workers=8) as outcomes:
+            await anyio.wait_all_tasks_blocked()
+            assert running == 8
+            scope.cancel()
+            async for _ in outcomes:
+                pass
+    assert scope.cancelled_caught
+    assert running == 0
+    assert len(outcomes.unfinished) <= 8 + 16 + 1
+    assert outcomes.unfinished == sorted(outcomes.unfinished)
+
+
+async def test_bare_async_for_over_apply_to_each_explains_itself() -> None:
+    """Forgetting `async with` gives a TypeError that shows the right usage."""
+
+    async def handler(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="async with apply_to_each"):
+        async for _ in apply_to_each(handler, range(3)):  # type: ignore[attr-defined]
+            pass
+
+
+async def test_apply_to_each_input_error_propagates() -> None:
+    """An async input that raises midway: the error comes out of the block."""
+
+    async def items() -> AsyncIterator[int]:
+        yield 1
+        raise OSError("feed broke")
+
+    async def handler(x: int) -> int:
+        return x
+
+    with pytest.raises(OSError, match="feed broke"):
+        async with apply_to_each(handler, items()) as outcomes:
+            async for _ in outcomes:
+                pass
+
+
+async def test_apply_to_each_on_outcome_sees_every_item() -> None:
+    """on_outcome passed to a helper is called for every outcome, as with a Pool."""
+    seen: list[Any] = []
+
+    async def handler(x: int) -> int:
+        return x
+
+    async with apply_to_each(handler, range(10), on_outcome=seen.append) as outcomes:
+        got = [o async for o in outcomes]
+    assert sorted(o.item for o in seen) == list(range(10))
+    assert sorted(o.item for o in got) == list(range(10))
