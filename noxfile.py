@@ -1,0 +1,63 @@
+"""Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `bench`.
+
+Sessions run on the interpreter nox itself runs on (no pinned versions), so
+they work on a machine that has only one Python.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typing", "examples"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = pathlib.Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+
+
+def install_group(session: nox.Session, *groups: str) -> None:
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The whole suite, every async test on asyncio, asyncio+uvloop and trio."""
+    session.install("-e", ".")
+    install_group(session, "test")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, with the flake8-async (ASYNC) rules, and the formatter check."""
+    install_group(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """mypy --strict on src/."""
+    session.install("-e", ".")
+    install_group(session, "typing")
+    session.run("python", "-m", "mypy", "--strict", "src")
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run every example on every backend it supports."""
+    session.install("-e", ".[trio]")
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        session.run("python", str(example))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against hand-written code; pass arguments after `--`."""
+    session.install("-e", ".")
+    install_group(session, "bench")
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)
