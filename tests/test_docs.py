@@ -35,3 +35,13 @@ def test_quickstart_example_runs(backend: str) -> None:
         check=True,
     )
     assert "20 items, 18 ok, 2 failed" in result.stdout
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run runs exactly the test command the README gives."""
+    readme = (ROOT / "README.md").read_text()
+    command = next(
+        line.split("#")[0].strip() for line in readme.splitlines() if "nox -s tests" in line
+    )
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines
