@@ -22,8 +22,16 @@ import anyio
 import corral
 
 
-async def handler(x: int) -> int:
+async def no_await(x: int) -> int:
     return x + 1
+
+
+async def sleep_zero(x: int) -> int:
+    await anyio.sleep(0)  # noqa: ASYNC115 - the benchmark is of sleep(0), as users write it
+    return x + 1
+
+
+HANDLERS = {"no-await": no_await, "sleep0": sleep_zero}
 
 
 async def hand_written(
@@ -72,7 +80,12 @@ async def with_corral(
 
 
 def measure(
-    backend: str, options: dict[str, Any], items: int, workers: int, repeat: int
+    backend: str,
+    options: dict[str, Any],
+    handler: Callable[[int], Awaitable[int]],
+    items: int,
+    workers: int,
+    repeat: int,
 ) -> dict[str, list[float]]:
     timings: dict[str, list[float]] = {"hand-written": [], "corral": []}
 
@@ -111,14 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--handler", choices=sorted(HANDLERS), default="no-await")
+    parser.add_argument("--quick", action="store_true", help="20k items, 3 repeats")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.items, args.repeat = 20_000, 3
     print(
-        f"apply_to_all, no-await handler, {args.items} items, {args.workers} workers, "
+        f"apply_to_all, {args.handler} handler, {args.items} items, {args.workers} workers, "
         f"median (min-max) of {args.repeat} interleaved runs, µs/item"
     )
     print(f"{'backend':<8} {'hand-written':>22} {'corral':>22} {'ratio':>6}")
     for label, backend, options in backends():
-        t = measure(backend, options, args.items, args.workers, args.repeat)
+        t = measure(backend, options, HANDLERS[args.handler], args.items, args.workers, args.repeat)
         base, ours = t["hand-written"], t["corral"]
         ratio = statistics.median(o / b for o, b in zip(ours, base, strict=True))
 

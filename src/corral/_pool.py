@@ -20,7 +20,7 @@ import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeAlias, TypeVar, overload
+from typing import Any, Generic, TypeAlias, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -75,18 +75,22 @@ class PoolStats:
 
 
 def _clock() -> Callable[[], float]:
-    """The running backend's clock, looked up once instead of once per read.
+    """The running event loop's clock, looked up once instead of once per read.
 
-    Same value as :func:`anyio.current_time` (so trio's MockClock applies);
-    falls back to it if anyio's internals move.
+    Always the clock :func:`anyio.current_time` reads (so trio's MockClock and
+    any asyncio loop with its own ``time()`` apply): on asyncio the loop's own
+    ``time`` method, on trio anyio's backend function.
     """
     try:
+        native = anyio.lowlevel.current_token().native_token
+        loop_time = getattr(native, "time", None)  # an asyncio event loop
+        if callable(loop_time):
+            return cast("Callable[[], float]", loop_time)
         from anyio._core._eventloop import get_async_backend
 
-        clock: Callable[[], float] = get_async_backend().current_time
+        return get_async_backend().current_time
     except (ImportError, AttributeError):  # pragma: no cover - anyio changed
         return anyio.current_time
-    return clock
 
 
 def _unwrap_group(exc: BaseException) -> BaseException:
@@ -207,12 +211,13 @@ class Pool(Generic[T, R]):
         self._state = _NEW
         self._tg: anyio.abc.TaskGroup | None = None
         self._queue: deque[_Entry[T, R]] = deque()  # waiting for a worker
-        self._idle_workers: deque[anyio.Event] = deque()  # workers waiting for work
+        self._idle_workers: deque[_IdleWorker[T, R]] = deque()  # waiting for work
         self._live: dict[int, _Entry[T, R]] = {}
         self._space_waiters: deque[anyio.Event] = deque()
         self._idle_event: anyio.Event | None = None
         self._watched = False  # someone waits for idle or join: workers notify
         self._in_callbacks = 0  # workers awaiting an async on_outcome
+        self._waking = False  # a parked worker was handed an entry, has not run yet
         self._joiners: list[_Joiner] = []
         self._unfinished: list[T] = []
         self._orphans: list[T] = []  # taken from a helper's input, never submitted
@@ -312,8 +317,8 @@ class Pool(Generic[T, R]):
         if self._state is _CLOSED:
             return
         self._state = _CLOSED
-        while self._idle_workers:  # they find the queue empty and the pool closed
-            self._idle_workers.popleft().set()
+        while self._idle_workers:  # woken with no entry, they find the pool closed
+            self._idle_workers.popleft().event.set()
         while self._space_waiters:
             self._space_waiters.popleft().set()
 
@@ -332,7 +337,7 @@ class Pool(Generic[T, R]):
         for joiner in joiners:
             joiner.event.set()
         self._queued = self._reserved = self._in_callbacks = 0
-        self._watched = False
+        self._watched = self._waking = False
         self._queue.clear()
         self._tg = None
 
@@ -390,9 +395,7 @@ class Pool(Generic[T, R]):
         self._next_index = index + 1
         job: Job[T, R] = Job(item, index, index if id is None else id)
         self._live[index] = entry = (index, item, job.id, job)
-        self._queue.append(entry)
-        if self._idle_workers:
-            self._idle_workers.popleft().set()
+        self._enqueue(entry)
         return job
 
     def _submit_if_room(self, item: T) -> bool:
@@ -403,10 +406,26 @@ class Pool(Generic[T, R]):
         index = self._next_index
         self._next_index = index + 1
         self._live[index] = entry = (index, item, index, None)
-        self._queue.append(entry)
-        if self._idle_workers:
-            self._idle_workers.popleft().set()
+        self._enqueue(entry)
         return True
+
+    def _enqueue(self, entry: _Entry[T, R]) -> None:
+        """Hand ``entry`` to an idle worker, or queue it.
+
+        Wake-ups are chained: at most one parked worker is being woken at a
+        time, and each woken worker, once it runs, hands the next queued entry
+        to the next parked worker. A burst of items thus wakes only as many
+        workers as are needed to keep up (one, for a handler that never
+        awaits; all of them, one loop step apart, for one that does), and every
+        wake-up carries an entry, so no worker wakes to find the queue empty.
+        """
+        if self._idle_workers and not self._waking:
+            self._waking = True
+            idle = self._idle_workers.popleft()
+            idle.entry = entry
+            idle.event.set()
+        else:
+            self._queue.append(entry)
 
     async def _wait_for_space(self) -> None:
         """Wait until a queue slot is handed to us (then counted in ``_reserved``)."""
@@ -479,7 +498,6 @@ class Pool(Generic[T, R]):
         # is the engine's hot path (see benchmarks/bench_apply.py).
         _worker_of.set(self)
         queue = self._queue
-        idle_workers = self._idle_workers
         clock = _clock()
         live = self._live
         space_waiters = self._space_waiters
@@ -499,8 +517,10 @@ class Pool(Generic[T, R]):
                 return
             else:
                 streak = 0
-                await self._wait_for_work(idle_workers)
-                continue
+                handed = await self._wait_for_work()
+                if handed is None:  # woken by _close
+                    continue
+                index, item, id_, job = handed
             if space_waiters:
                 space_waiters.popleft().set()
                 self._reserved += 1
@@ -536,18 +556,28 @@ class Pool(Generic[T, R]):
                 if self._watched:
                     self._notify(None)
 
-    @staticmethod
-    async def _wait_for_work(idle_workers: deque[anyio.Event]) -> None:
-        event = anyio.Event()
-        idle_workers.append(event)
+    async def _wait_for_work(self) -> _Entry[T, R] | None:
+        """Park until an entry is handed over (None: the pool closed)."""
+        idle: _IdleWorker[T, R] = _IdleWorker()
+        self._idle_workers.append(idle)
         try:
-            await event.wait()
+            await idle.event.wait()
         except BaseException:
-            if not event.is_set():
-                idle_workers.remove(event)
-            elif idle_workers:  # woken for an item, then cancelled: pass it on
-                idle_workers.popleft().set()
+            if idle.entry is not None:  # handed an entry, then cancelled: pass it on
+                self._queue.appendleft(idle.entry)
+                self._wake_next()
+            elif not idle.event.is_set():
+                self._idle_workers.remove(idle)
             raise
+        if idle.entry is not None:
+            self._wake_next()
+        return idle.entry
+
+    def _wake_next(self) -> None:
+        """The woken worker runs: pass the wake-up on if work is still queued."""
+        self._waking = False
+        if self._queue and self._idle_workers:
+            self._enqueue(self._queue.popleft())
 
     def _notify(self, index: int | None) -> None:
         """Wake ``join`` and idle waiters an outcome (or a callback's end) concerns."""
@@ -587,6 +617,16 @@ class Pool(Generic[T, R]):
                 user(outcome)
 
             self._on_outcome_sync = both
+
+
+class _IdleWorker(Generic[T, R]):
+    """A parked worker: set ``entry``, then ``event``, to hand it work."""
+
+    __slots__ = ("entry", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.entry: _Entry[T, R] | None = None
 
 
 class _Joiner:
