@@ -319,3 +319,22 @@ async def test_apply_to_each_on_outcome_sees_every_item() -> None:
         got = [o async for o in outcomes]
     assert sorted(o.item for o in seen) == list(range(10))
     assert sorted(o.item for o in got) == list(range(10))
+
+
+async def test_apply_to_all_fail_fast_is_reraised_whatever_the_timing() -> None:
+    """However the failure interleaves with the feeding (during a submit's
+    checkpoint, while waiting for room, after the input ran out), the caller
+    gets the handler's error itself, never PoolClosed or a group."""
+    for workers in (1, 2, 3, 5, 8):
+        for failing in (0, 1, 4, 9, 30, 99):
+
+            async def handler(x: int, failing: int = failing) -> int:
+                if x % 3 == 0:
+                    await anyio.lowlevel.checkpoint()
+                if x == failing:
+                    raise LookupError(x)
+                return x
+
+            with pytest.raises(LookupError) as info:
+                await apply_to_all(handler, range(100), workers=workers, fail_fast=True)
+            assert info.value.args == (failing,)

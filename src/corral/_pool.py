@@ -20,7 +20,7 @@ import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeAlias, TypeVar, cast, overload
+from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -364,7 +364,7 @@ class Pool(Generic[T, R]):
         """
         await checkpoint()
         if self._state is not _RUNNING:
-            raise self._closed_error()
+            await self._raise_closed()
         if (self._queued >= self._max_pending or self._space_waiters) and (
             _worker_of.get() is not self
         ):
@@ -444,7 +444,15 @@ class Pool(Generic[T, R]):
                 self._space_waiters.remove(event)
             raise
         if self._state is not _RUNNING:
-            raise self._closed_error()
+            await self._raise_closed()
+
+    async def _raise_closed(self) -> NoReturn:
+        if self._state is _STOPPING:
+            # The pool is being cancelled (fail_fast): a caller inside the block
+            # gets that cancellation here, not a PoolClosed that would mask the
+            # failure the block is about to re-raise.
+            await checkpoint()
+        raise self._closed_error()
 
     def _free_slot(self) -> None:
         """A queued item left the queue: hand its slot to the first waiter."""
