@@ -65,13 +65,30 @@ def test_generator_functions_are_refused() -> None:
         Pool(functools.partial(agen))
 
 
-def test_middleware_options_not_silently_ignored() -> None:
-    """Options whose machinery is not built yet refuse loudly instead of doing nothing."""
-    for option in ("retry", "rate_limit", "limiter", "timeout"):
-        with pytest.raises(NotImplementedError, match=option):
-            Pool(handler, **{option: object()})
-    with pytest.raises(NotImplementedError, match="middleware"):
-        Pool(handler, middleware=[object()])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"retry": 3}, TypeError, "retry must be a corral.Retry"),
+        ({"rate_limit": object()}, TypeError, "rate_limit must have an async acquire"),
+        ({"limiter": 4}, TypeError, "limiter must be an anyio.CapacityLimiter"),
+        ({"timeout": 0}, ValueError, "timeout must be > 0, got 0"),
+        ({"timeout": -1.5}, ValueError, "timeout must be > 0"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number"),
+        ({"middleware": "abc"}, TypeError, "middleware must be a sequence"),
+        ({"middleware": [42]}, TypeError, r"middleware\[0\] must be a callable"),
+        (
+            {"middleware": [lambda item, nxt: nxt(item)]},
+            TypeError,
+            r"middleware\[0\] must be async",
+        ),
+    ],
+)
+def test_pool_rejects_bad_middleware_options(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Middleware options are checked at construction, naming the parameter."""
+    with pytest.raises(error, match=match):
+        Pool(handler, **kwargs)
 
 
 def test_helpers_validate_at_the_call() -> None:

@@ -12,24 +12,38 @@ from ._helpers import ApplyToEach as ApplyToEach
 from ._helpers import Outcomes as Outcomes
 from ._helpers import apply_to_all as apply_to_all
 from ._helpers import apply_to_each as apply_to_each
+from ._limits import SlidingWindow as SlidingWindow
+from ._limits import TokenBucket as TokenBucket
+from ._middleware import Middleware as Middleware
+from ._middleware import RateLimiter as RateLimiter
+from ._middleware import Timeout as Timeout
 from ._outcome import Job as Job
 from ._outcome import Outcome as Outcome
 from ._pool import Pool as Pool
 from ._pool import PoolStats as PoolStats
+from ._retry import Retry as Retry
+from ._retry import backoff as backoff
 
 __all__ = [
     "ApplyToEach",
     "CorralError",
     "FlushError",
     "Job",
+    "Middleware",
     "Outcome",
     "Outcomes",
     "Pool",
     "PoolClosed",
     "PoolStats",
     "QueueFull",
+    "RateLimiter",
+    "Retry",
+    "SlidingWindow",
+    "Timeout",
+    "TokenBucket",
     "apply_to_all",
     "apply_to_each",
+    "backoff",
 ]
 
 __version__ = "0.1.0"

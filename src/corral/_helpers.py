@@ -24,8 +24,11 @@ from typing import Any, Generic, NoReturn, TypeVar, overload
 import anyio
 from anyio.lowlevel import checkpoint
 
+from ._errors import PoolClosed
+from ._middleware import Middleware, RateLimiter, Timeout
 from ._outcome import Outcome
 from ._pool import Pool
+from ._retry import Retry
 from ._validate import check_bool
 
 __all__ = ["ApplyToEach", "Outcomes", "apply_to_all", "apply_to_each"]
@@ -84,11 +87,11 @@ async def apply_to_all(
     *,
     workers: int = 10,
     max_pending: int | None = None,
-    retry: Any = None,
-    rate_limit: Any = None,
-    limiter: Any = None,
-    timeout: float | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
-    middleware: Sequence[Any] = (),
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
@@ -100,11 +103,11 @@ async def apply_to_all(
     *,
     workers: int = 10,
     max_pending: int | None = None,
-    retry: Any = None,
-    rate_limit: Any = None,
-    limiter: Any = None,
-    timeout: float | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
-    middleware: Sequence[Any] = (),
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
@@ -167,9 +170,14 @@ async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
 class Outcomes(Generic[T, R]):
     """The async iterator that ``async with apply_to_each(...)`` gives.
 
-    Iterate it with ``async for``; every ``__anext__`` is a checkpoint. After the
-    block, :attr:`unfinished` lists the items that got no outcome (the block was
-    left early, raised, or was cancelled).
+    Iterate it with ``async for`` from one task at a time (a second task that
+    waits meanwhile gets :class:`anyio.BusyResourceError`); every ``__anext__``
+    is a checkpoint.
+
+    After leaving the block early, every item taken from the input is in
+    exactly one of three places: it was yielded; its outcome was ready but not
+    yet consumed (iterating again after the block yields these, then stops);
+    or it is in :attr:`unfinished`.
     """
 
     def __init__(self, pool: Pool[T, R], *, ordered: bool, window: int) -> None:
@@ -183,6 +191,7 @@ class Outcomes(Generic[T, R]):
         self._feeding = True
         self._consumer: anyio.Event | None = None
         self._feeder: anyio.Event | None = None
+        self._closed = False  # the block has exited: only leftovers remain
 
     @property
     def unfinished(self) -> list[T]:
@@ -218,10 +227,32 @@ class Outcomes(Generic[T, R]):
                     self._feeder.set()
                     self._feeder = None
                 return outcome
+            if self._closed:
+                if self._done:  # ordered, after a gap left by an unfinished item
+                    self._emitted = min(self._done)
+                    continue
+                raise StopAsyncIteration
             if not self._feeding and self._emitted == self._pulled:
                 raise StopAsyncIteration
+            if self._consumer is not None:
+                raise anyio.BusyResourceError("iterating over")
             self._consumer = event = anyio.Event()
-            await event.wait()
+            try:
+                await event.wait()
+            finally:
+                if self._consumer is event:
+                    self._consumer = None
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._consumer is not None:
+            self._consumer.set()
+            self._consumer = None
+
+    @property
+    def _finished(self) -> bool:
+        """Everything taken from the input has been yielded."""
+        return not self._feeding and self._emitted == self._pulled
 
     async def _before_pull(self) -> None:
         self._pulled += 1
@@ -232,6 +263,12 @@ class Outcomes(Generic[T, R]):
     async def _feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         try:
             await _feed(self._pool, items, self._before_pull)
+        except PoolClosed:
+            pass  # the pool stopped; the item in hand is already recorded unfinished
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised from the block
+            self._pool._fail(error)  # the input itself raised
         finally:
             self._feeding = False
             if self._consumer is not None:
@@ -278,13 +315,18 @@ class ApplyToEach(Generic[T, R]):
         window = pool._workers + pool._max_pending
         outcomes = Outcomes(pool, ordered=self._ordered, window=window)
         pool._add_sink(outcomes._deliver)
-        async with pool:
-            assert pool._tg is not None
-            pool._tg.start_soon(outcomes._feed, self._items, name="corral apply_to_each feeder")
-            yield outcomes
-            # The block ended without an exception: whatever is still queued or
-            # running is not wanted any more (an early `break`).
-            pool._stop()
+        try:
+            async with pool:
+                assert pool._tg is not None
+                pool._tg.start_soon(outcomes._feed, self._items, name="corral apply_to_each feeder")
+                yield outcomes
+                if not outcomes._finished:
+                    # An early exit (`break`): what is still queued or running is
+                    # not wanted any more. Otherwise the pool exits normally and
+                    # waits for any async on_outcome callbacks still running.
+                    pool._stop()
+        finally:
+            outcomes._close()
 
 
 @overload
@@ -295,11 +337,11 @@ def apply_to_each(
     ordered: bool = False,
     workers: int = 10,
     max_pending: int | None = None,
-    retry: Any = None,
-    rate_limit: Any = None,
-    limiter: Any = None,
-    timeout: float | None = None,
-    middleware: Sequence[Any] = (),
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,
+    middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
@@ -312,11 +354,11 @@ def apply_to_each(
     ordered: bool = False,
     workers: int = 10,
     max_pending: int | None = None,
-    retry: Any = None,
-    rate_limit: Any = None,
-    limiter: Any = None,
-    timeout: float | None = None,
-    middleware: Sequence[Any] = (),
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,
+    middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,

@@ -17,6 +17,7 @@ so that submits from the pool's own workers can bypass the bound.
 from __future__ import annotations
 
 import contextvars
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from types import TracebackType
@@ -29,7 +30,9 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
+from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
 from ._outcome import Job, Outcome
+from ._retry import Retry
 from ._validate import check_bool, check_int, check_optional_str
 
 __all__ = ["Pool", "PoolStats"]
@@ -62,6 +65,8 @@ class PoolStats:
     ``queued``: submitted, waiting for a worker. ``running``: in a worker.
     ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts.
     ``backpressure_waits``: submits that had to wait for room.
+    ``unfinished``: items left without an outcome at the last exit (not
+    accumulated: it is ``len(pool.unfinished)``).
     """
 
     submitted: int
@@ -94,9 +99,13 @@ def _clock() -> Callable[[], float]:
 
 
 def _unwrap_group(exc: BaseException) -> BaseException:
-    """The single leaf of nested one-exception groups, else ``exc`` itself."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    """Undo the one group the task group wrapped a single exception in.
+
+    Only one level: a group that the block, a handler or a callback raised
+    itself comes out as it was raised.
+    """
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return exc.exceptions[0]
     return exc
 
 
@@ -135,6 +144,17 @@ class Pool(Generic[T, R]):
         own code; the failing item keeps its error outcome and that exception is
         re-raised, unwrapped, when the block exits.
     :param name: a label for repr, task names and (later) logging.
+    :param retry: a :class:`Retry` policy: failed calls are retried per item.
+    :param rate_limit: a rate limiter (:class:`TokenBucket`,
+        :class:`SlidingWindow`, or anything with ``async acquire(cost=1)``),
+        acquired once per attempt; may be shared by several pools.
+    :param limiter: an :class:`anyio.CapacityLimiter` held for each attempt
+        (not during a retry's backoff); pools sharing one share a concurrency cap.
+    :param timeout: seconds (or a :class:`Timeout`) per attempt; a timed-out
+        attempt is a ``TimeoutError``, which ``retry`` may retry.
+    :param middleware: user :class:`Middleware`, outermost first; they wrap the
+        chain ``retry → limiter → rate_limit → timeout → handler`` and see each
+        item once.
     """
 
     @overload
@@ -144,11 +164,11 @@ class Pool(Generic[T, R]):
         *,
         workers: int = 10,
         max_pending: int | None = None,
-        retry: Any = None,
-        rate_limit: Any = None,
-        limiter: Any = None,
-        timeout: float | None = None,
-        middleware: Sequence[Any] = (),
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
@@ -160,11 +180,11 @@ class Pool(Generic[T, R]):
         *,
         workers: int = 10,
         max_pending: int | None = None,
-        retry: Any = None,
-        rate_limit: Any = None,
-        limiter: Any = None,
-        timeout: float | None = None,
-        middleware: Sequence[Any] = (),
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
@@ -175,11 +195,11 @@ class Pool(Generic[T, R]):
         *,
         workers: int = 10,
         max_pending: int | None = None,
-        retry: Any = None,
-        rate_limit: Any = None,
-        limiter: Any = None,
-        timeout: float | None = None,
-        middleware: Sequence[Any] = (),
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
@@ -190,12 +210,17 @@ class Pool(Generic[T, R]):
         if max_pending is None:
             max_pending = max(2 * workers, 16)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
-        _reject_unbuilt_middleware(
-            retry=retry,
-            rate_limit=rate_limit,
-            limiter=limiter,
-            timeout=timeout,
-            middleware=middleware,
+        self._retry, self._rate_limit, self._limiter, self._timeout, self._middleware = (
+            check_middleware(
+                retry=retry,
+                rate_limit=rate_limit,
+                limiter=limiter,
+                timeout=timeout,
+                middleware=middleware,
+            )
+        )
+        self._layered = bool(
+            retry or rate_limit or limiter is not None or self._timeout or self._middleware
         )
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
@@ -221,7 +246,9 @@ class Pool(Generic[T, R]):
         self._joiners: list[_Joiner] = []
         self._unfinished: list[T] = []
         self._orphans: list[T] = []  # taken from a helper's input, never submitted
-        self._fail_exc: Exception | None = None
+        # why the pool stopped itself: fail_fast's failure, or an exception that
+        # broke a worker or feeder (on_outcome raised, KeyboardInterrupt, ...)
+        self._stop_reason: BaseException | None = None
         # counters
         self._next_index = 0
         self._queued = 0  # in the stream, plus slots granted to waiting submitters
@@ -266,15 +293,29 @@ class Pool(Generic[T, R]):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         thread_limiter = anyio.CapacityLimiter(self._workers)
         call = make_async(self._handler, thread_limiter)
+        clock = _clock()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
         self._unfinished = []
-        self._fail_exc = None
+        self._stop_reason = None
         self._state = _RUNNING
         label = self.name or hex(id(self))
         for number in range(self._workers):
-            tg.start_soon(self._worker, call, name=f"corral worker {label}#{number}")
+            if self._layered:
+                # each worker its own chain, around a counter of handler calls
+                attempts: list[float] = [0, 0.0]
+                chain = build_chain(
+                    _counting(call, attempts, clock),
+                    retry=self._retry,
+                    limiter=self._limiter,
+                    rate_limit=self._rate_limit,
+                    timeout=self._timeout,
+                    middleware=self._middleware,
+                )
+                tg.start_soon(self._worker, chain, attempts, name=f"corral worker {label}#{number}")
+            else:
+                tg.start_soon(self._worker, call, None, name=f"corral worker {label}#{number}")
         return self
 
     async def __aexit__(
@@ -285,6 +326,7 @@ class Pool(Generic[T, R]):
     ) -> bool:
         tg = self._tg
         assert tg is not None
+        cancelled = anyio.get_cancelled_exc_class()
         body_exc = exc
         if exc is None and self._state is _RUNNING:
             try:
@@ -295,22 +337,21 @@ class Pool(Generic[T, R]):
         raised: BaseException | None = None
         suppress = False
         try:
+            # The pool's own tasks never raise (a worker or feeder that breaks
+            # records why in _stop_reason), so what the task group raises is
+            # the block's exception, possibly wrapped, or a cancellation.
             suppress = await tg.__aexit__(exc_type, exc, tb)
-        except BaseException as group:  # noqa: BLE001 - unwrapped and re-raised below
-            # the block's exception, or a worker's own (an on_outcome error, a
-            # KeyboardInterrupt in a handler), surfaces as itself, not as a group
-            raised = _unwrap_group(group)
+        except BaseException as error:  # noqa: BLE001 - sorted out below
+            raised = error
         finally:
             self._finalize()
-        if raised is None:
-            if self._fail_exc is not None:
-                raise self._fail_exc
-            return suppress
-        if raised is body_exc:
-            return False  # the block's own exception, re-raised as it was
-        if self._fail_exc is not None and isinstance(raised, anyio.get_cancelled_exc_class()):
-            raise self._fail_exc
-        raise raised
+        if body_exc is not None and not isinstance(body_exc, cancelled):
+            return False  # the block's own exception, re-raised exactly as it was
+        if self._stop_reason is not None:
+            raise self._stop_reason  # fail_fast's failure, or what broke a worker
+        if raised is not None:
+            raise _unwrap_group(raised)
+        return suppress
 
     def _close(self) -> None:
         """Accept no more items; wake everyone waiting to submit."""
@@ -447,16 +488,15 @@ class Pool(Generic[T, R]):
             await self._raise_closed()
 
     async def _raise_closed(self) -> NoReturn:
-        if self._state is _STOPPING:
-            # The pool is being cancelled (fail_fast): a caller inside the block
-            # gets that cancellation here, not a PoolClosed that would mask the
-            # failure the block is about to re-raise.
-            await checkpoint()
+        # If the pool is being cancelled (fail_fast, an exception, an early exit
+        # from a helper), a caller inside it gets that cancellation here rather
+        # than a PoolClosed that would mask why the pool stopped.
+        await checkpoint()
         raise self._closed_error()
 
     def _free_slot(self) -> None:
         """A queued item left the queue: hand its slot to the first waiter."""
-        if self._space_waiters:
+        if self._space_waiters and self._queued <= self._max_pending:
             self._space_waiters.popleft().set()
             self._reserved += 1
         else:
@@ -501,6 +541,21 @@ class Pool(Generic[T, R]):
     async def _worker(
         self,
         call: Callable[[T], Awaitable[R]],
+        attempts: list[float] | None,
+    ) -> None:
+        try:
+            await self._work(call, attempts)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
+            # on_outcome raised, or a handler raised KeyboardInterrupt/SystemExit:
+            # stop everything; the block re-raises this very exception.
+            self._fail(error)
+
+    async def _work(
+        self,
+        call: Callable[[T], Awaitable[R]],
+        attempts: list[float] | None,
     ) -> None:
         # Everything the loop touches is bound to a local once: the per-item path
         # is the engine's hot path (see benchmarks/bench_apply.py).
@@ -512,6 +567,7 @@ class Pool(Generic[T, R]):
         sink = self._on_outcome_sync
         after = self._on_outcome_async
         fail_fast = self._fail_fast
+        cancelled = anyio.get_cancelled_exc_class()
         streak = 0
         while True:
             if queue:
@@ -529,19 +585,29 @@ class Pool(Generic[T, R]):
                 if handed is None:  # woken by _close
                     continue
                 index, item, id_, job = handed
-            if space_waiters:
-                space_waiters.popleft().set()
+            if space_waiters and self._queued <= self._max_pending:
+                space_waiters.popleft().set()  # its slot goes to the first waiter
                 self._reserved += 1
             else:
                 self._queued -= 1
             start = clock()
-            try:
-                result = await call(item)
-            except Exception as error:  # noqa: BLE001 - errors are values
-                outcome: Outcome[T, R] = Outcome(item, index, id_, None, error, 1, clock() - start)
-                self._failed += 1
+            if attempts is None:
+                try:
+                    result = await call(item)
+                except Exception as error:  # noqa: BLE001 - errors are values
+                    outcome: Outcome[T, R] = Outcome(
+                        item, index, id_, None, error, 1, clock() - start
+                    )
+                    self._failed += 1
+                except cancelled as exc:
+                    outcome = Outcome(
+                        item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
+                    )
+                    self._failed += 1
+                else:
+                    outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
             else:
-                outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
+                outcome = await self._call_layered(call, attempts, clock, start, item, index, id_)
             # -- one step: the item leaves `live` and gets its outcome --
             del live[index]
             if job is not None:
@@ -563,6 +629,35 @@ class Pool(Generic[T, R]):
                     self._in_callbacks -= 1
                 if self._watched:
                     self._notify(None)
+
+    async def _call_layered(
+        self,
+        chain: Callable[[T], Awaitable[R]],
+        attempts: list[float],
+        clock: Callable[[], float],
+        start: float,
+        item: T,
+        index: int,
+        id_: Hashable,
+    ) -> Outcome[T, R]:
+        """Run ``item`` through the middleware chain; count the handler's calls."""
+        attempts[0] = 0
+        error: Exception | None = None
+        result: R | None = None
+        try:
+            result = await chain(item)
+        except Exception as exc:  # noqa: BLE001 - errors are values
+            error = exc
+            self._failed += 1
+        except anyio.get_cancelled_exc_class() as exc:
+            error = _stray_cancellation(exc)
+            self._failed += 1
+        end = clock()
+        calls = int(attempts[0])
+        if calls:
+            start = attempts[1]  # elapsed runs from the first attempt's start
+            self._retried += calls - 1
+        return Outcome(item, index, id_, result, error, calls, end - start)
 
     async def _wait_for_work(self) -> _Entry[T, R] | None:
         """Park until an entry is handed over (None: the pool closed)."""
@@ -601,9 +696,10 @@ class Pool(Generic[T, R]):
             self._idle_event = None
         self._watched = bool(self._joiners) or self._idle_event is not None
 
-    def _fail(self, error: Exception) -> None:
-        if self._fail_exc is None:
-            self._fail_exc = error
+    def _fail(self, error: BaseException) -> None:
+        """Stop the pool because of ``error``, which its block will re-raise."""
+        if self._stop_reason is None:
+            self._stop_reason = error
             self._stop()
 
     def _stop(self) -> None:
@@ -627,6 +723,35 @@ class Pool(Generic[T, R]):
             self._on_outcome_sync = both
 
 
+def _stray_cancellation(exc: BaseException) -> Exception:
+    """A cancellation exception that reached a worker: re-raise it if the worker
+    is being cancelled; otherwise (asyncio: a handler awaited something that was
+    cancelled, or raised CancelledError itself) it is that item's error."""
+    if anyio.current_effective_deadline() == -math.inf:
+        raise exc
+    error = RuntimeError(
+        f"the handler raised {type(exc).__name__} although its worker was not "
+        "cancelled (did it await a task or future that was cancelled?)"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _counting(
+    call: Callable[[T], Awaitable[R]], attempts: list[float], clock: Callable[[], float]
+) -> Callable[[T], Awaitable[R]]:
+    """``call``, counting its calls in ``attempts[0]`` and timing the first in
+    ``attempts[1]`` (the worker resets the count for each item)."""
+
+    async def counted(item: T) -> R:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            attempts[1] = clock()
+        return await call(item)
+
+    return counted
+
+
 class _IdleWorker(Generic[T, R]):
     """A parked worker: set ``entry``, then ``event``, to hand it work."""
 
@@ -644,13 +769,3 @@ class _Joiner:
         self.target = target
         self.remaining = remaining
         self.event = anyio.Event()
-
-
-def _reject_unbuilt_middleware(**options: Any) -> None:
-    """Middleware options are part of the signature already; refuse to ignore them."""
-    for name, value in options.items():
-        if value is not None and not (name == "middleware" and not value):
-            raise NotImplementedError(
-                f"{name}= is not implemented yet in this version of corral; "
-                "it arrives with the middleware release (see CHANGELOG.md)"
-            )

@@ -1,0 +1,168 @@
+"""Rate limiters: SlidingWindow (exact count per window) and TokenBucket (GCRA).
+
+Both serve waiters strictly first come, first served, and keep one timer: only
+the waiter at the head of the line sleeps (until the moment it can be
+admitted); the others wait on an event until they reach the head. Nothing is
+held while sleeping, and a waiter that is cancelled leaves the line having
+consumed nothing. An admission happens when ``acquire`` returns in the
+admitted task, at the time read just before it returns.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+from anyio.lowlevel import checkpoint
+
+from ._validate import check_int, check_number
+
+__all__ = ["SlidingWindow", "TokenBucket"]
+
+
+class _Waiter:
+    __slots__ = ("cost", "event")
+
+    def __init__(self, cost: int) -> None:
+        self.cost = cost
+        self.event = anyio.Event()
+
+
+class _FairLimiter:
+    """The waiting line; subclasses say when ``cost`` fits and record admissions."""
+
+    _capacity: int
+
+    def __init__(self) -> None:
+        self._waiters: deque[_Waiter] = deque()
+
+    def _ready_at(self, cost: int, now: float) -> float:
+        """The earliest time at which ``cost`` could be admitted (<= now: at once)."""
+        raise NotImplementedError
+
+    def _admit(self, cost: int, now: float) -> None:
+        raise NotImplementedError
+
+    async def acquire(self, cost: int = 1) -> None:
+        """Wait for admission of ``cost`` units, first come, first served.
+
+        Always a checkpoint. Cancel-safe: if it raises, nothing was consumed and
+        the place in line is given up; if it returns, the admission happened.
+
+        :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
+        """
+        check_int("cost", cost, minimum=1)
+        if cost > self._capacity:
+            raise ValueError(
+                f"cost must be <= {self._capacity} for {self!r}, got {cost!r}: "
+                "it could never be admitted"
+            )
+        await checkpoint()
+        if not self._waiters:
+            now = anyio.current_time()
+            if self._ready_at(cost, now) <= now:
+                self._admit(cost, now)
+                return
+        waiter = _Waiter(cost)
+        waiters = self._waiters
+        waiters.append(waiter)
+        try:
+            if waiters[0] is not waiter:
+                await waiter.event.wait()  # woken when we reach the head of the line
+            while True:  # the head of the line is the limiter's only timer
+                now = anyio.current_time()
+                ready_at = self._ready_at(cost, now)
+                if ready_at <= now:
+                    break
+                await anyio.sleep_until(ready_at)
+        except BaseException:
+            was_head = waiters[0] is waiter
+            waiters.remove(waiter)
+            if was_head and waiters:
+                waiters[0].event.set()
+            raise
+        waiters.popleft()
+        self._admit(cost, now)
+        if waiters:
+            waiters[0].event.set()
+
+    @property
+    def waiting(self) -> int:
+        """How many tasks are waiting for admission."""
+        return len(self._waiters)
+
+
+class SlidingWindow(_FairLimiter):
+    """Never more than ``limit`` admissions in any window of ``per`` seconds.
+
+    Exact: for any two admissions less than ``per`` seconds apart, they and
+    everything admitted between them number at most ``limit``. A fresh
+    limiter admits ``limit`` at once, then the next one exactly ``per``
+    seconds after the first, and so on: the first second of
+    ``SlidingWindow(10, 1.0)`` under load is a burst of 10 at t=0, then
+    nothing until t=1.0. ``acquire(cost=k)`` counts as ``k`` admissions at
+    the same instant.
+
+    >>> limiter = SlidingWindow(100, per=60.0)  # 100 calls a minute, exactly
+    """
+
+    def __init__(self, limit: int, per: float = 1.0) -> None:
+        super().__init__()
+        self.limit = check_int("limit", limit, minimum=1)
+        self.per = check_number("per", per, positive=True)
+        self._capacity = limit
+        self._expiries: deque[tuple[float, int]] = deque()  # (admitted + per, cost)
+        self._in_window = 0
+
+    def __repr__(self) -> str:
+        return f"SlidingWindow(limit={self.limit}, per={self.per})"
+
+    def _ready_at(self, cost: int, now: float) -> float:
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            self._in_window -= expiries.popleft()[1]
+        excess = self._in_window + cost - self.limit
+        if excess <= 0:
+            return now
+        for expiry, units in expiries:  # wait until enough of the oldest expire
+            excess -= units
+            if excess <= 0:
+                return expiry
+        raise AssertionError("unreachable: cost <= limit")  # pragma: no cover
+
+    def _admit(self, cost: int, now: float) -> None:
+        self._expiries.append((now + self.per, cost))
+        self._in_window += cost
+
+
+class TokenBucket(_FairLimiter):
+    """A smooth limiter: at most ``burst + rate * t / per`` admissions in any
+    interval of length ``t``.
+
+    Tokens refill continuously at ``rate`` per ``per`` seconds up to
+    ``burst``; the bucket starts full. ``TokenBucket(10, 1.0)`` (burst 1)
+    admits one call every 0.1 s; ``TokenBucket(10, 1.0, burst=5)`` admits 5
+    at once, then one every 0.1 s. Implemented as GCRA: one timestamp, O(1)
+    per call, no refill task.
+
+    >>> limiter = TokenBucket(5, per=1.0, burst=2)
+    """
+
+    def __init__(self, rate: float, per: float = 1.0, *, burst: int = 1) -> None:
+        super().__init__()
+        self.rate = check_number("rate", rate, positive=True)
+        self.per = check_number("per", per, positive=True)
+        self.burst = check_int("burst", burst, minimum=1)
+        self._capacity = burst
+        self._interval = self.per / self.rate  # seconds per token
+        self._tolerance = self.burst * self._interval
+        self._tat = float("-inf")  # theoretical arrival time of the next token
+
+    def __repr__(self) -> str:
+        return f"TokenBucket(rate={self.rate}, per={self.per}, burst={self.burst})"
+
+    def _ready_at(self, cost: int, now: float) -> float:
+        return (max(self._tat, now) + cost * self._interval) - self._tolerance
+
+    def _admit(self, cost: int, now: float) -> None:
+        self._tat = max(self._tat, now) + cost * self._interval

@@ -1,0 +1,186 @@
+"""The Middleware protocol, Timeout, and the one function that builds a chain.
+
+A chain is built once per worker when a pool starts (never per item)::
+
+    middleware[0] → middleware[1] → … → retry → limiter → rate_limit → timeout → handler
+
+so user middleware sees each item once, while the capacity limiter, the rate
+limiter and the timeout see every attempt, and no capacity slot is held
+during a retry's backoff. With nothing configured the chain *is* the handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import attrs
+
+from ._handlers import check_callable, is_async_callable
+from ._retry import Retry
+from ._validate import check_number
+
+__all__ = ["Middleware", "RateLimiter", "Timeout", "build_chain", "check_middleware"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Call = Callable[[Any], Awaitable[Any]]
+
+
+@runtime_checkable
+class Middleware(Protocol):
+    """Wraps every call of the handler for one item.
+
+    ``await call_next(item)`` runs the rest of the chain (possibly several
+    times, as :class:`Retry` does) and returns the handler's result; whatever
+    the middleware returns is the item's result, and whatever it raises is the
+    item's error. It runs in the worker's task, inside its cancel scopes, so it
+    must let cancellation propagate.
+
+    >>> import anyio
+    >>> class Log:
+    ...     async def __call__(self, item, call_next):
+    ...         print("start", item)
+    ...         return await call_next(item)
+    >>> async def main():
+    ...     import corral
+    ...     async def double(x): return 2 * x
+    ...     [o] = await corral.apply_to_all(double, [21], middleware=[Log()])
+    ...     return o.result
+    >>> anyio.run(main)
+    start 21
+    42
+    """
+
+    async def __call__(self, item: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any: ...
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """What ``rate_limit=`` takes: anything with ``async acquire(cost=1)``."""
+
+    async def acquire(self, cost: int = 1) -> None: ...
+
+
+@attrs.frozen
+class Timeout:
+    """A per-attempt deadline: the attempt is cancelled after ``seconds`` and the
+    outcome is a ``TimeoutError`` (which a :class:`Retry` may retry).
+
+    ``timeout=2.5`` on a pool is shorthand for ``Timeout(2.5)``. A plain
+    (threaded) handler cannot be interrupted: its timed-out attempt is abandoned,
+    the thread finishes in the background and its result is discarded.
+
+    >>> Timeout(2.5).seconds
+    2.5
+    """
+
+    seconds: float
+
+    def __attrs_post_init__(self) -> None:
+        check_number("seconds", self.seconds, positive=True)
+
+    async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
+        with anyio.fail_after(self.seconds):
+            return await call_next(item)
+
+
+def check_middleware(
+    *,
+    retry: object,
+    rate_limit: object,
+    limiter: object,
+    timeout: object,
+    middleware: object,
+) -> tuple[Retry | None, RateLimiter | None, Any, Timeout | None, tuple[Middleware, ...]]:
+    """Validate the middleware options of a pool or helper, naming the parameter."""
+    if retry is not None and not isinstance(retry, Retry):
+        raise TypeError(f"retry must be a corral.Retry or None, got {retry!r}")
+    if rate_limit is not None and not callable(getattr(rate_limit, "acquire", None)):
+        raise TypeError(
+            f"rate_limit must have an async acquire(cost=1) method "
+            f"(e.g. corral.TokenBucket), got {rate_limit!r}"
+        )
+    if limiter is not None and not (
+        hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")
+    ):
+        raise TypeError(
+            f"limiter must be an anyio.CapacityLimiter (or another async context "
+            f"manager), got {limiter!r}"
+        )
+    if timeout is not None and not isinstance(timeout, Timeout):
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(
+                f"timeout must be a number of seconds, a corral.Timeout or None, got {timeout!r}"
+            )
+        timeout = Timeout(check_number("timeout", timeout, positive=True))
+    if isinstance(middleware, (str, bytes)) or not isinstance(middleware, Sequence):
+        raise TypeError(f"middleware must be a sequence of middleware, got {middleware!r}")
+    for index, layer in enumerate(middleware):
+        check_callable(f"middleware[{index}]", layer)
+        if not is_async_callable(layer):
+            raise TypeError(
+                f"middleware[{index}] must be async: "
+                f"`async def __call__(self, item, call_next)`, got {layer!r}"
+            )
+    return retry, rate_limit, limiter, timeout, tuple(middleware)  # type: ignore[return-value]
+
+
+def build_chain(
+    call: Call,
+    *,
+    retry: Retry | None = None,
+    limiter: Any = None,
+    rate_limit: RateLimiter | None = None,
+    timeout: Timeout | None = None,
+    middleware: Sequence[Middleware] = (),
+) -> Call:
+    """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
+    when nothing is configured."""
+    chain = call
+    if timeout is not None:
+        chain = _with_timeout(chain, timeout.seconds)
+    if rate_limit is not None:
+        chain = _with_rate_limit(chain, rate_limit)
+    if limiter is not None:
+        chain = _with_limiter(chain, limiter)
+    if retry is not None:
+        chain = _bind(retry, chain)
+    for layer in reversed(middleware):
+        chain = _bind(layer, chain)
+    return chain
+
+
+def _bind(layer: Middleware | Retry, call_next: Call) -> Call:
+    async def bound(item: Any) -> Any:
+        return await layer(item, call_next)
+
+    return bound
+
+
+def _with_timeout(call_next: Call, seconds: float) -> Call:
+    async def timed(item: Any) -> Any:
+        with anyio.fail_after(seconds):
+            return await call_next(item)
+
+    return timed
+
+
+def _with_rate_limit(call_next: Call, rate_limit: RateLimiter) -> Call:
+    acquire = rate_limit.acquire
+
+    async def rate_limited(item: Any) -> Any:
+        await acquire()
+        return await call_next(item)
+
+    return rate_limited
+
+
+def _with_limiter(call_next: Call, limiter: Any) -> Call:
+    async def limited(item: Any) -> Any:
+        async with limiter:
+            return await call_next(item)
+
+    return limited
