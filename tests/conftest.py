@@ -29,3 +29,42 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
 def backend_name(anyio_backend: Any) -> str:
     """'asyncio' or 'trio' (uvloop counts as asyncio)."""
     return str(anyio_backend[0])
+
+
+def _mock_clock() -> Any:
+    from trio.testing import MockClock
+
+    return MockClock(autojump_threshold=0)
+
+
+# For timing tests: trio runs on a MockClock that jumps to the next deadline as
+# soon as every task is blocked, so times are exact and sleeps take no time;
+# asyncio and uvloop run in real time and are checked with tolerances.
+TIMING_BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(
+        ("asyncio", {"use_uvloop": True}),
+        id="uvloop",
+        marks=pytest.mark.skipif(not _HAVE_UVLOOP, reason="uvloop is not installed"),
+    ),
+    pytest.param(("trio", {"clock": "mock"}), id="trio-mockclock"),
+]
+
+
+@pytest.fixture
+def exact(anyio_backend: Any) -> bool:
+    """True when time is virtual (trio MockClock): timing asserts are exact."""
+    return bool(anyio_backend[0] == "trio" and "clock" in anyio_backend[1])
+
+
+def timing_backend(request: pytest.FixtureRequest) -> Any:
+    name, options = request.param
+    if options.get("clock") == "mock":
+        options = {**options, "clock": _mock_clock()}
+    return name, options
+
+
+@pytest.fixture(params=TIMING_BACKENDS)
+def timing_anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Use as ``anyio_backend`` in timing test modules (see TIMING_BACKENDS)."""
+    return timing_backend(request)

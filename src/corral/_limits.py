@@ -19,6 +19,8 @@ from ._validate import check_int, check_number
 
 __all__ = ["SlidingWindow", "TokenBucket"]
 
+_TICK = 0.001  # how long to wait again when a timer fired before its deadline
+
 
 class _Waiter:
     __slots__ = ("cost", "event")
@@ -69,12 +71,19 @@ class _FairLimiter:
         try:
             if waiters[0] is not waiter:
                 await waiter.event.wait()  # woken when we reach the head of the line
+            woke_early = False
             while True:  # the head of the line is the limiter's only timer
                 now = anyio.current_time()
                 ready_at = self._ready_at(cost, now)
                 if ready_at <= now:
                     break
+                if woke_early:
+                    # A coarse clock (uvloop's moves in whole milliseconds) or a
+                    # timer that fires a hair early: wait a tick instead of
+                    # spinning until the clock catches up.
+                    ready_at = max(ready_at, now + _TICK)
                 await anyio.sleep_until(ready_at)
+                woke_early = True
         except BaseException:
             was_head = waiters[0] is waiter
             waiters.remove(waiter)

@@ -1,0 +1,250 @@
+"""SlidingWindow and TokenBucket: exact bounds, FIFO, one timer, cancel-safety."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import anyio
+import pytest
+
+import corral._limits
+from corral import Pool, SlidingWindow, TokenBucket, apply_to_all
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend(timing_anyio_backend: Any) -> Any:
+    return timing_anyio_backend
+
+
+def slack(exact: bool) -> float:
+    """How much later than the admission a timestamp the caller reads right after
+    acquire() returns may be. On trio's MockClock none. In real time the clock
+    moves between the limiter's reading and the caller's: microseconds on
+    asyncio, but a whole tick on uvloop, whose clock moves in milliseconds."""
+    return 0.0 if exact else 0.0015
+
+
+def max_in_any_window(times: list[float], per: float, shrink: float) -> int:
+    """The most admissions in any half-open window [t, t + per - shrink)."""
+    times = sorted(times)
+    return max(bisect.bisect_left(times, t + per - shrink) - i for i, t in enumerate(times))
+
+
+async def admit_concurrently(limiter: Any, tasks: int, each: int, costs: int = 1) -> list[float]:
+    times: list[float] = []
+
+    async def worker() -> None:
+        for _ in range(each):
+            await limiter.acquire(costs)
+            times.extend([anyio.current_time()] * costs)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(worker)
+    return times
+
+
+async def test_sliding_window_never_exceeds_limit_in_any_window(exact: bool) -> None:
+    """1,000 admissions from 50 concurrent tasks: every window of `per` seconds
+    holds at most `limit` of them, and the limiter runs at its full rate."""
+    limiter = SlidingWindow(50, per=0.05)
+    start = anyio.current_time()
+    times = await admit_concurrently(limiter, tasks=50, each=20)
+    assert len(times) == 1000
+    assert max_in_any_window(times, 0.05, slack(exact)) <= 50
+    duration = anyio.current_time() - start
+    if exact:
+        assert duration == pytest.approx(19 * 0.05, abs=1e-9)  # 20 full windows
+    else:
+        assert 19 * 0.05 - 0.002 <= duration < 19 * 0.05 + 1.0
+
+
+async def test_sliding_window_first_period(exact: bool) -> None:
+    """SlidingWindow(3, 0.1): a burst of 3 at once, then one each time the oldest
+    admission leaves the window."""
+    limiter = SlidingWindow(3, per=0.1)
+    start = anyio.current_time()
+    times = [t - start for t in await admit_concurrently(limiter, tasks=1, each=7)]
+    if exact:
+        assert times == pytest.approx([0, 0, 0, 0.1, 0.1, 0.1, 0.2], abs=1e-9)
+    else:
+        assert times[2] < 0.01
+        assert all(0.1 - slack(exact) <= t < 0.15 for t in times[3:6])
+
+
+async def test_sliding_window_cost_counts_as_several_admissions(exact: bool) -> None:
+    """acquire(cost=k) is k admissions at once: the window bound holds for units."""
+    limiter = SlidingWindow(5, per=0.02)
+    times = await admit_concurrently(limiter, tasks=4, each=10, costs=2)
+    assert max_in_any_window(times, 0.02, slack(exact)) <= 5
+
+
+@pytest.mark.parametrize(("rate", "per", "burst"), [(200, 1.0, 1), (100, 0.5, 7), (500, 1.0, 3)])
+async def test_token_bucket_bound_over_every_pair(
+    exact: bool, rate: float, per: float, burst: int
+) -> None:
+    """For every pair of admissions i < j: j - i + 1 <= burst + rate * t / per."""
+    limiter = TokenBucket(rate, per, burst=burst)
+    times = sorted(await admit_concurrently(limiter, tasks=10, each=10))
+    eps = 1e-9 + (rate / per) * slack(exact) * 2
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):
+            assert j - i + 1 <= burst + rate * (times[j] - times[i]) / per + eps
+
+
+async def test_token_bucket_starts_full_then_is_smooth(exact: bool) -> None:
+    """TokenBucket(10, 1.0, burst=5): 5 at once, then one every 0.1 s."""
+    limiter = TokenBucket(10, 1.0, burst=5)
+    start = anyio.current_time()
+    times = [t - start for t in await admit_concurrently(limiter, tasks=1, each=8)]
+    if exact:
+        assert times == pytest.approx([0, 0, 0, 0, 0, 0.1, 0.2, 0.3], abs=1e-9)
+    else:
+        assert times[4] < 0.05
+        assert times[7] == pytest.approx(0.3, abs=0.05)
+
+
+@pytest.mark.parametrize("kind", ["window", "bucket"])
+async def test_waiters_are_served_in_arrival_order_whatever_their_cost(
+    kind: str, exact: bool
+) -> None:
+    """20 waiters with costs 1..3 are admitted exactly in the order they arrived."""
+    limiter: Any = (
+        SlidingWindow(3, per=0.02) if kind == "window" else TokenBucket(150, 1.0, burst=3)
+    )
+    await limiter.acquire(3)  # drain: everyone below has to wait
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await limiter.acquire(1 + i % 3)
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(waiter, i)
+            while limiter.waiting + len(order) < i + 1:  # until it stands in line
+                await anyio.lowlevel.checkpoint()
+        if exact:  # in real time the first ones may be through already
+            assert limiter.waiting == 20
+    assert order == list(range(20))
+
+
+async def test_cancelled_waiter_consumes_nothing_and_gives_its_place_back(exact: bool) -> None:
+    """A waiter cancelled while waiting leaves the line; the one behind it is
+    admitted as early as if the cancelled one had never come."""
+    limiter = SlidingWindow(1, per=1.0)
+    start = anyio.current_time()
+    await limiter.acquire()
+    admitted: list[float] = []
+
+    async def second() -> None:
+        await limiter.acquire()
+        admitted.append(anyio.current_time() - start)
+
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as doomed:
+
+            async def cancel_when_queued() -> None:
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(second)
+                await anyio.wait_all_tasks_blocked()
+                doomed.cancel()
+
+            tg.start_soon(cancel_when_queued)
+            await limiter.acquire()  # first in line, then cancelled
+        assert doomed.cancelled_caught
+    assert limiter.waiting == 0
+    if exact:
+        assert admitted == [1.0]
+    else:
+        assert 0.995 <= admitted[0] < 1.5
+
+
+async def test_one_timer_for_all_waiters(exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the head of the line sleeps: 20 waiters behind a full window cost 20
+    sleeps in total, not a wake-up per waiter per admission."""
+    sleeps = 0
+    real_sleep_until = anyio.sleep_until
+
+    async def counting_sleep_until(deadline: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_sleep_until(deadline)
+
+    monkeypatch.setattr(corral._limits.anyio, "sleep_until", counting_sleep_until)
+    limiter = SlidingWindow(1, per=0.01)
+    await admit_concurrently(limiter, tasks=20, each=1)
+    if exact:
+        assert sleeps == 19
+    else:
+        assert sleeps <= 19 * 3  # a real clock may wake a tick early and sleep again
+
+
+@pytest.mark.parametrize("limiter", [SlidingWindow(3, 1.0), TokenBucket(10, 1.0, burst=3)])
+async def test_cost_larger_than_capacity_is_a_clear_error(limiter: Any) -> None:
+    """A cost that could never be admitted is refused at once, naming `cost`."""
+    with pytest.raises(ValueError, match="cost must be <= 3"):
+        await limiter.acquire(4)
+    with pytest.raises(ValueError, match="cost must be >= 1"):
+        await limiter.acquire(0)
+    with pytest.raises(TypeError, match="cost must be an int"):
+        await limiter.acquire(1.5)
+
+
+def test_constructors_validate() -> None:
+    """Bad limits and rates name the parameter."""
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        SlidingWindow(0)
+    with pytest.raises(ValueError, match="per must be > 0"):
+        SlidingWindow(5, per=0)
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        TokenBucket(0)
+    with pytest.raises(ValueError, match="burst must be >= 1"):
+        TokenBucket(5, burst=0)
+
+
+async def test_two_pools_share_one_rate_limit(exact: bool) -> None:
+    """One SlidingWindow shared by two pools bounds their admissions together."""
+    limiter = SlidingWindow(10, per=0.05)
+    times: list[float] = []
+
+    async def record(x: int) -> int:
+        times.append(anyio.current_time())
+        return x
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(2):
+            tg.start_soon(lambda: apply_to_all(record, range(100), workers=10, rate_limit=limiter))
+    assert len(times) == 200
+    assert max_in_any_window(times, 0.05, slack(exact)) <= 10
+
+
+async def test_rate_limiter_sees_every_attempt(exact: bool) -> None:
+    """With retries, each attempt acquires the rate limiter once."""
+    acquired = 0
+
+    class Counting:
+        async def acquire(self, cost: int = 1) -> None:
+            nonlocal acquired
+            acquired += cost
+            await anyio.lowlevel.checkpoint()
+
+    calls = 0
+
+    async def fails_twice(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise ConnectionError
+        return x
+
+    from corral import Retry
+
+    async with Pool(fails_twice, rate_limit=Counting(), retry=Retry(3, wait_initial=0)) as pool:
+        job = await pool.submit(1)
+    assert job.outcome is not None
+    assert job.outcome.attempts == 3
+    assert acquired == 3

@@ -1,0 +1,276 @@
+"""Retry: the pure backoff function, attempt counts, retry_after, deadline, filters."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import Outcome, Pool, Retry, Timeout, apply_to_all, backoff
+
+pytestmark = pytest.mark.anyio
+
+# uvloop's loop.time() advances in whole milliseconds
+CLOCK_GRAIN = 0.002
+
+
+@pytest.fixture
+def anyio_backend(timing_anyio_backend: Any) -> Any:
+    return timing_anyio_backend
+
+
+# ------------------------------------------------------------ pure backoff
+
+
+def test_backoff_without_jitter_is_exponential_and_capped() -> None:
+    """min(wait_max, wait_initial * base ** (k - 1)) for k = 1, 2, ..."""
+    delays = [
+        backoff(k, wait_initial=0.1, wait_max=1.0, wait_exp_base=2.0, jitter=False)
+        for k in range(1, 7)
+    ]
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+
+
+def test_backoff_full_jitter_draws_between_zero_and_the_ceiling() -> None:
+    """With jitter the draw is uniform over [0, ceiling]: the bounds passed prove it."""
+    calls: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        calls.append((low, high))
+        return high / 2
+
+    delay = backoff(
+        3, wait_initial=1.0, wait_max=10.0, wait_exp_base=3.0, jitter=True, uniform=uniform
+    )
+    assert calls == [(0.0, 9.0)]
+    assert delay == 4.5
+
+
+def test_backoff_retry_after_wins_over_wait_max_unless_capped() -> None:
+    """A retry_after hint is a floor, beyond wait_max unless cap_retry_after."""
+    common: dict[str, Any] = {"wait_initial": 0.1, "wait_max": 5.0, "wait_exp_base": 2.0}
+    assert backoff(1, jitter=False, retry_after=30.0, **common) == 30.0
+    assert backoff(1, jitter=False, retry_after=30.0, cap_retry_after=True, **common) == 5.0
+    assert backoff(4, jitter=False, retry_after=0.05, **common) == pytest.approx(0.8)
+    assert backoff(1, jitter=True, retry_after=2.0, uniform=lambda a, b: a, **common) == 2.0
+
+
+def test_backoff_survives_huge_retry_numbers() -> None:
+    """No OverflowError for a large k: the wait is simply wait_max."""
+    assert backoff(5000, wait_initial=1.0, wait_max=7.0, wait_exp_base=10.0, jitter=False) == 7.0
+
+
+def test_backoff_zero_initial_retries_at_once() -> None:
+    """wait_initial=0 means retry immediately."""
+    assert backoff(3, wait_initial=0.0, wait_max=10.0, wait_exp_base=2.0, jitter=True) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"attempts": 0}, ValueError, "attempts must be >= 1, got 0"),
+        ({"attempts": 1.5}, TypeError, "attempts must be an int"),
+        ({"wait_initial": -1}, ValueError, "wait_initial must be >= 0"),
+        ({"wait_max": "x"}, TypeError, "wait_max must be a number"),
+        ({"wait_exp_base": 0.5}, ValueError, "wait_exp_base must be >= 1"),
+        ({"wait_jitter": "yes"}, TypeError, "wait_jitter must be True or False"),
+        ({"deadline": 0}, ValueError, "deadline must be > 0"),
+        ({"on": KeyboardInterrupt}, TypeError, "never retried"),
+        ({"on": 3}, TypeError, "on must be an Exception subclass"),
+        ({"on": ()}, TypeError, "on must be an Exception subclass"),
+    ],
+)
+def test_retry_rejects_bad_arguments(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Each bad argument names itself."""
+    with pytest.raises(error, match=match):
+        Retry(**kwargs)
+
+
+# ------------------------------------------------------------ in a pool
+
+
+def flaky(failures: dict[int, int], error: type[Exception] = ConnectionError) -> Any:
+    """A handler whose item x fails failures[x] times (-1: always), then succeeds."""
+    calls: dict[int, int] = {}
+
+    async def handler(x: int) -> int:
+        calls[x] = calls.get(x, 0) + 1
+        await anyio.lowlevel.checkpoint()
+        if failures[x] < 0 or calls[x] <= failures[x]:
+            raise error(f"item {x} call {calls[x]}")
+        return x
+
+    handler.calls = calls  # type: ignore[attr-defined]
+    return handler
+
+
+async def test_attempts_and_retried_are_exact() -> None:
+    """Items failing 0, 1, 2 times and always, with attempts=3: 1, 2, 3, 3 calls;
+    stats.retried counts the extra calls exactly."""
+    handler = flaky({0: 0, 1: 1, 2: 2, 3: -1})
+    pool = Pool(handler, workers=4, retry=Retry(attempts=3, wait_initial=0.01))
+    async with pool:
+        jobs = [await pool.submit(i) for i in range(4)]
+    outcomes = [job.outcome for job in jobs]
+    assert [o.attempts for o in outcomes if o] == [1, 2, 3, 3]
+    assert [o.ok for o in outcomes if o] == [True, True, True, False]
+    assert handler.calls == {0: 1, 1: 2, 2: 3, 3: 3}
+    assert pool.stats.retried == 0 + 1 + 2 + 2
+    assert pool.stats.failed == 1
+    assert pool.stats.succeeded == 3
+
+
+async def test_waits_follow_the_backoff_schedule(exact: bool) -> None:
+    """Without jitter the calls are wait_initial * 2 ** (k - 1) apart."""
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        raise ConnectionError
+
+    retry = Retry(attempts=4, wait_initial=0.02, wait_jitter=False)
+    [outcome] = await apply_to_all(handler, [1], retry=retry)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert outcome.attempts == 4
+    if exact:
+        assert gaps == pytest.approx([0.02, 0.04, 0.08], abs=1e-9)
+        assert outcome.elapsed == pytest.approx(0.14, abs=1e-9)
+    else:
+        for gap, wanted in zip(gaps, [0.02, 0.04, 0.08], strict=True):
+            assert wanted - CLOCK_GRAIN <= gap < wanted + 0.05
+
+
+class TooManyRequests(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"429, retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+async def test_retry_after_hint_is_respected_beyond_wait_max(exact: bool) -> None:
+    """An error carrying retry_after waits at least that long, even past wait_max."""
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        if len(times) == 1:
+            raise TooManyRequests(retry_after=0.3)
+        return x
+
+    retry = Retry(attempts=2, wait_initial=0.001, wait_max=0.01)
+    [outcome] = await apply_to_all(handler, [7], retry=retry)
+    assert outcome.ok
+    assert outcome.attempts == 2
+    gap = times[1] - times[0]
+    if exact:
+        assert gap == pytest.approx(0.3, abs=1e-9)
+    else:
+        assert 0.3 - CLOCK_GRAIN <= gap < 0.4
+
+
+async def test_non_matching_errors_are_not_retried() -> None:
+    """on= as a type, a tuple or a predicate: only matching errors are retried."""
+    for on in (ConnectionError, (TimeoutError, ConnectionError), lambda e: "retry" in str(e)):
+        handler = flaky({0: 1, 1: 1}, error=ValueError)
+        outcomes = await apply_to_all(handler, [0, 1], retry=Retry(3, on=on, wait_initial=0))
+        assert [o.attempts for o in outcomes] == [1, 1]
+        assert not any(o.ok for o in outcomes)
+    handler = flaky({0: 2})
+    [outcome] = await apply_to_all(
+        handler, [0], retry=Retry(3, on=lambda e: "call" in str(e), wait_initial=0)
+    )
+    assert outcome.ok
+    assert outcome.attempts == 3
+
+
+async def test_deadline_stops_retries_that_could_not_start_in_time(exact: bool) -> None:
+    """deadline=0.25 with waits 0.1, 0.2, ...: the retry due at 0.3 is not made."""
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        raise ConnectionError
+
+    retry = Retry(attempts=10, wait_initial=0.1, wait_jitter=False, deadline=0.25)
+    [outcome] = await apply_to_all(handler, [1], retry=retry)
+    assert outcome.attempts == 2
+    assert isinstance(outcome.error, ConnectionError)
+    if exact:
+        assert outcome.elapsed == pytest.approx(0.1, abs=1e-9)
+
+
+async def test_deadline_cuts_off_a_running_attempt(exact: bool) -> None:
+    """An attempt still running at the deadline is cancelled: TimeoutError."""
+
+    async def handler(x: int) -> int:
+        await anyio.sleep(10)
+        return x
+
+    [outcome] = await apply_to_all(handler, [1], retry=Retry(3, deadline=0.2))
+    assert isinstance(outcome.error, TimeoutError)
+    assert outcome.attempts == 1
+    if exact:
+        assert outcome.elapsed == pytest.approx(0.2, abs=1e-9)
+    else:
+        assert 0.2 - CLOCK_GRAIN <= outcome.elapsed < 1
+
+
+async def test_timed_out_attempt_is_retried_and_then_succeeds(exact: bool) -> None:
+    """timeout= is per attempt; its TimeoutError is retried like any error."""
+    calls = 0
+
+    async def handler(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await anyio.sleep(10)
+        return x
+
+    [outcome] = await apply_to_all(
+        handler, [5], timeout=0.1, retry=Retry(2, wait_initial=0.05, wait_jitter=False)
+    )
+    assert outcome.ok
+    assert outcome.result == 5
+    assert outcome.attempts == 2
+    if exact:
+        assert outcome.elapsed == pytest.approx(0.15, abs=1e-9)
+
+
+async def test_timeout_alone_gives_timeout_error() -> None:
+    """Timeout(seconds) as an option or object: a slow attempt is a TimeoutError."""
+
+    async def slow(x: int) -> int:
+        await anyio.sleep(10)
+        return x
+
+    for timeout in (0.05, Timeout(0.05)):
+        [outcome] = await apply_to_all(slow, [1], timeout=timeout)
+        assert isinstance(outcome.error, TimeoutError)
+        assert outcome.attempts == 1
+
+
+async def test_cancellation_during_backoff_is_not_retried() -> None:
+    """Cancelling the pool while an item waits to retry: no further call, the item
+    is unfinished."""
+    handler = flaky({0: -1})
+    pool = Pool(handler, retry=Retry(5, wait_initial=5, wait_jitter=False))
+    with anyio.CancelScope() as scope:
+        async with pool:
+            await pool.submit(0)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+    assert handler.calls == {0: 1}
+    assert pool.unfinished == [0]
+    assert pool.stats.retried == 0
+
+
+async def test_retry_works_as_user_middleware_too() -> None:
+    """A Retry in middleware=[...] retries and its calls are counted in attempts."""
+    handler = flaky({0: 2})
+    seen: list[Outcome[int, int]] = []
+    await apply_to_all(handler, [0], middleware=[Retry(3, wait_initial=0)], on_outcome=seen.append)
+    assert seen[0].ok
+    assert seen[0].attempts == 3
