@@ -248,3 +248,24 @@ async def test_rate_limiter_sees_every_attempt(exact: bool) -> None:
     assert job.outcome is not None
     assert job.outcome.attempts == 3
     assert acquired == 3
+
+
+@pytest.mark.parametrize("kind", ["window", "bucket"])
+async def test_acquire_nowait_admits_or_raises_would_block(kind: str) -> None:
+    """The *_nowait twin: admits when no wait is needed, raises WouldBlock (having
+    consumed nothing) otherwise, and never jumps the line."""
+    limiter: Any = SlidingWindow(2, per=10.0) if kind == "window" else TokenBucket(0.2, burst=2)
+    limiter.acquire_nowait()
+    limiter.acquire_nowait()
+    with pytest.raises(anyio.WouldBlock):
+        limiter.acquire_nowait()
+    fresh: Any = SlidingWindow(2, per=10.0) if kind == "window" else TokenBucket(0.2, burst=2)
+    fresh.acquire_nowait(2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fresh.acquire)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(anyio.WouldBlock):
+            fresh.acquire_nowait()  # someone is waiting: no barging
+        tg.cancel_scope.cancel()
+    with pytest.raises(ValueError, match="cost must be <= 2"):
+        limiter.acquire_nowait(3)

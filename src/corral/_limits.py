@@ -45,6 +45,31 @@ class _FairLimiter:
     def _admit(self, cost: int, now: float) -> None:
         raise NotImplementedError
 
+    def acquire_nowait(self, cost: int = 1) -> None:
+        """Admit ``cost`` units now if that needs no waiting, else raise.
+
+        Nobody may be waiting (first come, first served).
+
+        :raises anyio.WouldBlock: admission would have to wait; nothing consumed.
+        :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
+        """
+        self._check_cost(cost)
+        if not self._waiters:
+            now = anyio.current_time()
+            if self._ready_at(cost, now) <= now:
+                self._admit(cost, now)
+                return
+        raise anyio.WouldBlock
+
+    def _check_cost(self, cost: int) -> None:
+        if cost != 1:  # the common case needs no checking
+            check_int("cost", cost, minimum=1)
+            if cost > self._capacity:
+                raise ValueError(
+                    f"cost must be <= {self._capacity} for {self!r}, got {cost!r}: "
+                    "it could never be admitted"
+                )
+
     async def acquire(self, cost: int = 1) -> None:
         """Wait for admission of ``cost`` units, first come, first served.
 
@@ -53,12 +78,7 @@ class _FairLimiter:
 
         :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
         """
-        check_int("cost", cost, minimum=1)
-        if cost > self._capacity:
-            raise ValueError(
-                f"cost must be <= {self._capacity} for {self!r}, got {cost!r}: "
-                "it could never be admitted"
-            )
+        self._check_cost(cost)
         await checkpoint()
         if not self._waiters:
             now = anyio.current_time()

@@ -83,8 +83,9 @@ class Timeout:
         check_number("seconds", self.seconds, positive=True)
 
     async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
-        with anyio.fail_after(self.seconds):
+        with anyio.CancelScope(deadline=anyio.current_time() + self.seconds):
             return await call_next(item)
+        raise TimeoutError  # reached only when the deadline cancelled the call
 
 
 def check_middleware(
@@ -136,12 +137,14 @@ def build_chain(
     rate_limit: RateLimiter | None = None,
     timeout: Timeout | None = None,
     middleware: Sequence[Middleware] = (),
+    clock: Callable[[], float] = anyio.current_time,
 ) -> Call:
     """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
-    when nothing is configured."""
+    when nothing is configured. ``clock`` is the running loop's clock (what
+    :func:`anyio.current_time` reads), passed in to spare a lookup per attempt."""
     chain = call
     if timeout is not None:
-        chain = _with_timeout(chain, timeout.seconds)
+        chain = _with_timeout(chain, timeout.seconds, clock)
     if rate_limit is not None:
         chain = _with_rate_limit(chain, rate_limit)
     if limiter is not None:
@@ -160,27 +163,60 @@ def _bind(layer: Middleware | Retry, call_next: Call) -> Call:
     return bound
 
 
-def _with_timeout(call_next: Call, seconds: float) -> Call:
+# The layers below take the `*_nowait` fast path of a limiter when it has one:
+# an admission that needs no waiting then costs no scheduling round trip (the
+# worker still checkpoints regularly, see Pool). Only when it would block do
+# they await the blocking call, which is where cancellation is honoured.
+
+
+def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -> Call:
     async def timed(item: Any) -> Any:
-        with anyio.fail_after(seconds):
+        # a bare cancel scope: anyio.fail_after costs a generator on top
+        with anyio.CancelScope(deadline=clock() + seconds):
             return await call_next(item)
+        raise TimeoutError  # reached only when the deadline cancelled the call
 
     return timed
 
 
 def _with_rate_limit(call_next: Call, rate_limit: RateLimiter) -> Call:
     acquire = rate_limit.acquire
+    acquire_nowait = getattr(rate_limit, "acquire_nowait", None)
+    if not callable(acquire_nowait):
 
-    async def rate_limited(item: Any) -> Any:
-        await acquire()
+        async def rate_limited(item: Any) -> Any:
+            await acquire()
+            return await call_next(item)
+
+        return rate_limited
+
+    async def rate_limited_fast(item: Any) -> Any:
+        try:
+            acquire_nowait()
+        except anyio.WouldBlock:
+            await acquire()
         return await call_next(item)
 
-    return rate_limited
+    return rate_limited_fast
 
 
 def _with_limiter(call_next: Call, limiter: Any) -> Call:
-    async def limited(item: Any) -> Any:
-        async with limiter:
-            return await call_next(item)
+    if not isinstance(limiter, anyio.CapacityLimiter):
 
-    return limited
+        async def limited(item: Any) -> Any:
+            async with limiter:
+                return await call_next(item)
+
+        return limited
+
+    async def capacity_limited(item: Any) -> Any:
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
+            return await call_next(item)
+        finally:
+            limiter.release()
+
+    return capacity_limited

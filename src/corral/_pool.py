@@ -312,6 +312,7 @@ class Pool(Generic[T, R]):
                     rate_limit=self._rate_limit,
                     timeout=self._timeout,
                     middleware=self._middleware,
+                    clock=clock,
                 )
                 tg.start_soon(self._worker, chain, attempts, name=f"corral worker {label}#{number}")
             else:
