@@ -1,17 +1,23 @@
-"""Pool: one task group, one memory object stream, ``workers`` worker tasks.
+"""Pool: one task group, one queue, ``workers`` worker tasks.
 
 How an item travels::
 
-    submit ──► live[index] = Job ──► memory stream ──► worker ──► Outcome
-                                                                   │
-                 del live[index]; job gets its outcome; on_outcome ◄┘
+    submit ──► live[index] = entry ──► handed to a parked worker, or queued ──► worker
+                                                                                 │
+            del live[index]; job gets its outcome; on_outcome ◄── Outcome ◄──────┘
 
 ``live`` (a dict in submission order) is the single record of every item that
 has no outcome yet; whatever is in it when the pool stops is ``unfinished``.
-The stream itself is unbounded: ``max_pending`` is enforced by :meth:`submit`
-with its own FIFO of waiting submitters, so that a submit interrupted at any
-point (also by a native asyncio cancellation) either enqueued or did not, and
-so that submits from the pool's own workers can bypass the bound.
+``max_pending`` is enforced by :meth:`Pool.submit` with its own FIFO of waiting
+submitters, so that a submit interrupted at any point (also by a native asyncio
+cancellation) either enqueued or did not, and so that submits from the pool's
+own workers can bypass the bound.
+
+Why not an anyio memory object stream between submitters and workers: its
+blocking ``send`` hands the item over before the sender resumes, so a native
+asyncio cancellation arriving in between makes ``send`` raise although the
+item was delivered, and its receivers wake one per item. The queue here keeps
+the submit side exact and wakes parked workers in a chain (see ``_enqueue``).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ __all__ = ["Pool", "PoolStats"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-# What travels through the stream and sits in ``live``: (index, item, id, job).
+# What travels to a worker and sits in ``live``: (index, item, id, job).
 # A tuple, not an object, because it is made once per item; the Job is None for
 # items fed by the helpers, which nobody can wait on.
 _Entry: TypeAlias = tuple[int, T, Hashable, Job[T, R] | None]
@@ -219,8 +225,9 @@ class Pool(Generic[T, R]):
                 middleware=middleware,
             )
         )
-        self._layered = bool(
-            retry or rate_limit or limiter is not None or self._timeout or self._middleware
+        self._layered = bool(self._middleware) or any(
+            layer is not None
+            for layer in (self._retry, self._rate_limit, self._limiter, self._timeout)
         )
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
@@ -251,7 +258,7 @@ class Pool(Generic[T, R]):
         self._stop_reason: BaseException | None = None
         # counters
         self._next_index = 0
-        self._queued = 0  # in the stream, plus slots granted to waiting submitters
+        self._queued = 0  # in the queue, plus slots granted to waiting submitters
         self._reserved = 0  # slots granted to waiting submitters, not yet used
         self._failed = 0
         self._lost = 0  # submitted items that ended unfinished, over all entries
