@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Any
 
 import anyio
@@ -269,3 +270,72 @@ async def test_acquire_nowait_admits_or_raises_would_block(kind: str) -> None:
         tg.cancel_scope.cancel()
     with pytest.raises(ValueError, match="cost must be <= 2"):
         limiter.acquire_nowait(3)
+
+
+@pytest.mark.parametrize("kind", ["window", "bucket"])
+async def test_admission_follows_call_order_even_within_one_scheduler_step(kind: str) -> None:
+    """Tasks that call acquire() in the same scheduling step (trio shuffles those)
+    are admitted in the order they called, not the order they were resumed."""
+    limiter: Any = SlidingWindow(1, per=0.005) if kind == "window" else TokenBucket(200, 1.0)
+    limiter.acquire_nowait()
+    called: list[int] = []
+    admitted: list[int] = []
+
+    async def caller(i: int) -> None:
+        called.append(i)
+        await limiter.acquire()
+        admitted.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(caller, i)
+    assert admitted == called
+
+
+async def test_token_bucket_exact_over_a_long_busy_run(exact: bool) -> None:
+    """2,000 back-to-back admissions of TokenBucket(7, 0.3, burst=3), checked with
+    exact rational arithmetic: no admission early, however long the run (a
+    schedule kept as a running float sum drifts ahead)."""
+    if not exact:
+        pytest.skip("needs the virtual clock: 2,000 admissions at 23/s")
+    from fractions import Fraction
+
+    limiter = TokenBucket(7, 0.3, burst=3)
+    times = [Fraction(t) for t in await admit_concurrently(limiter, tasks=1, each=2000)]
+    rate, per = Fraction(7), Fraction(0.3)
+    for i in range(len(times)):
+        for j in (*range(i + 1, min(i + 25, len(times))), len(times) - 1):
+            if j > i:
+                assert j - i + 1 <= 3 + rate * (times[j] - times[i]) / per
+
+
+async def test_sliding_window_exact_spacing_on_float_boundaries(exact: bool) -> None:
+    """SlidingWindow(1, 0.1): successive admissions are at least 0.1 s apart in
+    exact arithmetic, although 0.1 is not a binary fraction."""
+    if not exact:
+        pytest.skip("needs the virtual clock")
+    from fractions import Fraction
+
+    limiter = SlidingWindow(1, per=0.1)
+    times = [Fraction(t) for t in await admit_concurrently(limiter, tasks=3, each=20)]
+    times.sort()
+    assert all(b - a >= Fraction(0.1) for a, b in itertools.pairwise(times))
+
+
+async def test_fresh_token_bucket_admits_its_burst_at_once_at_any_time() -> None:
+    """A new bucket is full whatever the clock reads: `burst` admissions at once."""
+    await anyio.sleep(1.0)
+    for rate, burst in [(10, 5), (3, 7), (0.7, 2), (1000, 64)]:
+        limiter = TokenBucket(rate, 1.0, burst=burst)
+        for _ in range(burst):
+            limiter.acquire_nowait()
+        with pytest.raises(anyio.WouldBlock):
+            limiter.acquire_nowait()
+
+
+def test_token_bucket_rejects_a_rate_too_small_to_compute() -> None:
+    """A rate so small that the arithmetic overflows is refused up front."""
+    with pytest.raises(ValueError, match="rate must be larger"):
+        TokenBucket(1e-310)
+    with pytest.raises(ValueError, match="rate must be finite"):
+        TokenBucket(float("inf"))

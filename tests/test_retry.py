@@ -274,3 +274,67 @@ async def test_retry_works_as_user_middleware_too() -> None:
     await apply_to_all(handler, [0], middleware=[Retry(3, wait_initial=0)], on_outcome=seen.append)
     assert seen[0].ok
     assert seen[0].attempts == 3
+
+
+def test_backoff_zero_initial_stays_zero_for_huge_retry_numbers() -> None:
+    """wait_initial=0 retries at once even when the exponent overflows."""
+    assert backoff(1100, wait_initial=0.0, wait_max=10.0, wait_exp_base=2.0, jitter=False) == 0.0
+
+
+async def test_retry_after_too_large_for_a_float_means_no_retry() -> None:
+    """A retry_after no wait can honour (10**400 s) ends retrying with the
+    handler's own error, not an OverflowError."""
+    calls = 0
+
+    async def handler(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise TooManyRequests(retry_after=10**400)  # type: ignore[arg-type]
+
+    [outcome] = await apply_to_all(handler, [1], retry=Retry(3))
+    assert isinstance(outcome.error, TooManyRequests)
+    assert calls == 1
+
+
+async def test_retry_after_as_a_fraction_is_honoured(exact: bool) -> None:
+    """Any real number works as retry_after."""
+    from fractions import Fraction
+
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        if len(times) == 1:
+            raise TooManyRequests(retry_after=Fraction(1, 4))  # type: ignore[arg-type]
+        return x
+
+    [outcome] = await apply_to_all(handler, [1], retry=Retry(2, wait_initial=0))
+    assert outcome.ok
+    if exact:
+        assert times[1] - times[0] == pytest.approx(0.25, abs=1e-9)
+    else:
+        assert times[1] - times[0] >= 0.25 - CLOCK_GRAIN
+
+
+async def test_retried_counts_extra_calls_of_items_that_end_unfinished() -> None:
+    """stats.retried counts every extra call made, also for an item cancelled
+    before it got an outcome."""
+    third_call = anyio.Event()
+    calls = 0
+
+    async def handler(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            third_call.set()
+        raise ConnectionError
+
+    pool = Pool(handler, retry=Retry(5, wait_initial=0.01, wait_jitter=False))
+    with anyio.CancelScope() as scope:
+        async with pool:
+            await pool.submit(0)
+            await third_call.wait()
+            scope.cancel()
+    assert pool.unfinished == [0]
+    assert calls == 3
+    assert pool.stats.retried == 2

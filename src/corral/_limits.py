@@ -10,6 +10,7 @@ admitted task, at the time read just before it returns.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import anyio
@@ -27,7 +28,7 @@ class _Waiter:
 
     def __init__(self, cost: int) -> None:
         self.cost = cost
-        self.event = anyio.Event()
+        self.event: anyio.Event | None = None  # made only if it has to wait in line
 
 
 class _FairLimiter:
@@ -73,24 +74,23 @@ class _FairLimiter:
     async def acquire(self, cost: int = 1) -> None:
         """Wait for admission of ``cost`` units, first come, first served.
 
-        Always a checkpoint. Cancel-safe: if it raises, nothing was consumed and
-        the place in line is given up; if it returns, the admission happened.
+        The caller takes its place in line when it calls, before its first
+        checkpoint, so callers are admitted in the order they called. Always a
+        checkpoint. Cancel-safe: if it raises, nothing was consumed and the
+        place in line is given up; if it returns, the admission happened.
 
         :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
         """
         self._check_cost(cost)
-        await checkpoint()
-        if not self._waiters:
-            now = anyio.current_time()
-            if self._ready_at(cost, now) <= now:
-                self._admit(cost, now)
-                return
-        waiter = _Waiter(cost)
         waiters = self._waiters
+        waiter = _Waiter(cost)
         waiters.append(waiter)
         try:
-            if waiters[0] is not waiter:
-                await waiter.event.wait()  # woken when we reach the head of the line
+            if waiters[0] is waiter:
+                await checkpoint()
+            else:
+                waiter.event = anyio.Event()
+                await waiter.event.wait()  # set when we reach the head of the line
             woke_early = False
             while True:  # the head of the line is the limiter's only timer
                 now = anyio.current_time()
@@ -107,13 +107,19 @@ class _FairLimiter:
         except BaseException:
             was_head = waiters[0] is waiter
             waiters.remove(waiter)
-            if was_head and waiters:
-                waiters[0].event.set()
+            if was_head:
+                self._wake_head()
             raise
         waiters.popleft()
         self._admit(cost, now)
-        if waiters:
-            waiters[0].event.set()
+        self._wake_head()
+
+    def _wake_head(self) -> None:
+        # Whoever is now first joined behind someone, so it made an event.
+        if self._waiters:
+            event = self._waiters[0].event
+            assert event is not None
+            event.set()
 
     @property
     def waiting(self) -> int:
@@ -160,7 +166,10 @@ class SlidingWindow(_FairLimiter):
         raise AssertionError("unreachable: cost <= limit")  # pragma: no cover
 
     def _admit(self, cost: int, now: float) -> None:
-        self._expiries.append((now + self.per, cost))
+        expiry = now + self.per
+        while expiry - now < self.per:  # rounded down: never let it expire early
+            expiry = math.nextafter(expiry, math.inf)
+        self._expiries.append((expiry, cost))
         self._in_window += cost
 
 
@@ -184,14 +193,32 @@ class TokenBucket(_FairLimiter):
         self.burst = check_int("burst", burst, minimum=1)
         self._capacity = burst
         self._interval = self.per / self.rate  # seconds per token
-        self._tolerance = self.burst * self._interval
-        self._tat = float("-inf")  # theoretical arrival time of the next token
+        if not math.isfinite(self._interval * self.burst):
+            raise ValueError(f"rate must be larger for per={per!r}, got {rate!r}")
+        # The schedule is anchor + n * interval: one multiplication per reading,
+        # so rounding never accumulates over a long busy run (a sum would drift).
+        # The anchor moves to `now` whenever the bucket has refilled completely.
+        self._anchor = -math.inf
+        self._spent = 0  # tokens admitted since the anchor
 
     def __repr__(self) -> str:
         return f"TokenBucket(rate={self.rate}, per={self.per}, burst={self.burst})"
 
+    def _idle(self, now: float) -> bool:
+        """The theoretical arrival time is not ahead of ``now``: a full bucket."""
+        return self._anchor + self._spent * self._interval <= now
+
     def _ready_at(self, cost: int, now: float) -> float:
-        return (max(self._tat, now) + cost * self._interval) - self._tolerance
+        if self._idle(now):
+            return now  # cost <= burst: a full bucket admits it at once
+        ahead = self._spent + cost - self.burst  # tokens beyond the burst
+        if ahead <= 0:
+            return self._anchor  # due at or before the anchor, a past admission
+        # rounded up, so that no admission comes before its exact time
+        return math.nextafter(self._anchor + ahead * self._interval, math.inf)
 
     def _admit(self, cost: int, now: float) -> None:
-        self._tat = max(self._tat, now) + cost * self._interval
+        if self._idle(now):
+            self._anchor, self._spent = now, cost
+        else:
+            self._spent += cost

@@ -660,11 +660,13 @@ class Pool(Generic[T, R]):
         except anyio.get_cancelled_exc_class() as exc:
             error = _stray_cancellation(exc)
             self._failed += 1
+        finally:  # extra calls count also for an item that ends unfinished
+            calls = int(attempts[0])
+            if calls > 1:
+                self._retried += calls - 1
         end = clock()
-        calls = int(attempts[0])
         if calls:
             start = attempts[1]  # elapsed runs from the first attempt's start
-            self._retried += calls - 1
         return Outcome(item, index, id_, result, error, calls, end - start)
 
     async def _wait_for_work(self) -> _Entry[T, R] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -48,7 +49,7 @@ def backoff(
     try:
         ceiling = min(wait_max, wait_initial * wait_exp_base ** (retry - 1))
     except OverflowError:
-        ceiling = wait_max
+        ceiling = wait_max if wait_initial > 0 else 0.0
     delay = uniform(0.0, ceiling) if jitter and ceiling > 0 else ceiling
     if retry_after is not None:
         hint = min(retry_after, wait_max) if cap_retry_after else retry_after
@@ -57,13 +58,21 @@ def backoff(
 
 
 def _retry_after(error: Exception) -> float | None:
-    """The error's numeric ``retry_after`` attribute in seconds, if it has one."""
+    """The error's numeric ``retry_after`` attribute in seconds, if it has one.
+
+    Any real number counts (int, float, Fraction); one too large for a float is
+    infinite, which no deadline or wait can honour: the item is not retried.
+    """
     value = getattr(error, "retry_after", None)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    if math.isnan(value) or value < 0:
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if math.isnan(seconds) or seconds < 0:
         return None
-    return float(value)
+    return seconds
 
 
 def _check_on(value: object) -> object:
@@ -126,7 +135,7 @@ class Retry:
         check_int("attempts", self.attempts, minimum=1)
         _check_on(self.on)
         check_number("wait_initial", self.wait_initial)
-        check_number("wait_max", self.wait_max)
+        check_number("wait_max", self.wait_max, finite=False)
         check_number("wait_exp_base", self.wait_exp_base)
         if self.wait_exp_base < 1:
             raise ValueError(f"wait_exp_base must be >= 1, got {self.wait_exp_base!r}")

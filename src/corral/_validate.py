@@ -16,14 +16,21 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     return value
 
 
-def check_number(name: str, value: object, *, positive: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite (positive) real number."""
+def check_number(name: str, value: object, *, positive: bool = False, finite: bool = True) -> float:
+    """Return ``value`` as a float if it is a (finite) non-negative (or positive)
+    real number; else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or value < 0 or (positive and value == 0):
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if math.isnan(number) or number < 0 or (positive and number == 0):
         wanted = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
-    return float(value)
+    if finite and math.isinf(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
 
 
 def check_bool(name: str, value: object) -> bool:
