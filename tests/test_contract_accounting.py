@@ -9,7 +9,17 @@ from typing import Any
 import anyio
 import pytest
 
-from corral import Outcome, Pool, PoolClosed, QueueFull, apply_to_all, apply_to_each
+from corral import (
+    Outcome,
+    Pool,
+    PoolClosed,
+    QueueFull,
+    Retry,
+    SlidingWindow,
+    TokenBucket,
+    apply_to_all,
+    apply_to_each,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -191,8 +201,9 @@ async def test_apply_to_each_second_consumer_is_refused() -> None:
     assert len(rest) == 2
 
 
-async def trial(seed: int) -> None:
-    """One random scenario; asserts the accounting invariant."""
+async def trial(seed: int, *, layered: bool = False) -> None:
+    """One random scenario; asserts the accounting invariant. ``layered`` adds
+    random retry, timeout, rate limit and capacity limit."""
     rng = random.Random(seed)
     seen: list[Outcome[int, int]] = []
     returned: list[int] = []  # in the order the submits returned = submission order
@@ -209,11 +220,24 @@ async def trial(seed: int) -> None:
             await anyio.lowlevel.checkpoint()
         return x
 
+    options: dict[str, Any] = {}
+    if layered:
+        if rng.random() < 0.7:
+            options["retry"] = Retry(rng.choice([1, 2, 3]), wait_initial=rng.random() * 0.001)
+        if rng.random() < 0.5:
+            options["timeout"] = rng.random() * 0.002 + 0.0001
+        if rng.random() < 0.5:
+            options["rate_limit"] = rng.choice(
+                [SlidingWindow(rng.randrange(1, 4), 0.001), TokenBucket(2000, burst=2)]
+            )
+        if rng.random() < 0.5:
+            options["limiter"] = anyio.CapacityLimiter(rng.randrange(1, 3))
     pool = Pool(
         handler,
         workers=rng.choice([1, 2, 4]),
         max_pending=rng.choice([1, 2, 5]),
         on_outcome=seen.append,
+        **options,
     )
     counter = iter(range(10**9))
 
@@ -250,6 +274,13 @@ async def test_random_cancellation_accounts_for_every_item() -> None:
     moments: each submitted item has exactly one outcome or is unfinished."""
     for seed in range(150):
         await trial(seed)
+
+
+async def test_random_cancellation_with_middleware_accounts_for_every_item() -> None:
+    """The same with retries (cancelled during backoff too), timeouts, a shared
+    rate limiter and a capacity limiter in the chain."""
+    for seed in range(150):
+        await trial(seed, layered=True)
 
 
 async def test_random_cancellation_of_apply_to_each() -> None:

@@ -10,7 +10,15 @@ import anyio
 import pytest
 
 import corral._pool
-from corral import Middleware, Pool, Retry, Timeout, apply_to_all
+from corral import (
+    Middleware,
+    RateLimiter,
+    Retry,
+    SlidingWindow,
+    Timeout,
+    TokenBucket,
+    apply_to_all,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -93,10 +101,14 @@ async def test_middleware_can_replace_the_result_and_the_error() -> None:
     assert outcomes[1].attempts == 0  # the handler was never called
 
 
-def test_builtin_middleware_satisfies_the_protocol() -> None:
-    """Retry and Timeout are Middleware (runtime-checkable protocol)."""
+def test_builtin_middleware_and_limiters_satisfy_the_protocols() -> None:
+    """Retry and Timeout are Middleware; the limiters are RateLimiters
+    (runtime-checkable protocols)."""
     assert isinstance(Retry(), Middleware)
     assert isinstance(Timeout(1), Middleware)
+    assert isinstance(SlidingWindow(1), RateLimiter)
+    assert isinstance(TokenBucket(1), RateLimiter)
+    assert not isinstance(object(), RateLimiter)
 
 
 async def test_two_pools_share_one_capacity_limiter() -> None:
@@ -118,31 +130,6 @@ async def test_two_pools_share_one_capacity_limiter() -> None:
         for _ in range(2):
             tg.start_soon(lambda: apply_to_all(handler, range(40), workers=5, limiter=shared))
     assert peak == 3
-
-
-async def test_capacity_is_not_held_during_a_retry_backoff() -> None:
-    """With limiter=CapacityLimiter(1), another item runs while the first waits
-    to retry."""
-    order: list[str] = []
-    first_failed = anyio.Event()
-
-    async def handler(x: str) -> str:
-        order.append(x)
-        if x == "flaky" and not first_failed.is_set():
-            first_failed.set()
-            raise ConnectionError
-        return x
-
-    async with Pool(
-        handler,
-        workers=2,
-        limiter=anyio.CapacityLimiter(1),
-        retry=Retry(2, wait_initial=0.2, wait_jitter=False),
-    ) as pool:
-        await pool.submit("flaky")
-        await first_failed.wait()
-        await pool.submit("steady")
-    assert order == ["flaky", "steady", "flaky"]
 
 
 async def test_timeout_abandons_a_plain_function() -> None:

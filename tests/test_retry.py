@@ -338,3 +338,32 @@ async def test_retried_counts_extra_calls_of_items_that_end_unfinished() -> None
     assert pool.unfinished == [0]
     assert calls == 3
     assert pool.stats.retried == 2
+
+
+async def test_capacity_is_not_held_during_a_retry_backoff(exact: bool) -> None:
+    """With limiter=CapacityLimiter(1), another item runs while the first waits
+    to retry; the retry comes when its backoff says."""
+    order: list[str] = []
+    first_failed = anyio.Event()
+    started = 0.0
+
+    async def handler(x: str) -> str:
+        order.append(x)
+        if x == "flaky" and not first_failed.is_set():
+            first_failed.set()
+            raise ConnectionError
+        return x
+
+    async with Pool(
+        handler,
+        workers=2,
+        limiter=anyio.CapacityLimiter(1),
+        retry=Retry(2, wait_initial=0.2, wait_jitter=False),
+    ) as pool:
+        await pool.submit("flaky")
+        await first_failed.wait()
+        await pool.submit("steady")
+        started = anyio.current_time()
+    assert order == ["flaky", "steady", "flaky"]
+    if exact:
+        assert anyio.current_time() - started == pytest.approx(0.2, abs=1e-9)

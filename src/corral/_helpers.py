@@ -378,7 +378,16 @@ def apply_to_each(
     ``workers + max_pending`` outcomes; input is not pulled beyond that).
     Leaving the block early (``break``, an exception, cancellation) stops the
     remaining work at once; ``outcomes.unfinished`` then lists what got no
-    outcome. Takes the keyword options of :class:`Pool`.
+    outcome, and iterating ``outcomes`` again yields those that were ready but
+    not consumed. Leaving it after consuming everything waits for async
+    ``on_outcome`` callbacks still running. Takes the keyword options of
+    :class:`Pool`, validated here, at the call.
+
+    The ``async with`` raises, after every task stopped and unwrapped: the
+    block's own exception; with ``fail_fast``, the first handler failure; an
+    exception raised by ``items`` or by ``on_outcome``; or the cancellation.
+    A bare ``async for`` over the return value raises ``TypeError``, and
+    entering it twice ``RuntimeError``.
 
     >>> import anyio
     >>> async def square(x: int) -> int:

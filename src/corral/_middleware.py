@@ -59,7 +59,15 @@ class Middleware(Protocol):
 
 @runtime_checkable
 class RateLimiter(Protocol):
-    """What ``rate_limit=`` takes: anything with ``async acquire(cost=1)``."""
+    """What ``rate_limit=`` takes: anything with ``async acquire(cost=1)``.
+
+    ``acquire`` returns when ``cost`` units are admitted (the admission happens
+    at that moment) and should be cancel-safe: if it raises, nothing was
+    consumed. If the object also has ``acquire_nowait(cost=1)`` raising
+    :class:`anyio.WouldBlock` when it would have to wait, corral tries that
+    first and awaits ``acquire`` only when needed. :class:`SlidingWindow` and
+    :class:`TokenBucket` are both.
+    """
 
     async def acquire(self, cost: int = 1) -> None: ...
 

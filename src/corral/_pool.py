@@ -161,6 +161,9 @@ class Pool(Generic[T, R]):
     :param middleware: user :class:`Middleware`, outermost first; they wrap the
         chain ``retry → limiter → rate_limit → timeout → handler`` and see each
         item once.
+
+    Entering a pool that is already running raises ``RuntimeError``; it can be
+    entered again after it exited (its stats accumulate).
     """
 
     @overload
