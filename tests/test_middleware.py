@@ -108,6 +108,8 @@ def test_builtin_middleware_and_limiters_satisfy_the_protocols() -> None:
     assert isinstance(Timeout(1), Middleware)
     assert isinstance(SlidingWindow(1), RateLimiter)
     assert isinstance(TokenBucket(1), RateLimiter)
+    assert isinstance(SlidingWindow(1), Middleware)
+    assert isinstance(TokenBucket(1), Middleware)
     assert not isinstance(object(), RateLimiter)
 
 
@@ -206,3 +208,24 @@ async def test_user_middleware_sees_each_item_once_while_rate_limit_sees_every_a
     assert seen == {0: 1, 1: 1, 2: 1}
     assert [o.attempts for o in outcomes] == [1, 2, 3]
     assert acquired == 6
+
+
+async def test_limiter_as_user_middleware_admits_each_item_once() -> None:
+    """In middleware=[...] a limiter is outside retry: one admission per item,
+    however many attempts the item needs."""
+    limiter = SlidingWindow(5, per=60.0)  # one admission per attempt would stall here
+    calls: dict[int, int] = {}
+
+    async def handler(x: int) -> int:
+        calls[x] = calls.get(x, 0) + 1
+        if calls[x] < 3:
+            raise ConnectionError
+        return x
+
+    with anyio.fail_after(10):
+        outcomes = await apply_to_all(
+            handler, range(5), middleware=[limiter], retry=Retry(3, wait_initial=0)
+        )
+    assert all(o.ok and o.attempts == 3 for o in outcomes)
+    with pytest.raises(anyio.WouldBlock):
+        limiter.acquire_nowait()  # the 5 items used exactly the 5 admissions

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -19,6 +21,9 @@ from anyio.lowlevel import checkpoint
 from ._validate import check_int, check_number
 
 __all__ = ["SlidingWindow", "TokenBucket"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _TICK = 0.001  # how long to wait again when a timer fired before its deadline
 
@@ -120,6 +125,18 @@ class _FairLimiter:
             event = self._waiters[0].event
             assert event is not None
             event.set()
+
+    async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
+        """As :class:`Middleware`: admit one unit, then run the rest of the chain.
+
+        In ``middleware=[...]`` a limiter sees each item once (outside
+        ``retry``); as ``rate_limit=`` it sees every attempt.
+        """
+        try:
+            self.acquire_nowait()
+        except anyio.WouldBlock:
+            await self.acquire()
+        return await call_next(item)
 
     @property
     def waiting(self) -> int:
