@@ -45,39 +45,35 @@ def _check_items(items: object) -> None:
 async def _feed(
     pool: Pool[T, R],
     items: Iterable[T] | AsyncIterable[T],
-    before_pull: Callable[[], Awaitable[None]] | None = None,
-) -> int:
-    """Submit every item of ``items`` to ``pool``; return how many.
+    after_submit: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Submit every item of ``items`` to ``pool``.
 
     Fills the queue without yielding while it has room and waits (a
     checkpoint) only when it is full, so the workers run in batches. An item
     taken from ``items`` whose submit is interrupted is recorded as unfinished.
     """
-    count = 0
-    submit_nowait = pool._submit_if_room
-
-    async def put(item: T) -> None:
-        try:
-            await pool.submit(item)
-        except BaseException:
-            pool._orphans.append(item)
-            raise
-
+    submit_if_room = pool._submit_if_room
     if isinstance(items, AsyncIterable):
         async for item in items:
-            if not submit_nowait(item):
-                await put(item)
-            count += 1
-            if before_pull is not None:
-                await before_pull()
+            if not submit_if_room(item):
+                await _submit_or_orphan(pool, item)
+            if after_submit is not None:
+                await after_submit()
     else:
         for item in items:
-            if not submit_nowait(item):
-                await put(item)
-            count += 1
-            if before_pull is not None:
-                await before_pull()
-    return count
+            if not submit_if_room(item):
+                await _submit_or_orphan(pool, item)
+            if after_submit is not None:
+                await after_submit()
+
+
+async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
+    try:
+        await pool.submit(item)
+    except BaseException:
+        pool._orphans.append(item)
+        raise
 
 
 @overload
@@ -134,37 +130,19 @@ async def apply_to_all(
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
     results: list[Any] = []
-    append = results.append
 
     def record(outcome: Outcome[T, Any]) -> None:
-        results[outcome.index] = outcome
+        index = outcome.index
+        if index >= len(results):  # grown in chunks, trimmed at the end
+            results.extend([None] * max(1024, index + 1 - len(results)))
+        results[index] = outcome
 
     pool._add_sink(record)
-    count = 0
     async with pool:
-        submit_if_room = pool._submit_if_room
-        # the loop of _feed, inlined with the list growth: this is the hot path
-        if isinstance(items, AsyncIterable):
-            async for item in items:
-                append(None)
-                if not submit_if_room(item):
-                    await _submit_or_orphan(pool, item)
-                count += 1
-        else:
-            for item in items:
-                append(None)
-                if not submit_if_room(item):
-                    await _submit_or_orphan(pool, item)
-                count += 1
+        await _feed(pool, items)
+    # the block exited normally, so each of the items submitted has its outcome
+    del results[pool.stats.submitted :]
     return results
-
-
-async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
-    try:
-        await pool.submit(item)
-    except BaseException:
-        pool._orphans.append(item)
-        raise
 
 
 class Outcomes(Generic[T, R]):
@@ -254,7 +232,7 @@ class Outcomes(Generic[T, R]):
         """Everything taken from the input has been yielded."""
         return not self._feeding and self._emitted == self._pulled
 
-    async def _before_pull(self) -> None:
+    async def _after_submit(self) -> None:
         self._pulled += 1
         while self._pulled - self._emitted >= self._window:
             self._feeder = event = anyio.Event()
@@ -262,7 +240,7 @@ class Outcomes(Generic[T, R]):
 
     async def _feed(self, items: Iterable[T] | AsyncIterable[T]) -> None:
         try:
-            await _feed(self._pool, items, self._before_pull)
+            await _feed(self._pool, items, self._after_submit)
         except PoolClosed:
             pass  # the pool stopped; the item in hand is already recorded unfinished
         except anyio.get_cancelled_exc_class():
