@@ -1,9 +1,9 @@
 """apply_to_all and apply_to_each: a Pool fed from an iterable.
 
 Both pull lazily: an item is taken from ``items`` only when the pool has room
-for it, so at most ``workers + max_pending`` items (plus, for
-``apply_to_each``, as many finished outcomes the consumer has not taken yet)
-exist at any time, whatever the length of the input.
+for it, so at most ``workers + max_pending`` items are in the pool, plus the
+one being handed over, whatever the length of the input. ``apply_to_each``
+counts the outcomes its consumer has not taken yet against the same bound.
 """
 
 from __future__ import annotations
