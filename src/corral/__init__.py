@@ -4,6 +4,8 @@ Push many items through an async (or plain) function with bounded memory,
 errors as values and every item accounted for, on asyncio, uvloop and trio.
 """
 
+from ._batcher import Batcher as Batcher
+from ._batcher import BatcherStats as BatcherStats
 from ._errors import CorralError as CorralError
 from ._errors import FlushError as FlushError
 from ._errors import PoolClosed as PoolClosed
@@ -26,6 +28,8 @@ from ._retry import backoff as backoff
 
 __all__ = [
     "ApplyToEach",
+    "Batcher",
+    "BatcherStats",
     "CorralError",
     "FlushError",
     "Job",

@@ -1,0 +1,926 @@
+"""Batcher: items are collected into batches and flushed by ``concurrency`` flushers.
+
+How an item travels::
+
+    add / add_many / submit ──► queue (seq, item, key, ticket, added_at)
+                                  │  a free flusher cuts up to max_size entries when
+                                  │  the batch is due (size, age, natural, flush(), exit)
+                                  ▼
+                       in_flight[batch] ──► flush(batch) through the middleware chain
+                                  │
+            success: flushed, submit callers get their results
+            failure: submit callers get the error; add items go back to the front
+
+The queue and ``in_flight`` are the only records of items that are not flushed
+yet: whatever is in them when the batcher stops is ``unflushed``.
+
+Flushers that have nothing to do park in a FIFO. At most one parked flusher is
+woken ("kicked") at a time, and only when its decision may change: the queue
+became non-empty (to arm the age timer, or to flush at once under the natural
+policy), it reached ``max_size``, :meth:`Batcher.flush` was called, or the
+batcher is closing. The age timer is the parked flusher's own cancel-scope
+deadline, so an idle batcher has no timer at all and uses no CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeAlias, TypeVar, overload
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.lowlevel import checkpoint
+
+from ._errors import FlushError, PoolClosed, QueueFull
+from ._handlers import check_callable, is_async_callable, make_async
+from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
+from ._pool import _clock, _stray_cancellation, _unwrap_group
+from ._retry import Retry, _retry_after, backoff
+from ._validate import check_int, check_number, check_optional_str
+
+__all__ = ["Batcher", "BatcherStats"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
+
+# Waits between failed flushes when `retry` gives none (or retries at once).
+_FAILURE_BACKOFF = Retry()
+
+
+class _Ticket:
+    """A ``submit`` caller waiting for its item's result."""
+
+    __slots__ = ("abandoned", "error", "event", "result", "traceback")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.traceback: TracebackType | None = None
+        self.abandoned = False  # the caller was cancelled: nobody takes the result
+
+    def resolve(self, result: Any) -> None:
+        self.result = result
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.traceback = error.__traceback__
+        self.event.set()
+
+
+# (seq, item, dedupe key, ticket, added_at). A tuple: one is made per item.
+_Entry: TypeAlias = tuple[int, T, Hashable, _Ticket | None, float]
+
+
+class _SpaceWaiter:
+    __slots__ = ("event", "granted", "need")
+
+    def __init__(self, need: int) -> None:
+        self.need = need
+        self.granted = False
+        self.event = anyio.Event()
+
+
+class _FlushWaiter:
+    """A :meth:`Batcher.flush` caller: waits for the items below ``target``."""
+
+    __slots__ = ("error", "event", "remaining", "target")
+
+    def __init__(self, target: int, remaining: int) -> None:
+        self.target = target
+        self.remaining = remaining
+        self.error: BaseException | None = None
+        self.event = anyio.Event()
+
+
+@attrs.frozen
+class BatcherStats:
+    """A snapshot of a batcher's counters (they accumulate over re-entries).
+
+    ``added``: items taken by ``add``, ``add_many`` and ``submit``.
+    ``queued``: waiting for a flush. ``flushing``: in a flush that is running.
+    ``flushes``: successful flush calls (batches). ``flushed``: items handed to
+    a flush that succeeded (duplicates dropped by ``dedupe_key`` not counted).
+    ``deduped``: duplicates dropped from successful batches.
+    ``flush_failures``: flushes that failed after their retry policy.
+    ``failed``: ``submit`` items whose caller got the flush's error (they left
+    the batcher). ``backpressure_waits``: adds that had to wait for room.
+    ``unflushed``: ``len(batcher.unflushed)`` after the last exit.
+    ``last_flush_time``: :func:`anyio.current_time` at the end of the last
+    successful flush, or None.
+
+    Every item added is, at any moment, exactly one of: queued, flushing,
+    flushed, deduped, failed, unflushed.
+    """
+
+    added: int
+    queued: int
+    flushing: int
+    flushes: int
+    flushed: int
+    deduped: int
+    flush_failures: int
+    failed: int
+    backpressure_waits: int
+    unflushed: int
+    last_flush_time: float | None
+
+
+class Batcher(Generic[T, R]):
+    """A batching stage scoped to an ``async with`` block.
+
+    Items added with :meth:`add`, :meth:`add_many` or :meth:`submit` are
+    collected and handed to ``flush`` as a list of at most ``max_size`` items.
+    A batch is flushed when it is full, when its oldest item has waited
+    ``max_wait`` seconds, or, with ``max_wait=None`` (natural batching), as soon
+    as a flusher is free: batches then grow while the sink is slow and shrink
+    when it is fast. At most ``concurrency`` flushes run at once. ``flush`` may
+    be async or plain (it then runs in a worker thread) and goes through the
+    same middleware as a :class:`Pool`'s handler (``retry``, ``limiter``,
+    ``rate_limit``, ``timeout``, ``middleware``), once per batch.
+
+    A flush that fails after its retry policy puts its ``add`` items back at the
+    front of the queue, in order, and no flush starts again before a backoff
+    that grows with consecutive failures (``retry``'s waits, or 0.1 s doubling
+    up to 10 s; at least an error's ``retry_after``) and resets on success.
+    The ``submit`` callers of that batch get the error instead; their items
+    leave the batcher.
+
+    Leaving the block, normally or with an exception, flushes everything that
+    was added and waits for it. If a flush that started after the block ended
+    fails, flushing ends: :class:`FlushError` is raised with every unflushed
+    item in ``.items`` (also in :attr:`unflushed`), in the order they were
+    added. Cancellation does not flush: queued items and those in a flush that
+    was cancelled are listed in :attr:`unflushed`.
+
+    >>> import anyio
+    >>> async def main() -> list[list[int]]:
+    ...     batches = []
+    ...     async def save(batch: list[int]) -> None:
+    ...         batches.append(batch)
+    ...     async with Batcher(save, max_size=3) as batcher:
+    ...         for i in range(7):
+    ...             await batcher.add(i)
+    ...     return batches
+    >>> anyio.run(main)
+    [[0, 1, 2], [3, 4, 5], [6]]
+
+    :param flush: called with each batch (a list). To serve :meth:`submit`, it
+        returns a sequence of one result per item of the batch, in order (or
+        None: every result is None).
+    :param max_size: the most items in one batch, in every path.
+    :param max_wait: seconds the oldest queued item may wait before its batch is
+        flushed, counted from when it was added; None for natural batching.
+    :param concurrency: how many flushes may run at once (and threads for a
+        plain ``flush``).
+    :param max_pending: how many queued items make :meth:`add` wait; at least
+        ``max_size``; default ``max_size * (concurrency + 1)``.
+    :param dedupe_key: a function of an item; later items with the key of one
+        already in the same batch are dropped (counted in ``stats.deduped``)
+        and their ``submit`` callers share the first one's result.
+    :param retry: a :class:`Retry` policy for each flush.
+    :param rate_limit: a rate limiter acquired once per flush attempt.
+    :param limiter: an :class:`anyio.CapacityLimiter` held for each flush attempt.
+    :param timeout: seconds (or a :class:`Timeout`) per flush attempt.
+    :param middleware: user :class:`Middleware`, outermost first; they see each
+        batch (a list) as their item.
+    :param name: a label for repr and task names.
+    """
+
+    @overload
+    def __init__(
+        self: Batcher[T, None],
+        flush: Callable[[list[T]], Awaitable[None]],
+        *,
+        max_size: int = 100,
+        max_wait: float | None = 1.0,
+        concurrency: int = 1,
+        max_pending: int | None = None,
+        dedupe_key: Callable[[T], Hashable] | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
+        name: str | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Batcher[T, R],
+        flush: Callable[[list[T]], Awaitable[Sequence[R] | None]],
+        *,
+        max_size: int = 100,
+        max_wait: float | None = 1.0,
+        concurrency: int = 1,
+        max_pending: int | None = None,
+        dedupe_key: Callable[[T], Hashable] | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
+        name: str | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Batcher[T, None],
+        flush: Callable[[list[T]], None],
+        *,
+        max_size: int = 100,
+        max_wait: float | None = 1.0,
+        concurrency: int = 1,
+        max_pending: int | None = None,
+        dedupe_key: Callable[[T], Hashable] | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
+        name: str | None = None,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: Batcher[T, R],
+        flush: Callable[[list[T]], Sequence[R] | None],
+        *,
+        max_size: int = 100,
+        max_wait: float | None = 1.0,
+        concurrency: int = 1,
+        max_pending: int | None = None,
+        dedupe_key: Callable[[T], Hashable] | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
+        name: str | None = None,
+    ) -> None: ...
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Any],
+        *,
+        max_size: int = 100,
+        max_wait: float | None = 1.0,
+        concurrency: int = 1,
+        max_pending: int | None = None,
+        dedupe_key: Callable[[T], Hashable] | None = None,
+        retry: Retry | None = None,
+        rate_limit: RateLimiter | None = None,
+        limiter: anyio.CapacityLimiter | None = None,
+        timeout: float | Timeout | None = None,
+        middleware: Sequence[Middleware] = (),
+        name: str | None = None,
+    ) -> None:
+        check_callable("flush", flush)
+        self._flush_fn = flush
+        self._max_size = check_int("max_size", max_size, minimum=1)
+        self._max_wait = (
+            None if max_wait is None else check_number("max_wait", max_wait, finite=False)
+        )
+        self._concurrency = check_int("concurrency", concurrency, minimum=1)
+        if max_pending is None:
+            max_pending = max_size * (concurrency + 1)
+        check_int("max_pending", max_pending, minimum=1)
+        if max_pending < max_size:
+            raise ValueError(
+                f"max_pending must be >= max_size ({max_size}), got {max_pending!r}: "
+                "a full batch could never be queued"
+            )
+        self._max_pending = max_pending
+        check_callable("dedupe_key", dedupe_key, optional=True)
+        if dedupe_key is not None and is_async_callable(dedupe_key):
+            raise TypeError(
+                f"dedupe_key must be a plain function returning a hashable key, got {dedupe_key!r}"
+            )
+        self._dedupe_key = dedupe_key
+        self._retry, self._rate_limit, self._limiter, self._timeout, self._middleware = (
+            check_middleware(
+                retry=retry,
+                rate_limit=rate_limit,
+                limiter=limiter,
+                timeout=timeout,
+                middleware=middleware,
+            )
+        )
+        policy = self._retry
+        self._failure_policy = (
+            policy if policy is not None and policy.wait_initial > 0 else _FAILURE_BACKOFF
+        )
+        self.name = check_optional_str("name", name)
+
+        self._state = _NEW
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._clock: Callable[[], float] = anyio.current_time
+        self._queue: deque[_Entry[T]] = deque()
+        self._in_flight: dict[int, list[_Entry[T]]] = {}  # first seq -> the batch
+        self._parked: deque[anyio.Event] = deque()  # idle flushers, FIFO
+        self._kicked = False  # a parked flusher was woken and has not run yet
+        self._space_waiters: deque[_SpaceWaiter] = deque()
+        self._reserved = 0  # queue slots granted to waiting adders, not used yet
+        self._flush_target = 0  # queued items with a seq below this are due now
+        self._flush_waiters: list[_FlushWaiter] = []
+        self._resume_at = -math.inf  # no flush starts before (failure backoff)
+        self._failures = 0  # consecutive failed flushes
+        self._sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
+        self._running = 0  # flusher tasks alive
+        self._stopped: anyio.Event | None = None  # set when the last flusher exits
+        self._halt_error: BaseException | None = None  # a final flush that failed
+        self._stop_reason: BaseException | None = None  # what broke a flusher
+        self._unflushed: list[T] = []
+        # counters
+        self._next_seq = 0
+        self._flushing = 0
+        self._flushes = 0
+        self._flushed = 0
+        self._deduped = 0
+        self._flush_failures = 0
+        self._failed = 0
+        self._backpressure_waits = 0
+        self._last_flush_time: float | None = None
+
+    def __repr__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return (
+            f"<corral.Batcher{label} {self._state} max_size={self._max_size} "
+            f"max_wait={self._max_wait}>"
+        )
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def stats(self) -> BatcherStats:
+        """A frozen snapshot of the counters; cheap, safe to call any time."""
+        return BatcherStats(
+            added=self._next_seq,
+            queued=len(self._queue),
+            flushing=self._flushing,
+            flushes=self._flushes,
+            flushed=self._flushed,
+            deduped=self._deduped,
+            flush_failures=self._flush_failures,
+            failed=self._failed,
+            backpressure_waits=self._backpressure_waits,
+            unflushed=len(self._unflushed),
+            last_flush_time=self._last_flush_time,
+        )
+
+    @property
+    def unflushed(self) -> list[T]:
+        """Items that were added but not flushed when the batcher last exited, in
+        the order they were added. Empty after a clean exit; reset on re-entry."""
+        return list(self._unflushed)
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Batcher[T, R]:
+        if self._state in (_RUNNING, _CLOSING):
+            raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
+        self._clock = clock = _clock()
+        call = make_async(self._flush_fn, anyio.CapacityLimiter(self._concurrency))
+        chain = build_chain(
+            call,
+            retry=self._retry,
+            limiter=self._limiter,
+            rate_limit=self._rate_limit,
+            timeout=self._timeout,
+            middleware=self._middleware,
+            clock=clock,
+        )
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._unflushed = []
+        self._stop_reason = self._halt_error = None
+        self._stopped = anyio.Event()
+        self._resume_at = -math.inf
+        self._failures = 0
+        self._state = _RUNNING
+        label = self.name or hex(id(self))
+        self._running = self._concurrency
+        for number in range(self._concurrency):
+            tg.start_soon(self._flusher, chain, name=f"corral flusher {label}#{number}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tg = self._tg
+        assert tg is not None
+        cancelled = anyio.get_cancelled_exc_class()
+        body_exc = exc
+        if (exc is None or not isinstance(exc, cancelled)) and self._state is _RUNNING:
+            # flush everything that was added, then stop
+            self._begin_closing()
+            try:
+                await self._wait_stopped()
+            except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised below
+                exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
+        self._close()
+        raised: BaseException | None = None
+        suppress = False
+        try:
+            # The flushers never raise (one that breaks records why in
+            # _stop_reason), so what the task group raises is the block's
+            # exception, possibly wrapped, or a cancellation.
+            suppress = await tg.__aexit__(exc_type, exc, tb)
+        except BaseException as error:  # noqa: BLE001 - sorted out below
+            raised = error
+        finally:
+            self._finalize()
+        if self._stop_reason is not None and (body_exc is None or isinstance(body_exc, cancelled)):
+            raise self._stop_reason  # what broke a flusher (KeyboardInterrupt, ...)
+        if raised is not None and isinstance(_unwrap_group(raised), cancelled):
+            raise _unwrap_group(raised)  # cancelled: never swallowed, not even by FlushError
+        if self._halt_error is not None and self._stop_reason is None:
+            count = len(self._unflushed)
+            raise FlushError(
+                f"{self!r}: a final flush failed ({self._halt_error!r}); "
+                f"{count} item{'s' if count != 1 else ''} not flushed",
+                self.unflushed,
+            ) from self._halt_error
+        if body_exc is not None and not isinstance(body_exc, cancelled):
+            return False  # the block's own exception, re-raised exactly as it was
+        if raised is not None:
+            raise _unwrap_group(raised)
+        return suppress
+
+    def _begin_closing(self) -> None:
+        """Take no new items; let every flusher flush what is left, then exit."""
+        self._state = _CLOSING
+        self._wake_adders()
+        while self._parked:
+            self._parked.popleft().set()
+        self._kicked = False
+
+    async def _wait_stopped(self) -> None:
+        await checkpoint()
+        assert self._stopped is not None
+        if self._running:
+            await self._stopped.wait()
+
+    def _close(self) -> None:
+        self._state = _CLOSED
+        self._wake_adders()
+
+    def _wake_adders(self) -> None:
+        while self._space_waiters:
+            self._space_waiters.popleft().event.set()
+
+    def _finalize(self) -> None:
+        """After the flushers stopped: whatever is queued or in flight is unflushed."""
+        self._close()
+        entries = list(self._queue)
+        for batch in self._in_flight.values():
+            entries.extend(batch)
+        entries.sort(key=lambda entry: entry[0])
+        self._queue.clear()
+        self._in_flight.clear()
+        self._flushing = 0
+        self._unflushed = [entry[1] for entry in entries]
+        for entry in entries:
+            ticket = entry[3]
+            if ticket is not None and not ticket.event.is_set():
+                ticket.fail(self._not_flushed_error())
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for waiter in waiters:
+            waiter.error = self._not_flushed_error()
+            waiter.event.set()
+        self._parked.clear()
+        self._kicked = False
+        self._reserved = 0
+        self._tg = None
+
+    def _not_flushed_error(self) -> PoolClosed:
+        return PoolClosed(
+            f"{self!r} stopped before the item was flushed; it is in batcher.unflushed"
+        )
+
+    def _closed_error(self) -> PoolClosed:
+        if self._state is _NEW:
+            return PoolClosed(f"{self!r} is not running yet: add inside `async with batcher:`")
+        if self._state is _CLOSING:
+            return PoolClosed(f"{self!r} is flushing for exit and takes no new items")
+        return PoolClosed(f"{self!r} has exited and takes no new items")
+
+    # ------------------------------------------------------------------- add
+
+    async def add(self, item: T) -> None:
+        """Queue ``item`` for flushing.
+
+        Waits while ``max_pending`` items are queued (adders are served first
+        come, first served). Always a checkpoint. Cancel-safe: if it raises,
+        the item was not added; if it returns, it was.
+
+        :raises PoolClosed: the batcher is not running.
+        """
+        await checkpoint()
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        key = self._key(item)
+        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+            await self._wait_for_space(1)
+            self._reserved -= 1
+        self._append(item, key, None)
+
+    def add_nowait(self, item: T) -> None:
+        """Queue ``item`` without waiting, or raise.
+
+        :raises QueueFull: ``max_pending`` items are queued.
+        :raises PoolClosed: the batcher is not running.
+        """
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        key = self._key(item)
+        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+            raise QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
+        self._append(item, key, None)
+
+    async def add_many(self, items: Iterable[T]) -> None:
+        """Queue all of ``items``, in order and together, or none of them.
+
+        Waits until there is room for all of them; no other adder's items come
+        in between. Always a checkpoint. Cancel-safe like :meth:`add`.
+
+        :raises ValueError: more items than ``max_pending``: they could never
+            be queued together (add them in parts).
+        :raises PoolClosed: the batcher is not running.
+        """
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise TypeError(f"items must be an iterable of items, got {items!r}")
+        batch = list(items)
+        if len(batch) > self._max_pending:
+            raise ValueError(
+                f"items has {len(batch)} items, more than max_pending={self._max_pending}: "
+                "they could never be queued together; add them in parts"
+            )
+        await checkpoint()
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        if not batch:
+            return
+        key = self._key
+        keys = [key(item) for item in batch]
+        need = len(batch)
+        if self._space_waiters or len(self._queue) + self._reserved + need > self._max_pending:
+            await self._wait_for_space(need)
+            self._reserved -= need
+        for item, item_key in zip(batch, keys, strict=True):
+            self._append(item, item_key, None)
+
+    async def submit(self, item: T) -> R:
+        """Add ``item`` and wait for its result: its element of the sequence that
+        ``flush`` returned for its batch (None if ``flush`` returned None).
+
+        Waits for room like :meth:`add`; if it raises while waiting for room,
+        the item was not added. Once added, the item stays in the batcher even
+        if the caller is cancelled: it is flushed with its batch (the result is
+        discarded) or listed in :attr:`unflushed`.
+
+        :raises ValueError: ``flush`` did not return one result per item.
+        :raises PoolClosed: the batcher is not running, or it stopped before the
+            item was flushed (the item is in :attr:`unflushed`).
+        :raises Exception: whatever ``flush`` raised for this item's batch after
+            its retry policy gave up (the item then leaves the batcher; the
+            ``add`` items of that batch are queued again).
+        """
+        await checkpoint()
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        key = self._key(item)
+        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+            await self._wait_for_space(1)
+            self._reserved -= 1
+        ticket = _Ticket()
+        self._append(item, key, ticket)
+        try:
+            await ticket.event.wait()
+        except BaseException:
+            ticket.abandoned = True
+            raise
+        if ticket.error is not None:
+            raise ticket.error.with_traceback(ticket.traceback)
+        result: R = ticket.result
+        return result
+
+    async def flush(self) -> None:
+        """Flush everything added before this call now, whatever its age, and
+        wait until it is flushed (including batches already in flight).
+
+        Batches keep their order and ``max_size``. Always a checkpoint.
+
+        :raises Exception: a flush of these items failed after its retry policy
+            (its ``add`` items are queued again, as for any failed flush).
+        :raises PoolClosed: the batcher is not running, or it stopped first.
+        """
+        await checkpoint()
+        if self._state is not _RUNNING:
+            raise self._closed_error()
+        remaining = len(self._queue) + self._flushing
+        if not remaining:
+            return
+        target = self._next_seq
+        waiter = _FlushWaiter(target, remaining)
+        self._flush_waiters.append(waiter)
+        self._flush_target = target
+        self._kick()
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter in self._flush_waiters:
+                self._flush_waiters.remove(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+
+    def _key(self, item: T) -> Hashable:
+        key_fn = self._dedupe_key
+        if key_fn is None:
+            return None
+        key = key_fn(item)
+        try:
+            hash(key)
+        except TypeError:
+            raise TypeError(
+                f"dedupe_key must return a hashable key, got {key!r} for {item!r}"
+            ) from None
+        return key
+
+    def _append(self, item: T, key: Hashable, ticket: _Ticket | None) -> None:
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        queue = self._queue
+        queue.append((seq, item, key, ticket, self._clock()))
+        if self._parked and not self._kicked and (len(queue) == 1 or len(queue) >= self._max_size):
+            self._kick()
+
+    async def _wait_for_space(self, need: int) -> None:
+        """Wait until ``need`` queue slots are granted (then counted in ``_reserved``)."""
+        self._backpressure_waits += 1
+        waiter = _SpaceWaiter(need)
+        self._space_waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.granted:
+                if self._state is _RUNNING:  # give the slots back
+                    self._reserved -= need
+                    self._grant()
+            elif waiter in self._space_waiters:
+                was_head = self._space_waiters[0] is waiter
+                self._space_waiters.remove(waiter)
+                if was_head:
+                    self._grant()
+            raise
+        if not waiter.granted:  # woken because the batcher closed
+            raise self._closed_error()
+
+    def _grant(self) -> None:
+        """Queue slots were freed: grant them to waiting adders, in order."""
+        waiters = self._space_waiters
+        while waiters and len(self._queue) + self._reserved + waiters[0].need <= self._max_pending:
+            waiter = waiters.popleft()
+            waiter.granted = True
+            self._reserved += waiter.need
+            waiter.event.set()
+
+    # --------------------------------------------------------------- flushers
+
+    def _kick(self) -> None:
+        """Wake the first parked flusher, unless one was woken and has not run."""
+        if self._parked and not self._kicked:
+            self._kicked = True
+            self._parked.popleft().set()
+
+    async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
+        try:
+            while True:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                await self._flush_batch(chain, batch)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
+            # the flush function raised KeyboardInterrupt/SystemExit (or corral
+            # has a bug): stop everything; the block re-raises this exception
+            if self._stop_reason is None:
+                self._stop_reason = error
+                if self._tg is not None:
+                    self._tg.cancel_scope.cancel()
+        finally:
+            self._running -= 1
+            if not self._running and self._stopped is not None:
+                self._stopped.set()
+
+    async def _next_batch(self) -> list[_Entry[T]] | None:
+        """Wait until a batch is due and cut it (None: nothing more to flush)."""
+        queue = self._queue
+        clock = self._clock
+        max_wait = self._max_wait
+        fired_for = -1  # the age timer fired for the entry with this seq
+        while True:
+            if self._halt_error is not None:
+                return None
+            if not queue:
+                if self._state is not _RUNNING:
+                    return None
+                await self._park(math.inf)
+                continue
+            now = clock()
+            if now < self._resume_at:  # backing off after a failed flush
+                await self._back_off()
+                continue
+            head_seq = queue[0][0]
+            if (
+                max_wait is None
+                or len(queue) >= self._max_size
+                or self._state is not _RUNNING
+                or head_seq < self._flush_target
+                or head_seq <= fired_for
+            ):
+                return self._cut()
+            deadline = queue[0][4] + max_wait
+            if now >= deadline:
+                return self._cut()
+            if await self._park(deadline):
+                # The timer fired: the head entry is due, even if a coarse clock
+                # (uvloop's moves in whole milliseconds) reads a hair earlier.
+                fired_for = head_seq
+
+    async def _back_off(self) -> None:
+        """Sleep until the failure backoff ends (cut short if flushing ends)."""
+        with anyio.CancelScope(deadline=self._resume_at) as scope:
+            self._sleepers.add(scope)
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._sleepers.discard(scope)
+
+    async def _park(self, deadline: float) -> bool:
+        """Wait to be kicked or until ``deadline``; True if the deadline passed."""
+        event = anyio.Event()
+        self._parked.append(event)
+        try:
+            with anyio.CancelScope(deadline=deadline):
+                await event.wait()
+        except BaseException:
+            if event.is_set():
+                self._kicked = False
+            elif event in self._parked:
+                self._parked.remove(event)
+            raise
+        if event.is_set():
+            self._kicked = False
+            return False
+        self._parked.remove(event)
+        return True
+
+    def _cut(self) -> list[_Entry[T]]:
+        """Take the next batch off the queue (at most ``max_size`` entries)."""
+        queue = self._queue
+        size = min(len(queue), self._max_size)
+        if size == len(queue):
+            batch = list(queue)
+            queue.clear()
+        else:
+            batch = [queue.popleft() for _ in range(size)]
+        self._flushing += size
+        self._in_flight[batch[0][0]] = batch
+        if self._space_waiters:
+            self._grant()
+        if queue:
+            self._kick()  # another parked flusher: flush or time what is left
+        return batch
+
+    async def _flush_batch(
+        self, chain: Callable[[list[T]], Awaitable[Any]], batch: list[_Entry[T]]
+    ) -> None:
+        final = self._state is not _RUNNING  # started after the block ended
+        positions: list[int] | None = None
+        if self._dedupe_key is None:
+            items = [entry[1] for entry in batch]
+        else:
+            items = []
+            positions = []
+            first: dict[Hashable, int] = {}
+            for entry in batch:
+                position = first.get(entry[2])
+                if position is None:
+                    position = first[entry[2]] = len(items)
+                    items.append(entry[1])
+                positions.append(position)
+        error: Exception | None = None
+        try:
+            result = await chain(items)
+        except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
+            error = exc
+        except anyio.get_cancelled_exc_class() as exc:
+            error = _stray_cancellation(exc)  # re-raised if we are being cancelled
+        # -- one step: the batch leaves in_flight --
+        del self._in_flight[batch[0][0]]
+        self._flushing -= len(batch)
+        if error is None:
+            self._succeeded(batch, items, positions, result)
+        else:
+            self._failed_flush(batch, error, final)
+
+    def _succeeded(
+        self,
+        batch: list[_Entry[T]],
+        items: list[T],
+        positions: list[int] | None,
+        result: Any,
+    ) -> None:
+        self._failures = 0
+        self._flushes += 1
+        self._flushed += len(items)
+        self._deduped += len(batch) - len(items)
+        self._last_flush_time = self._clock()
+        tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
+        if tickets:
+            results, problem = _check_results(result, len(items))
+            for number, ticket in tickets:
+                if ticket.abandoned:
+                    continue
+                if problem is not None:
+                    ticket.fail(ValueError(problem))
+                else:
+                    position = number if positions is None else positions[number]
+                    ticket.resolve(None if results is None else results[position])
+        if self._flush_waiters:
+            self._settle_flush_waiters(batch, None)
+
+    def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
+        self._flush_failures += 1
+        self._failures += 1
+        policy = self._failure_policy
+        delay = backoff(
+            self._failures,
+            wait_initial=policy.wait_initial,
+            wait_max=policy.wait_max,
+            wait_exp_base=policy.wait_exp_base,
+            jitter=policy.wait_jitter,
+            retry_after=_retry_after(error),
+            cap_retry_after=policy.cap_retry_after,
+        )
+        if not math.isfinite(delay):
+            delay = _FAILURE_BACKOFF.wait_max
+        self._resume_at = max(self._resume_at, self._clock() + delay)
+        keep: list[_Entry[T]] = []
+        for entry in batch:
+            ticket = entry[3]
+            if ticket is None or ticket.abandoned:
+                keep.append(entry)
+            else:  # the caller takes the error; the item leaves the batcher
+                self._failed += 1
+                ticket.fail(error)
+        self._queue.extendleft(reversed(keep))
+        if self._flush_waiters:
+            self._settle_flush_waiters(batch, error)
+        if final and self._halt_error is None:
+            self._halt_error = error  # flushing ends; the rest is unflushed
+            while self._parked:
+                self._parked.popleft().set()
+            for scope in self._sleepers:
+                scope.cancel()
+
+    def _settle_flush_waiters(self, batch: list[_Entry[T]], error: Exception | None) -> None:
+        still: list[_FlushWaiter] = []
+        for waiter in self._flush_waiters:
+            mine = sum(1 for entry in batch if entry[0] < waiter.target)
+            if mine and error is not None:
+                waiter.error = error
+                waiter.event.set()
+                continue
+            waiter.remaining -= mine
+            if waiter.remaining <= 0:
+                waiter.event.set()
+            else:
+                still.append(waiter)
+        self._flush_waiters = still
+
+
+def _check_results(result: Any, size: int) -> tuple[Any, str | None]:
+    """``flush``'s return value as per-item results, or why it cannot be."""
+    if result is None:
+        return None, None
+    try:
+        length = len(result)
+    except TypeError:
+        return None, (
+            f"flush returned {type(result).__name__}, not a sequence of one result "
+            f"per item of the batch of {size}"
+        )
+    if length != size:
+        return None, f"flush returned {length} results for a batch of {size} items"
+    return result, None
