@@ -25,6 +25,7 @@ deadline, so an idle batcher has no timer at all and uses no CPU.
 from __future__ import annotations
 
 import math
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from types import TracebackType
@@ -149,7 +150,8 @@ class Batcher(Generic[T, R]):
     A flush that fails after its retry policy puts its ``add`` items back at the
     front of the queue, in order, and no flush starts again before a backoff
     that grows with consecutive failures (``retry``'s waits, or 0.1 s doubling
-    up to 10 s; at least an error's ``retry_after``) and resets on success.
+    up to 10 s, jittered within its upper half; at least an error's
+    ``retry_after``) and resets on success.
     The ``submit`` callers of that batch get the error instead; their items
     leave the batcher.
 
@@ -323,7 +325,8 @@ class Batcher(Generic[T, R]):
         self._parked: deque[anyio.Event] = deque()  # idle flushers, FIFO
         self._kicked = False  # a parked flusher was woken and has not run yet
         self._space_waiters: deque[_SpaceWaiter] = deque()
-        self._reserved = 0  # queue slots granted to waiting adders, not used yet
+        self._reserved = 0  # queue slots granted to a waiting adder, not used yet
+        self._granting = False  # a waiting adder was granted room, has not resumed
         self._flush_target = 0  # queued items with a seq below this are due now
         self._flush_waiters: list[_FlushWaiter] = []
         self._resume_at = -math.inf  # no flush starts before (failure backoff)
@@ -498,6 +501,7 @@ class Batcher(Generic[T, R]):
         self._parked.clear()
         self._kicked = False
         self._reserved = 0
+        self._granting = False
         self._tg = None
 
     def _not_flushed_error(self) -> PoolClosed:
@@ -529,7 +533,6 @@ class Batcher(Generic[T, R]):
         key = self._key(item)
         if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
-            self._reserved -= 1
         self._append(item, key, None)
 
     def add_nowait(self, item: T) -> None:
@@ -549,20 +552,15 @@ class Batcher(Generic[T, R]):
         """Queue all of ``items``, in order and together, or none of them.
 
         Waits until there is room for all of them; no other adder's items come
-        in between. Always a checkpoint. Cancel-safe like :meth:`add`.
+        in between. More items than ``max_pending`` wait until the queue is
+        empty and then go in whole (they are in memory already). Always a
+        checkpoint. Cancel-safe like :meth:`add`.
 
-        :raises ValueError: more items than ``max_pending``: they could never
-            be queued together (add them in parts).
         :raises PoolClosed: the batcher is not running.
         """
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise TypeError(f"items must be an iterable of items, got {items!r}")
         batch = list(items)
-        if len(batch) > self._max_pending:
-            raise ValueError(
-                f"items has {len(batch)} items, more than max_pending={self._max_pending}: "
-                "they could never be queued together; add them in parts"
-            )
         await checkpoint()
         if self._state is not _RUNNING:
             raise self._closed_error()
@@ -571,9 +569,8 @@ class Batcher(Generic[T, R]):
         key = self._key
         keys = [key(item) for item in batch]
         need = len(batch)
-        if self._space_waiters or len(self._queue) + self._reserved + need > self._max_pending:
+        if self._space_waiters or not self._fits(need):
             await self._wait_for_space(need)
-            self._reserved -= need
         for item, item_key in zip(batch, keys, strict=True):
             self._append(item, item_key, None)
 
@@ -599,7 +596,6 @@ class Batcher(Generic[T, R]):
         key = self._key(item)
         if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
-            self._reserved -= 1
         ticket = _Ticket()
         self._append(item, key, ticket)
         try:
@@ -664,16 +660,23 @@ class Batcher(Generic[T, R]):
             self._kick()
 
     async def _wait_for_space(self, need: int) -> None:
-        """Wait until ``need`` queue slots are granted (then counted in ``_reserved``)."""
+        """Wait until ``need`` queue slots are granted to us.
+
+        Grants go to one waiter at a time, in line order: the next is granted
+        only once this one has resumed (and the caller, with no checkpoint in
+        between, queues its items), so waiters queue their items in the order
+        they came, whatever order the scheduler resumes tasks in.
+        """
         self._backpressure_waits += 1
         waiter = _SpaceWaiter(need)
         self._space_waiters.append(waiter)
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.granted:
-                if self._state is _RUNNING:  # give the slots back
+            if waiter.granted:  # granted, then interrupted: pass the grant on
+                if self._state is _RUNNING:
                     self._reserved -= need
+                    self._granting = False
                     self._grant()
             elif waiter in self._space_waiters:
                 was_head = self._space_waiters[0] is waiter
@@ -683,13 +686,22 @@ class Batcher(Generic[T, R]):
             raise
         if not waiter.granted:  # woken because the batcher closed
             raise self._closed_error()
+        self._reserved -= need  # the caller queues its items right away
+        self._granting = False
+        self._grant()
+
+    def _fits(self, need: int) -> bool:
+        """Whether ``need`` more items may be queued now (more than max_pending
+        fit only into an empty queue)."""
+        return len(self._queue) + self._reserved + min(need, self._max_pending) <= self._max_pending
 
     def _grant(self) -> None:
-        """Queue slots were freed: grant them to waiting adders, in order."""
+        """Queue slots were freed: grant them to the first waiting adder."""
         waiters = self._space_waiters
-        while waiters and len(self._queue) + self._reserved + waiters[0].need <= self._max_pending:
+        if waiters and not self._granting and self._fits(waiters[0].need):
             waiter = waiters.popleft()
             waiter.granted = True
+            self._granting = True
             self._reserved += waiter.need
             waiter.event.set()
 
@@ -872,6 +884,7 @@ class Batcher(Generic[T, R]):
             jitter=policy.wait_jitter,
             retry_after=_retry_after(error),
             cap_retry_after=policy.cap_retry_after,
+            uniform=_equal_jitter,
         )
         if not math.isfinite(delay):
             delay = _FAILURE_BACKOFF.wait_max
@@ -908,6 +921,12 @@ class Batcher(Generic[T, R]):
             else:
                 still.append(waiter)
         self._flush_waiters = still
+
+
+def _equal_jitter(low: float, high: float) -> float:
+    """Between failed flushes: a random wait in the upper half of the backoff, so
+    the waits grow with every failure (full jitter could draw ~0 many times)."""
+    return random.uniform(high / 2, high)
 
 
 def _check_results(result: Any, size: int) -> tuple[Any, str | None]:

@@ -1,0 +1,802 @@
+"""Batcher: policies, add/add_many/submit/flush, failures, shutdown, cancellation.
+
+Tests named ``test_regression_*`` pin bugs seen in the batch queues and per-item
+batchers that corral replaces.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+
+from corral import (
+    Batcher,
+    BatcherStats,
+    FlushError,
+    PoolClosed,
+    QueueFull,
+    Retry,
+    SlidingWindow,
+)
+
+pytestmark = pytest.mark.anyio
+
+# a failed flush waits before the next one; keep that short in real time
+QUICK = Retry(attempts=1, wait_initial=0.001, wait_max=0.002)
+
+
+class SinkDown(Exception):
+    pass
+
+
+class Sink:
+    """A flush function that records batches; can be gated and made to fail."""
+
+    def __init__(
+        self,
+        *,
+        gated: bool = False,
+        fail: int = 0,
+        results: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.gate: anyio.Event | None = anyio.Event() if gated else None
+        self.fail = fail
+        self.results = results
+        self.calls: list[list[Any]] = []  # every call, also failed ones
+        self.batches: list[list[Any]] = []  # successful flushes
+        self.cancelled: list[list[Any]] = []
+        self.running = 0
+        self.max_running = 0
+
+    def open(self) -> None:
+        assert self.gate is not None
+        self.gate.set()
+
+    async def __call__(self, batch: list[Any]) -> Any:
+        self.calls.append(list(batch))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            else:
+                await checkpoint()
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(list(batch))
+            raise
+        finally:
+            self.running -= 1
+        if self.fail:
+            self.fail -= 1
+            raise SinkDown(f"sink down for {batch}")
+        self.batches.append(list(batch))
+        return None if self.results is None else self.results(batch)
+
+
+def flat(batches: Sequence[Sequence[Any]]) -> list[Any]:
+    return [item for batch in batches for item in batch]
+
+
+# ------------------------------------------------------------------ policies
+
+
+async def test_size_policy_flushes_full_batches_in_order_and_the_rest_at_exit() -> None:
+    sink = Sink()
+    async with Batcher(sink, max_size=4, max_wait=60) as batcher:
+        for i in range(10):
+            await batcher.add(i)
+        await anyio.wait_all_tasks_blocked()
+        assert sink.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]  # the rest is not due yet
+    assert sink.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    stats = batcher.stats
+    assert (stats.added, stats.flushes, stats.flushed, stats.queued) == (10, 3, 10, 0)
+    assert stats.last_flush_time is not None
+    assert batcher.unflushed == []
+
+
+async def test_natural_policy_batches_grow_while_the_sink_is_busy() -> None:
+    """max_wait=None: the first item goes out alone at once; everything added while
+    that flush runs goes out together as soon as the flusher is free."""
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=100, max_wait=None) as batcher:
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()
+        assert sink.calls == [[0]]
+        for i in range(1, 31):
+            await batcher.add(i)
+        await anyio.wait_all_tasks_blocked()
+        assert sink.calls == [[0]]
+        sink.open()
+    assert sink.batches == [[0], list(range(1, 31))]
+
+
+async def test_natural_policy_with_a_fast_sink_flushes_small_batches_promptly() -> None:
+    sink = Sink()
+    async with Batcher(sink, max_size=100, max_wait=None) as batcher:
+        for i in range(5):
+            await batcher.add(i)
+            await anyio.wait_all_tasks_blocked()
+            assert flat(sink.batches) == list(range(i + 1))  # nothing waits for a timer
+
+
+async def test_at_most_concurrency_flushes_run_at_once() -> None:
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=2, max_wait=None, concurrency=3, max_pending=12) as batcher:
+        await batcher.add_many(range(12))
+        await anyio.wait_all_tasks_blocked()
+        assert sink.running == 3
+        sink.open()
+    assert sink.max_running == 3
+    assert sorted(flat(sink.batches)) == list(range(12))
+    assert all(len(batch) <= 2 for batch in sink.calls)
+
+
+async def test_regression_timed_final_and_retried_flushes_never_exceed_max_size() -> None:
+    """Other batchers flush "everything" on a timer, at shutdown or after a
+    failure, producing batches larger than max_size. Here every path is capped."""
+    sink = Sink(gated=True, fail=1)
+    async with Batcher(
+        sink, max_size=3, max_wait=0.001, max_pending=30, retry=QUICK
+    ) as batcher:
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()  # [0] is in flight (and will fail)
+        await batcher.add_many(range(1, 20))  # piles up behind it
+        await anyio.sleep(0.01)  # every queued item is past max_wait
+        sink.open()
+        await batcher.add_many(range(20, 27))
+    assert max(len(batch) for batch in sink.calls) <= 3
+    assert flat(sink.batches) == list(range(27))
+    assert batcher.stats.flush_failures == 1
+
+
+# ---------------------------------------------------------------- add & friends
+
+
+async def test_add_nowait_raises_queue_full_and_add_waits_for_room() -> None:
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=2, max_wait=None, max_pending=3) as batcher:
+        batcher.add_nowait("a")
+        await anyio.wait_all_tasks_blocked()  # ["a"] in flight
+        for item in "bcd":
+            batcher.add_nowait(item)
+        with pytest.raises(QueueFull):
+            batcher.add_nowait("e")
+        assert batcher.stats.queued == 3
+        added = anyio.Event()
+
+        async def adder() -> None:
+            await batcher.add("e")
+            added.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(adder)
+            await anyio.wait_all_tasks_blocked()
+            assert not added.is_set()
+            sink.open()
+    assert flat(sink.batches) == list("abcde")
+    assert batcher.stats.backpressure_waits == 1
+
+
+async def test_blocked_adders_are_served_in_order_and_a_cancelled_one_adds_nothing() -> None:
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=1, max_wait=None, max_pending=1) as batcher:
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()  # 0 in flight
+        await batcher.add(1)  # queued: full
+        async with anyio.create_task_group() as tg:
+            for item in (2, 3, 4):
+                tg.start_soon(batcher.add, item)
+                await anyio.wait_all_tasks_blocked()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await batcher.add(99)
+            tg.cancel_scope.cancel()  # 2, 3, 4 give up waiting: nothing added
+        assert batcher.stats.added == 2
+        async with anyio.create_task_group() as tg:
+            for item in (5, 6, 7):
+                tg.start_soon(batcher.add, item)
+                await anyio.wait_all_tasks_blocked()
+            sink.open()
+    assert flat(sink.batches) == [0, 1, 5, 6, 7]
+
+
+async def test_add_natively_cancelled_by_asyncio_timeout_adds_nothing(backend_name: str) -> None:
+    if backend_name != "asyncio":
+        pytest.skip("asyncio.timeout is an asyncio notion")
+    import asyncio
+
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=1, max_wait=None, max_pending=1) as batcher:
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()
+        await batcher.add(1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await batcher.add(2)
+        assert batcher.stats.added == 2
+        sink.open()
+    assert flat(sink.batches) == [0, 1]
+
+
+async def test_add_many_is_atomic_and_in_order() -> None:
+    """Nothing of another adder comes in between; a cancelled add_many adds
+    nothing; more items than max_pending go into an empty queue whole."""
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=4, max_wait=None, max_pending=8) as batcher:
+        await batcher.add("x")
+        await anyio.wait_all_tasks_blocked()  # ["x"] in flight
+        await batcher.add_many(list("abcdef"))  # 6 queued
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.add_many, [1, 2, 3, 4])  # needs 4: waits
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(batcher.add, "late")  # behind it, although 2 slots are free
+            await anyio.wait_all_tasks_blocked()
+            assert batcher.stats.added == 7
+            with anyio.move_on_after(0.01):
+                await batcher.add_many([97, 98, 99])
+            sink.open()
+        await batcher.flush()
+        sink.gate = anyio.Event()
+        await batcher.add("y")
+        await anyio.wait_all_tasks_blocked()  # ["y"] in flight
+        await batcher.add("z")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.add_many, range(10, 20))  # more than max_pending
+            await anyio.wait_all_tasks_blocked()
+            assert batcher.stats.added == 14  # waits for an empty queue,
+            tg.start_soon(batcher.add, 20)  # and later adders wait behind it
+            await anyio.wait_all_tasks_blocked()
+            assert batcher.stats.added == 14
+            sink.open()
+    assert flat(sink.batches) == ["x", *"abcdef", 1, 2, 3, 4, "late", "y", "z", *range(10, 21)]
+    with pytest.raises(TypeError, match="items"):
+        await Batcher(sink).add_many(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="items"):
+        await Batcher(sink).add_many("abc")  # a str is one item, not an iterable of them
+
+
+async def test_add_before_entry_and_after_exit_raises_pool_closed() -> None:
+    batcher = Batcher(Sink())
+    with pytest.raises(PoolClosed, match="not running"):
+        await batcher.add(1)
+    with pytest.raises(PoolClosed, match="not running"):
+        batcher.add_nowait(1)
+    async with batcher:
+        await batcher.add(1)
+    for call in (batcher.add(2), batcher.submit(2), batcher.add_many([2]), batcher.flush()):
+        with pytest.raises(PoolClosed, match="exited"):
+            await call
+    assert batcher.stats.added == 1
+
+
+async def test_adding_while_the_block_exits_raises_pool_closed() -> None:
+    sink = Sink(gated=True)
+    errors: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+        async with Batcher(sink, max_size=1, max_wait=None, max_pending=1) as batcher:
+            await batcher.add(0)
+            await anyio.wait_all_tasks_blocked()
+            await batcher.add(1)
+
+            async def late() -> None:
+                try:
+                    await batcher.add(2)  # waits for room, then the batcher closes
+                except PoolClosed as error:
+                    errors.append(error)
+
+            tg.start_soon(late)
+            await anyio.wait_all_tasks_blocked()
+            sink.open()
+    assert len(errors) == 1
+    assert flat(sink.batches) == [0, 1]
+
+
+async def test_reentry_accumulates_stats_and_entering_twice_is_an_error() -> None:
+    sink = Sink()
+    batcher = Batcher(sink, max_size=10)
+    async with batcher:
+        await batcher.add(1)
+        with pytest.raises(RuntimeError, match="already running"):
+            await batcher.__aenter__()
+    async with batcher:
+        await batcher.add(2)
+    assert sink.batches == [[1], [2]]
+    assert batcher.stats.added == 2
+    assert batcher.stats.flushes == 2
+
+
+async def test_stats_is_a_frozen_snapshot_that_accounts_for_every_item() -> None:
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=2, max_wait=None) as batcher:
+        await batcher.add_many(range(5))
+        await anyio.wait_all_tasks_blocked()
+        stats = batcher.stats
+        assert isinstance(stats, BatcherStats)
+        assert (stats.added, stats.flushing, stats.queued) == (5, 2, 3)
+        with pytest.raises(AttributeError):
+            stats.added = 0  # type: ignore[misc]
+        sink.open()
+    assert batcher.stats.flushed == 5
+
+
+# -------------------------------------------------------------------- submit
+
+
+async def test_submit_returns_each_items_result() -> None:
+    async def square_all(batch: list[int]) -> list[int]:
+        await checkpoint()
+        return [x * x for x in batch]
+
+    results: dict[int, int] = {}
+    async with Batcher(square_all, max_size=8, max_wait=None) as batcher:
+
+        async def one(i: int) -> None:
+            results[i] = await batcher.submit(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(one, i)
+    assert results == {i: i * i for i in range(50)}
+    assert batcher.stats.flushes < 50  # they were batched
+
+
+async def test_submit_gets_none_when_flush_returns_none() -> None:
+    sink = Sink()
+    async with Batcher(sink, max_size=5, max_wait=None) as batcher:
+        assert await batcher.submit("a") is None
+
+
+@pytest.mark.parametrize("returned", [[1], [1, 2, 3, 4], 42])
+async def test_flush_result_of_wrong_shape_is_a_value_error_for_every_caller(
+    returned: Any,
+) -> None:
+    """The batch was flushed (it is not retried); each caller learns the mismatch."""
+    sink = Sink(results=lambda batch: returned)
+    errors: list[BaseException] = []
+    async with Batcher(sink, max_size=3, max_wait=60) as batcher:
+
+        async def one(i: int) -> None:
+            try:
+                await batcher.submit(i)
+            except ValueError as error:
+                errors.append(error)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+                await anyio.wait_all_tasks_blocked()
+    assert len(errors) == 3
+    assert "results" in str(errors[0]) or "sequence" in str(errors[0])
+    assert sink.batches == [[0, 1, 2]]
+    assert batcher.stats.flushed == 3
+
+
+async def test_regression_one_cancelled_caller_does_not_strand_its_batch_mates() -> None:
+    """A caller cancelled while its batch is in flight, and one cancelled while
+    queued, leave their items in the batch; every other caller gets its result."""
+    sink = Sink(gated=True, results=lambda batch: [f"r{x}" for x in batch])
+    results: dict[int, str] = {}
+    scopes: dict[int, anyio.CancelScope] = {}
+    async with Batcher(sink, max_size=3, max_wait=None) as batcher:
+
+        async def one(i: int) -> None:
+            with anyio.CancelScope() as scopes[i]:
+                results[i] = await batcher.submit(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+                await anyio.wait_all_tasks_blocked()
+            assert sink.calls == [[0]]
+            scopes[0].cancel()  # in flight
+            scopes[4].cancel()  # queued
+            await anyio.wait_all_tasks_blocked()
+            sink.open()
+    assert results == {1: "r1", 2: "r2", 3: "r3", 5: "r5"}
+    assert sink.batches == [[0], [1, 2, 3], [4, 5]]
+
+
+async def test_regression_forced_stop_wakes_every_waiting_caller() -> None:
+    """Callers outside the batcher's scope get PoolClosed when it is cancelled;
+    none hangs, and their items are in unflushed."""
+    sink = Sink(gated=True)
+    errors: dict[int, BaseException] = {}
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as callers:
+            with anyio.CancelScope() as stop:
+                async with Batcher(sink, max_size=2, max_wait=None) as batcher:
+
+                    async def one(i: int) -> None:
+                        try:
+                            await batcher.submit(i)
+                        except PoolClosed as error:
+                            errors[i] = error
+
+                    for i in range(5):
+                        callers.start_soon(one, i)
+                        await anyio.wait_all_tasks_blocked()
+                    stop.cancel()
+                    await checkpoint()
+    assert sorted(errors) == [0, 1, 2, 3, 4]
+    assert "unflushed" in str(errors[0])
+    assert batcher.unflushed == [0, 1, 2, 3, 4]
+    assert sink.cancelled == [[0]]
+
+
+async def test_failed_flush_gives_submit_callers_the_error_and_requeues_add_items() -> None:
+    sink = Sink(gated=True, fail=1)
+    outcome: dict[str, Any] = {}
+    async with Batcher(sink, max_size=4, max_wait=None, retry=QUICK) as batcher:
+        await batcher.add("first")
+        await anyio.wait_all_tasks_blocked()  # ["first"] in flight, will fail
+
+        async def caller() -> None:
+            try:
+                outcome["result"] = await batcher.submit("asked")
+            except SinkDown as error:
+                outcome["error"] = error
+
+        async with anyio.create_task_group() as tg:
+            await batcher.add("a")
+            tg.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            await batcher.add("b")
+            sink.fail = 2  # the first flush and the next one fail
+            sink.open()
+    assert isinstance(outcome["error"], SinkDown)
+    assert "result" not in outcome
+    assert flat(sink.batches) == ["first", "a", "b"]
+    stats = batcher.stats
+    assert stats.flush_failures == 2
+    assert stats.failed == 1
+    assert stats.added == stats.flushed + stats.failed
+
+
+# ------------------------------------------------------------------- dedupe
+
+
+async def test_dedupe_drops_later_duplicates_within_a_batch_and_shares_results() -> None:
+    async def lookup(batch: list[dict[str, Any]]) -> list[str]:
+        return [f"user {row['id']}" for row in batch]
+
+    calls: list[list[Any]] = []
+
+    async def recording(batch: list[dict[str, Any]]) -> list[str]:
+        calls.append([row["v"] for row in batch])
+        return await lookup(batch)
+
+    results: dict[int, str] = {}
+    async with Batcher(
+        recording, max_size=5, max_wait=60, dedupe_key=lambda row: row["id"]
+    ) as batcher:
+        rows = [{"id": i % 3, "v": i} for i in range(5)]
+
+        async def one(row: dict[str, Any]) -> None:
+            results[row["v"]] = await batcher.submit(row)
+
+        async with anyio.create_task_group() as tg:
+            for row in rows:
+                tg.start_soon(one, row)
+                await anyio.wait_all_tasks_blocked()
+    # one full batch of five, three unique ids
+    assert calls == [[0, 1, 2]]
+    assert results == {0: "user 0", 1: "user 1", 2: "user 2", 3: "user 0", 4: "user 1"}
+    stats = batcher.stats
+    assert (stats.flushed, stats.deduped, stats.added) == (3, 2, 5)
+
+
+async def test_dedupe_only_within_one_batch() -> None:
+    sink = Sink()
+    async with Batcher(sink, max_size=2, max_wait=60, dedupe_key=str) as batcher:
+        await batcher.add_many(["a", "a", "a", "b"])
+    assert sink.batches == [["a"], ["a", "b"]]
+    assert batcher.stats.deduped == 1
+
+
+async def test_dedupe_key_errors_surface_at_add() -> None:
+    async with Batcher(Sink(), dedupe_key=lambda item: item["key"]) as batcher:
+        with pytest.raises(KeyError):
+            await batcher.add({})
+        with pytest.raises(TypeError, match="hashable"):
+            await batcher.add({"key": []})
+        assert batcher.stats.added == 0
+
+
+# -------------------------------------------------------------------- flush()
+
+
+async def test_manual_flush_sends_what_is_queued_now_and_waits_for_it() -> None:
+    sink = Sink()
+    async with Batcher(sink, max_size=3, max_wait=3600) as batcher:
+        await batcher.add_many(range(7))
+        await anyio.wait_all_tasks_blocked()
+        assert sink.batches == [[0, 1, 2], [3, 4, 5]]
+        await batcher.flush()
+        assert sink.batches == [[0, 1, 2], [3, 4, 5], [6]]
+        await batcher.flush()  # nothing queued: returns at once
+        await batcher.add(7)
+        await anyio.wait_all_tasks_blocked()
+        assert flat(sink.batches) == list(range(7))  # 7 is not due
+    assert flat(sink.batches) == list(range(8))
+
+
+async def test_manual_flush_waits_for_batches_already_in_flight() -> None:
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=2, max_wait=None) as batcher:
+        await batcher.add_many([1, 2])
+        await anyio.wait_all_tasks_blocked()
+        done = anyio.Event()
+
+        async def flusher() -> None:
+            await batcher.flush()
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flusher)
+            await anyio.wait_all_tasks_blocked()
+            assert not done.is_set()
+            sink.open()
+        assert sink.batches == [[1, 2]]
+
+
+async def test_regression_manual_flush_racing_a_failing_flush_keeps_the_order() -> None:
+    """A manual flush while a background flush is failing must not send newer
+    items ahead of the failed batch: the failed batch goes back to the front."""
+    sink = Sink(gated=True, fail=1)
+    errors: list[BaseException] = []
+    async with Batcher(sink, max_size=3, max_wait=3600, retry=QUICK) as batcher:
+        await batcher.add_many([0, 1, 2])  # full: flushing, will fail
+        await anyio.wait_all_tasks_blocked()
+        await batcher.add_many([3, 4])
+
+        async def manual() -> None:
+            try:
+                await batcher.flush()
+            except SinkDown as error:
+                errors.append(error)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manual)
+            await anyio.wait_all_tasks_blocked()
+            sink.open()
+    assert len(errors) == 1  # flush() reports that its items' flush failed
+    assert sink.batches == [[0, 1, 2], [3, 4]]
+    assert sink.calls[0] == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ failures
+
+
+async def test_regression_a_failing_flush_does_not_kill_the_batcher() -> None:
+    """The flush loop survives errors: items added after a failure are flushed."""
+    sink = Sink(fail=3)
+    async with Batcher(sink, max_size=2, max_wait=None, retry=QUICK) as batcher:
+        for i in range(6):
+            await batcher.add(i)
+            await anyio.sleep(0.003)
+    assert flat(sink.batches) == list(range(6))
+    assert batcher.stats.flush_failures == 3
+    assert batcher.stats.flushed == 6
+
+
+async def test_retry_retries_a_flush_within_one_attempt_of_the_batch() -> None:
+    """retry= runs per batch: a flush that fails once and then succeeds is not a
+    flush failure and the batch is not requeued."""
+    sink = Sink(fail=1)
+    async with Batcher(
+        sink, max_size=3, max_wait=None, retry=Retry(attempts=2, wait_initial=0)
+    ) as batcher:
+        await batcher.add_many(list("abc"))
+    assert sink.calls == [list("abc"), list("abc")]
+    assert batcher.stats.flush_failures == 0
+
+
+async def test_timeout_cuts_off_a_hanging_flush_which_counts_as_failed() -> None:
+    calls: list[list[int]] = []
+
+    async def hangs_once(batch: list[int]) -> None:
+        calls.append(batch)
+        if len(calls) == 1:
+            await anyio.sleep_forever()
+
+    with anyio.fail_after(5):
+        async with Batcher(
+            hangs_once, max_size=5, max_wait=None, timeout=0.01, retry=QUICK
+        ) as batcher:
+            await batcher.add_many([1, 2])
+            await anyio.wait_all_tasks_blocked()  # in flight before the block ends
+    assert calls == [[1, 2], [1, 2]]
+    assert batcher.stats.flush_failures == 1
+
+
+async def test_middleware_and_rate_limit_see_each_batch() -> None:
+    seen: list[list[int]] = []
+
+    class Spy:
+        async def __call__(self, batch: list[int], call_next: Any) -> Any:
+            seen.append(list(batch))
+            return await call_next(batch)
+
+    limiter = SlidingWindow(100)
+    async with Batcher(
+        Sink(), max_size=2, max_wait=60, middleware=[Spy()], rate_limit=limiter
+    ) as batcher:
+        await batcher.add_many(range(5))
+    assert seen == [[0, 1], [2, 3], [4]]
+
+
+async def test_sync_flush_runs_in_a_worker_thread() -> None:
+    threads: list[int] = []
+
+    def save(batch: list[int]) -> list[int]:
+        threads.append(threading.get_ident())
+        return [x + 1 for x in batch]
+
+    async with Batcher(save, max_size=2, max_wait=None) as batcher:
+        assert await batcher.submit(41) == 42
+    assert threads
+    assert threading.get_ident() not in threads
+
+
+class Interrupt(BaseException):
+    """Stands in for KeyboardInterrupt / SystemExit raised inside flush."""
+
+
+async def test_base_exception_from_flush_stops_the_batcher_and_is_reraised() -> None:
+    async def broken(batch: list[int]) -> None:
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        async with Batcher(broken, max_size=2, max_wait=None) as batcher:
+            await batcher.add_many([1, 2, 3])
+            await anyio.sleep_forever()
+    assert batcher.unflushed == [1, 2, 3]
+
+
+# ------------------------------------------------------------ exit & cancellation
+
+
+async def test_block_exception_flushes_everything_then_is_reraised_unwrapped() -> None:
+    sink = Sink()
+    error = KeyError("boom")
+    with pytest.raises(KeyError) as caught:
+        async with Batcher(sink, max_size=3, max_wait=3600) as batcher:
+            await batcher.add_many(range(5))
+            raise error
+    assert caught.value is error
+    assert flat(sink.batches) == list(range(5))
+    assert batcher.unflushed == []
+
+
+async def test_final_flush_failure_raises_flush_error_with_every_unflushed_item() -> None:
+    sink = Sink(gated=True, fail=100)
+    with pytest.raises(FlushError) as caught:
+        async with Batcher(sink, max_size=2, max_wait=3600, retry=QUICK) as batcher:
+            await batcher.add_many(range(5))
+            await anyio.wait_all_tasks_blocked()  # [0, 1] in flight
+            sink.open()
+    assert list(caught.value.items) == [0, 1, 2, 3, 4]
+    assert batcher.unflushed == [0, 1, 2, 3, 4]
+    assert isinstance(caught.value.__cause__, SinkDown)
+    assert sink.calls == [[0, 1], [0, 1]]  # failed before the exit; failed again after it
+    assert batcher.stats.unflushed == 5
+
+
+async def test_final_flush_failure_after_a_block_exception_keeps_it_as_context() -> None:
+    sink = Sink(fail=100)
+    with pytest.raises(FlushError) as caught:
+        async with Batcher(sink, max_size=2, max_wait=3600, retry=QUICK) as batcher:
+            await batcher.add(1)
+            raise KeyError("body")
+    assert isinstance(caught.value.__context__, KeyError)
+    assert list(caught.value.items) == [1]
+
+
+async def test_regression_cancellation_loses_no_batch_in_flight() -> None:
+    """Cancelled while a batch is being flushed: that batch and the queued items
+    are all in unflushed, in the order they were added; nothing is flushed."""
+    sink = Sink(gated=True)
+    with anyio.CancelScope() as scope:
+        async with Batcher(sink, max_size=3, max_wait=None) as batcher:
+            await batcher.add_many(range(3))
+            await anyio.wait_all_tasks_blocked()
+            await batcher.add_many(range(3, 8))
+            scope.cancel()
+            await checkpoint()
+    assert sink.cancelled == [[0, 1, 2]]
+    assert sink.batches == []
+    assert batcher.unflushed == list(range(8))
+    stats = batcher.stats
+    assert (stats.unflushed, stats.queued, stats.flushing) == (8, 0, 0)
+
+
+async def test_regression_a_flush_loop_cannot_swallow_cancellation() -> None:
+    """A flush that never returns (async, or plain in a thread) does not stop the
+    enclosing scope from ending the batcher."""
+    release = threading.Event()
+
+    def stuck_in_thread(batch: list[int]) -> None:
+        release.wait(10)
+
+    async def stuck(batch: list[int]) -> None:
+        await anyio.sleep_forever()
+
+    try:
+        for flush in (stuck, stuck_in_thread):
+            with anyio.fail_after(5):
+                with anyio.move_on_after(0.05):
+                    async with Batcher(flush, max_size=1, max_wait=None) as batcher:
+                        await batcher.add(1)
+                        await batcher.add(2)
+            assert batcher.unflushed == [1, 2]
+    finally:
+        release.set()
+
+
+async def test_regression_idle_batcher_uses_no_cpu() -> None:
+    """Idle for a second with nothing queued, with and without max_wait, and with
+    an item waiting out a long max_wait: the process uses (almost) no CPU."""
+    async with (
+        Batcher(Sink(), max_wait=1.0) as timed,
+        Batcher(Sink(), max_wait=None) as natural,
+        Batcher(Sink(), max_wait=3600, concurrency=4) as waiting,
+    ):
+        await waiting.add("waits")
+        start = time.process_time()
+        await anyio.sleep(1.0)
+        used = time.process_time() - start
+        del timed, natural
+        await waiting.flush()
+    assert used < 0.05, f"{used:.3f} s of CPU in an idle second"
+
+
+# ----------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_size": 0}, ValueError, "max_size"),
+        ({"max_size": 1.5}, TypeError, "max_size"),
+        ({"max_wait": -1}, ValueError, "max_wait"),
+        ({"max_wait": "1"}, TypeError, "max_wait"),
+        ({"concurrency": 0}, ValueError, "concurrency"),
+        ({"max_size": 10, "max_pending": 5}, ValueError, "max_pending"),
+        ({"max_pending": 0}, ValueError, "max_pending"),
+        ({"dedupe_key": 5}, TypeError, "dedupe_key"),
+        ({"retry": 3}, TypeError, "retry"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"name": 5}, TypeError, "name"),
+    ],
+)
+def test_bad_arguments_are_rejected_naming_the_parameter(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Batcher(Sink(), **kwargs)
+
+
+def test_flush_must_be_a_function() -> None:
+    async def save(batch: list[int]) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="flush"):
+        Batcher(5)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="coroutine object"):
+        Batcher(save([1]))  # type: ignore[call-overload]
+
+    async def async_key(item: int) -> int:
+        return item
+
+    with pytest.raises(TypeError, match="dedupe_key"):
+        Batcher(save, dedupe_key=async_key)  # type: ignore[arg-type]
+
+
+def test_repr_names_the_batcher() -> None:
+    assert "'events'" in repr(Batcher(Sink(), name="events"))
