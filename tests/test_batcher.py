@@ -141,9 +141,7 @@ async def test_regression_timed_final_and_retried_flushes_never_exceed_max_size(
     """Other batchers flush "everything" on a timer, at shutdown or after a
     failure, producing batches larger than max_size. Here every path is capped."""
     sink = Sink(gated=True, fail=1)
-    async with Batcher(
-        sink, max_size=3, max_wait=0.001, max_pending=30, retry=QUICK
-    ) as batcher:
+    async with Batcher(sink, max_size=3, max_wait=0.001, max_pending=30, retry=QUICK) as batcher:
         await batcher.add(0)
         await anyio.wait_all_tasks_blocked()  # [0] is in flight (and will fail)
         await batcher.add_many(range(1, 20))  # piles up behind it
@@ -278,21 +276,23 @@ async def test_add_before_entry_and_after_exit_raises_pool_closed() -> None:
 async def test_adding_while_the_block_exits_raises_pool_closed() -> None:
     sink = Sink(gated=True)
     errors: list[BaseException] = []
-    async with anyio.create_task_group() as tg:
-        async with Batcher(sink, max_size=1, max_wait=None, max_pending=1) as batcher:
-            await batcher.add(0)
-            await anyio.wait_all_tasks_blocked()
-            await batcher.add(1)
+    async with (
+        anyio.create_task_group() as tg,
+        Batcher(sink, max_size=1, max_wait=None, max_pending=1) as batcher,
+    ):
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()
+        await batcher.add(1)
 
-            async def late() -> None:
-                try:
-                    await batcher.add(2)  # waits for room, then the batcher closes
-                except PoolClosed as error:
-                    errors.append(error)
+        async def late() -> None:
+            try:
+                await batcher.add(2)  # waits for room, then the batcher closes
+            except PoolClosed as error:
+                errors.append(error)
 
-            tg.start_soon(late)
-            await anyio.wait_all_tasks_blocked()
-            sink.open()
+        tg.start_soon(late)
+        await anyio.wait_all_tasks_blocked()
+        sink.open()
     assert len(errors) == 1
     assert flat(sink.batches) == [0, 1]
 

@@ -5,6 +5,7 @@ Exact on trio's MockClock; on asyncio and uvloop in real time with tolerances.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import anyio
@@ -93,7 +94,7 @@ async def test_failed_flushes_back_off_growing_and_reset_on_success(exact: bool)
         await batcher.add("b")
         await anyio.sleep(0.5)
     times = [when for when, _ in sink.calls]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:4], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times[:4])]
     assert [batch for _, batch in sink.calls] == [["a"]] * 4 + [["b"]] * 2
     for gap, expected in zip(gaps, [0.1, 0.2, 0.4], strict=True):
         assert late_by(gap, expected, exact)
@@ -123,7 +124,7 @@ async def test_default_failure_backoff_is_never_a_hot_loop() -> None:
             await batcher.add("a")
             await anyio.sleep_forever()
     times = [when for when, _ in sink.calls]
-    gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     # steps 0.1, 0.2, 0.4, 0.8, 1.6: each wait in the upper half of its step, so
     # by 1.6 s five or six calls (four if a real-time loop lags)
     assert 4 <= len(times) <= 6
