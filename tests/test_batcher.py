@@ -458,6 +458,43 @@ async def test_failed_flush_gives_submit_callers_the_error_and_requeues_add_item
     assert stats.added == stats.flushed + stats.failed
 
 
+async def test_submit_cancelled_just_after_its_failure_was_handed_over(
+    backend_name: str,
+) -> None:
+    """asyncio task.cancel() landing after a failed flush handed the error to a
+    submit caller but before it resumed: the caller never saw the error, so the
+    item is not dropped: it is queued again in its place and flushed."""
+    if backend_name != "asyncio":
+        pytest.skip("native task cancellation is an asyncio notion")
+    import asyncio
+
+    failing = anyio.Event()
+    calls: list[list[str]] = []
+
+    async def sink(batch: list[str]) -> None:
+        calls.append(list(batch))
+        if len(calls) == 1:
+            failing.set()  # wakes the canceller just before the caller
+            raise SinkDown
+
+    async with Batcher(sink, max_size=3, max_wait=60, retry=QUICK) as batcher:
+        caller = asyncio.ensure_future(batcher.submit("asked"))
+
+        async def canceller() -> None:
+            await failing.wait()
+            caller.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(canceller)
+            await anyio.wait_all_tasks_blocked()
+            await batcher.add_many(["a", "b"])  # full: flushes, fails
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+    assert calls == [["asked", "a", "b"], ["asked", "a", "b"]]
+    assert batcher.stats.failed == 0
+    assert batcher.stats.flushed == 3
+
+
 # ------------------------------------------------------------------- dedupe
 
 

@@ -3,6 +3,7 @@ surfacing as themselves, bounds holding — including under random cancellation.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -10,6 +11,8 @@ import anyio
 import pytest
 
 from corral import (
+    Batcher,
+    FlushError,
     Outcome,
     Pool,
     PoolClosed,
@@ -323,3 +326,121 @@ async def test_apply_to_all_random_fail_fast_raises_the_failure() -> None:
 
         with pytest.raises(LookupError):
             await apply_to_all(handler, range(50), workers=rng.choice([1, 2, 5]), fail_fast=True)
+
+
+class SinkDown(Exception):
+    pass
+
+
+async def batcher_trial(seed: int) -> None:
+    """One random Batcher scenario: every item whose add returned is flushed
+    exactly once, or handed back to its submit caller as an error, or unflushed."""
+    rng = random.Random(seed)
+    flushed: list[int] = []
+    failed: list[int] = []  # submit callers that got the flush's error
+    added: set[int] = set()  # add / add_nowait / add_many / submit returned
+    refused: set[int] = set()  # add raised: must not be anywhere
+    maybe: set[int] = set()  # submit cancelled after it may have added
+    timeout = rng.choice([None, 0.002])
+
+    async def sink(batch: list[int]) -> list[int]:
+        roll = rng.random()
+        if roll < 0.3:
+            await anyio.sleep(rng.random() * 0.001)
+        elif roll < 0.45:
+            raise SinkDown
+        elif roll < 0.5 and timeout is not None:
+            await anyio.sleep_forever()
+        for _ in range(rng.randrange(3)):
+            await anyio.lowlevel.checkpoint()
+        flushed.extend(batch)  # no await after this: the flush succeeded
+        return batch
+
+    max_size = rng.choice([1, 2, 3, 5])
+    batcher = Batcher(
+        sink,
+        max_size=max_size,
+        max_wait=rng.choice([None, 0.0, 0.0005, 0.002, 1.0]),
+        concurrency=rng.choice([1, 2, 3]),
+        max_pending=max_size * rng.choice([1, 2, 4]),
+        retry=rng.choice([None, Retry(2, wait_initial=0.0002)]),
+        timeout=timeout,
+    )
+    counter = iter(range(10**9))
+
+    async def producer(n: int) -> None:
+        for _ in range(n):
+            roll = rng.random()
+            with anyio.CancelScope() as scope:
+                if rng.random() < 0.2:
+                    scope.deadline = anyio.current_time() + rng.random() * 0.001
+                if roll < 0.2:
+                    xs = [next(counter) for _ in range(rng.randrange(1, 2 * max_size + 1))]
+                    try:
+                        await batcher.add_many(xs)
+                    except BaseException:
+                        refused.update(xs)
+                        raise
+                    added.update(xs)
+                    continue
+                x = next(counter)
+                if roll < 0.5:
+                    try:
+                        if roll < 0.3:
+                            batcher.add_nowait(x)
+                        else:
+                            await batcher.add(x)
+                    except BaseException:
+                        refused.add(x)
+                        raise
+                    added.add(x)
+                elif roll < 0.55:
+                    await batcher.flush()
+                else:
+                    maybe.add(x)
+                    try:
+                        result = await batcher.submit(x)
+                    except (SinkDown, TimeoutError):
+                        failed.append(x)  # its batch failed: the error is its outcome
+                    else:
+                        assert result == x
+                    added.add(x)
+            # leaving the with block: cancellation stops here, errors propagate
+
+    async def guarded(n: int) -> None:
+        # flush() reports a failed flush of its items with the flush's error
+        with contextlib.suppress(QueueFull, PoolClosed, SinkDown, TimeoutError):
+            await producer(n)
+
+    exit_normally = rng.random() < 0.5
+    with anyio.CancelScope() as outer:
+        outer.deadline = anyio.current_time() + rng.random() * 0.02
+        flush_error: FlushError | None = None
+        try:
+            async with batcher, anyio.create_task_group() as tg:
+                for _ in range(rng.choice([1, 2, 3])):
+                    tg.start_soon(guarded, rng.randrange(1, 30))
+                if not exit_normally:
+                    await anyio.sleep_forever()
+        except FlushError as error:
+            flush_error = error
+    if flush_error is not None:
+        assert list(flush_error.items) == batcher.unflushed
+    unflushed = batcher.unflushed
+    everything = flushed + failed + unflushed
+    assert len(everything) == len(set(everything)), "an item was flushed or reported twice"
+    assert added <= set(everything), "an item went missing"
+    assert set(everything) <= added | maybe, "an item appeared that was never added"
+    assert refused.isdisjoint(everything), "an item whose add raised was added"
+    stats = batcher.stats
+    assert stats.flushed == len(flushed)
+    assert stats.added == len(everything)
+    assert (stats.queued, stats.flushing) == (0, 0)
+
+
+async def test_random_cancellation_of_a_batcher_accounts_for_every_item() -> None:
+    """Random sizes, timers, concurrency, bounds, producers (add, add_nowait,
+    add_many, submit, flush), failing and hanging flushes, cancellation at random
+    moments: each added item is flushed once, failed to its caller, or unflushed."""
+    for seed in range(150):
+        await batcher_trial(seed)

@@ -24,6 +24,7 @@ deadline, so an idle batcher has no timer at all and uses no CPU.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import deque
@@ -57,7 +58,7 @@ _FAILURE_BACKOFF = Retry()
 class _Ticket:
     """A ``submit`` caller waiting for its item's result."""
 
-    __slots__ = ("abandoned", "error", "event", "result", "traceback")
+    __slots__ = ("abandoned", "error", "event", "handed_back", "result", "traceback")
 
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -65,6 +66,8 @@ class _Ticket:
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
         self.abandoned = False  # the caller was cancelled: nobody takes the result
+        # the entry, when a failed flush handed the item back with the error
+        self.handed_back: tuple[Any, ...] | None = None
 
     def resolve(self, result: Any) -> None:
         self.result = result
@@ -336,7 +339,7 @@ class Batcher(Generic[T, R]):
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
         self._halt_error: BaseException | None = None  # a final flush that failed
         self._stop_reason: BaseException | None = None  # what broke a flusher
-        self._unflushed: list[T] = []
+        self._unflushed: list[_Entry[T]] = []
         # counters
         self._next_seq = 0
         self._flushing = 0
@@ -378,7 +381,7 @@ class Batcher(Generic[T, R]):
     def unflushed(self) -> list[T]:
         """Items that were added but not flushed when the batcher last exited, in
         the order they were added. Empty after a clean exit; reset on re-entry."""
-        return list(self._unflushed)
+        return [entry[1] for entry in self._unflushed]
 
     # -------------------------------------------------------------- lifecycle
 
@@ -489,7 +492,7 @@ class Batcher(Generic[T, R]):
         self._queue.clear()
         self._in_flight.clear()
         self._flushing = 0
-        self._unflushed = [entry[1] for entry in entries]
+        self._unflushed = entries
         for entry in entries:
             ticket = entry[3]
             if ticket is not None and not ticket.event.is_set():
@@ -602,6 +605,10 @@ class Batcher(Generic[T, R]):
             await ticket.event.wait()
         except BaseException:
             ticket.abandoned = True
+            if ticket.handed_back is not None:
+                # A failed flush handed the item back with its error, but we
+                # were cancelled before seeing it: the batcher takes it back.
+                self._take_back(ticket.handed_back)
             raise
         if ticket.error is not None:
             raise ticket.error.with_traceback(ticket.traceback)
@@ -689,6 +696,23 @@ class Batcher(Generic[T, R]):
         self._reserved -= need  # the caller queues its items right away
         self._granting = False
         self._grant()
+
+    def _take_back(self, entry: _Entry[T]) -> None:
+        """Queue again (or, once stopped, list as unflushed) an item whose failure
+        its ``submit`` caller never saw, in its place by add order."""
+        self._failed -= 1
+        seq = entry[0]
+        if self._tg is None:  # finalized: the queue was already listed
+            keys = [queued[0] for queued in self._unflushed]
+            self._unflushed.insert(bisect.bisect(keys, seq), entry)
+            return
+        queue = self._queue
+        place = 0
+        while place < len(queue) and queue[place][0] < seq:
+            place += 1
+        queue.insert(place, entry)
+        if self._parked and not self._kicked:
+            self._kick()
 
     def _fits(self, need: int) -> bool:
         """Whether ``need`` more items may be queued now (more than max_pending
@@ -896,6 +920,7 @@ class Batcher(Generic[T, R]):
                 keep.append(entry)
             else:  # the caller takes the error; the item leaves the batcher
                 self._failed += 1
+                ticket.handed_back = entry
                 ticket.fail(error)
         self._queue.extendleft(reversed(keep))
         if self._flush_waiters:
