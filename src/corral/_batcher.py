@@ -289,6 +289,8 @@ class Batcher(Generic[T, R]):
         self._max_wait = (
             None if max_wait is None else check_number("max_wait", max_wait, finite=False)
         )
+        # whether items need the time they were added (for the age timer)
+        self._timed = self._max_wait is not None and 0 < self._max_wait < math.inf
         self._concurrency = check_int("concurrency", concurrency, minimum=1)
         if max_pending is None:
             max_pending = max_size * (concurrency + 1)
@@ -340,6 +342,7 @@ class Batcher(Generic[T, R]):
         self._halt_error: BaseException | None = None  # a final flush that failed
         self._stop_reason: BaseException | None = None  # what broke a flusher
         self._unflushed: list[_Entry[T]] = []
+        self._submitted = False  # submit was ever used: batches may carry tickets
         # counters
         self._next_seq = 0
         self._flushing = 0
@@ -533,7 +536,7 @@ class Batcher(Generic[T, R]):
         await checkpoint()
         if self._state is not _RUNNING:
             raise self._closed_error()
-        key = self._key(item)
+        key = None if self._dedupe_key is None else self._key(item)
         if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
         self._append(item, key, None)
@@ -546,10 +549,16 @@ class Batcher(Generic[T, R]):
         """
         if self._state is not _RUNNING:
             raise self._closed_error()
-        key = self._key(item)
-        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+        key = None if self._dedupe_key is None else self._key(item)
+        queue = self._queue
+        if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
             raise QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
-        self._append(item, key, None)
+        # _append, inlined: this is the hot path of a fast producer
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
+        if self._parked and not self._kicked:
+            self._kick_if_due()
 
     async def add_many(self, items: Iterable[T]) -> None:
         """Queue all of ``items``, in order and together, or none of them.
@@ -596,10 +605,11 @@ class Batcher(Generic[T, R]):
         await checkpoint()
         if self._state is not _RUNNING:
             raise self._closed_error()
-        key = self._key(item)
+        key = None if self._dedupe_key is None else self._key(item)
         if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
         ticket = _Ticket()
+        self._submitted = True
         self._append(item, key, ticket)
         try:
             await ticket.event.wait()
@@ -661,9 +671,16 @@ class Batcher(Generic[T, R]):
     def _append(self, item: T, key: Hashable, ticket: _Ticket | None) -> None:
         seq = self._next_seq
         self._next_seq = seq + 1
-        queue = self._queue
-        queue.append((seq, item, key, ticket, self._clock()))
-        if self._parked and not self._kicked and (len(queue) == 1 or len(queue) >= self._max_size):
+        self._queue.append((seq, item, key, ticket, self._clock() if self._timed else 0.0))
+        if self._parked and not self._kicked:
+            self._kick_if_due()
+
+    def _kick_if_due(self) -> None:
+        """An item was queued and a flusher is parked: wake it if its decision may
+        change (the queue was empty: flush it at once, or arm the age timer; or
+        it just became a full batch)."""
+        size = len(self._queue)
+        if size == 1 or size >= self._max_size:
             self._kick()
 
     async def _wait_for_space(self, need: int) -> None:
@@ -739,11 +756,10 @@ class Batcher(Generic[T, R]):
 
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
         try:
-            while True:
-                batch = await self._next_batch()
-                if batch is None:
-                    return
+            batch = await self._next_batch(False)
+            while batch is not None:
                 await self._flush_batch(chain, batch)
+                batch = await self._next_batch(True)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -758,7 +774,7 @@ class Batcher(Generic[T, R]):
             if not self._running and self._stopped is not None:
                 self._stopped.set()
 
-    async def _next_batch(self) -> list[_Entry[T]] | None:
+    async def _next_batch(self, just_flushed: bool) -> list[_Entry[T]] | None:
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
         queue = self._queue
         clock = self._clock
@@ -770,6 +786,12 @@ class Batcher(Generic[T, R]):
             if not queue:
                 if self._state is not _RUNNING:
                     return None
+                if just_flushed:
+                    # Let the tasks that are ready run first: items they add
+                    # now are seen without parking and being woken (cheaper).
+                    just_flushed = False
+                    await checkpoint()
+                    continue
                 await self._park(math.inf)
                 continue
             now = clock()
@@ -807,8 +829,11 @@ class Batcher(Generic[T, R]):
         event = anyio.Event()
         self._parked.append(event)
         try:
-            with anyio.CancelScope(deadline=deadline):
+            if deadline == math.inf:  # no timer: a cancel scope costs more than the wait
                 await event.wait()
+            else:
+                with anyio.CancelScope(deadline=deadline):
+                    await event.wait()
         except BaseException:
             if event.is_set():
                 self._kicked = False
@@ -882,6 +907,10 @@ class Batcher(Generic[T, R]):
         self._flushed += len(items)
         self._deduped += len(batch) - len(items)
         self._last_flush_time = self._clock()
+        if not self._submitted:  # nobody ever waited for a result
+            if self._flush_waiters:
+                self._settle_flush_waiters(batch, None)
+            return
         tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
         if tickets:
             results, problem = _check_results(result, len(items))
