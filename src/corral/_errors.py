@@ -5,7 +5,7 @@ The hierarchy::
     Exception
     └── CorralError                  every error corral raises on its own behalf
         └── FlushError               a Batcher's final flush failed; ``.items`` holds
-                                     what could not be flushed
+                                     everything that was not flushed
 
     anyio.WouldBlock
     └── QueueFull (+ CorralError)    ``submit_nowait`` / ``add_nowait`` on a full queue
@@ -36,25 +36,30 @@ class QueueFull(CorralError, anyio.WouldBlock):
     """Raised by the ``*_nowait`` twins when the call would have to wait.
 
     ``Pool.submit_nowait`` raises it while ``max_pending`` items are waiting for a
-    worker. It is an :class:`anyio.WouldBlock`, so code written against anyio's
+    worker, ``Batcher.add_nowait`` while ``max_pending`` items are queued. It is an :class:`anyio.WouldBlock`, so code written against anyio's
     memory streams handles it already. Nothing was enqueued when it is raised.
     """
 
 
 class PoolClosed(CorralError, anyio.ClosedResourceError):
-    """Raised when a pool cannot accept or finish work because it is not running.
+    """Raised when a pool or batcher cannot accept or finish work because it is
+    not running.
 
     * ``submit`` / ``submit_nowait`` before ``async with pool:`` was entered or
       after the block exited (or while it is shutting down after a failure);
     * ``await job.wait()`` for a job that ended *unfinished* (the pool was
-      cancelled, failed fast, or its block raised before the job ran).
+      cancelled, failed fast, or its block raised before the job ran);
+    * adding to a :class:`Batcher` that is not running, and
+      ``await batcher.submit(x)`` when the batcher stopped before ``x`` was
+      flushed (``x`` is then in ``batcher.unflushed``).
 
     It is an :class:`anyio.ClosedResourceError`.
     """
 
 
 class FlushError(CorralError):
-    """A batcher's final flush failed; nothing more will be flushed.
+    """A batcher's flush that started after its block ended failed; nothing more
+    will be flushed.
 
     ``items`` holds every item that was not flushed, in the order it was added;
     the same items are in ``batcher.unflushed``. The flush function's exception is
