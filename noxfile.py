@@ -40,10 +40,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typing(session: nox.Session) -> None:
-    """mypy --strict on src/."""
+    """mypy --strict on src/, and the public types as users see them."""
     session.install("-e", ".")
     install_group(session, "typing")
-    session.run("python", "-m", "mypy", "--strict", "src")
+    session.run("python", "-m", "mypy", "--strict", "src", "tests/typecheck_api.py")
 
 
 @nox.session

@@ -11,8 +11,9 @@ The hierarchy::
     └── QueueFull (+ CorralError)    ``submit_nowait`` / ``add_nowait`` on a full queue
 
     anyio.ClosedResourceError
-    └── PoolClosed (+ CorralError)   submitting to a pool that is not running, or
-                                     waiting on a job that ended unfinished
+    └── PoolClosed (+ CorralError)   submitting to a pool (adding to a batcher) that
+                                     is not running, or waiting on a job (a submit)
+                                     whose item ended unfinished (unflushed)
 
 Errors raised by *your* handler are never wrapped: they become
 ``Outcome.error`` (or propagate unchanged where the API says so).
@@ -36,8 +37,9 @@ class QueueFull(CorralError, anyio.WouldBlock):
     """Raised by the ``*_nowait`` twins when the call would have to wait.
 
     ``Pool.submit_nowait`` raises it while ``max_pending`` items are waiting for a
-    worker, ``Batcher.add_nowait`` while ``max_pending`` items are queued. It is an :class:`anyio.WouldBlock`, so code written against anyio's
-    memory streams handles it already. Nothing was enqueued when it is raised.
+    worker, ``Batcher.add_nowait`` while ``max_pending`` items are queued. It is
+    an :class:`anyio.WouldBlock`, so code written against anyio's memory streams
+    handles it already. Nothing was enqueued when it is raised.
     """
 
 
