@@ -696,6 +696,133 @@ async def test_base_exception_from_flush_stops_the_batcher_and_is_reraised() -> 
     assert batcher.unflushed == [1, 2, 3]
 
 
+async def test_a_retry_policy_without_waits_still_never_makes_a_hot_loop() -> None:
+    """Retry(wait_max=0) would retry a failed flush at once, forever: the batcher
+    falls back to its own backoff, and the enclosing scope can still stop it."""
+    calls = 0
+
+    async def down(batch: list[int]) -> None:
+        nonlocal calls
+        calls += 1
+        raise SinkDown  # without awaiting: a hot loop would never yield
+
+    with anyio.fail_after(5), anyio.move_on_after(0.3):
+        async with Batcher(
+            down, max_size=2, max_wait=None, retry=Retry(1, wait_initial=0.1, wait_max=0)
+        ) as batcher:
+            await batcher.add(1)
+            await anyio.sleep_forever()
+    assert 1 <= calls <= 8
+    assert batcher.unflushed == [1]
+
+
+async def test_max_pending_holds_with_several_waiting_adders() -> None:
+    """When a flush frees room, waiting adders are let in one after another, and
+    the queue never holds more than max_pending."""
+    gates: list[anyio.Event] = []
+    batches: list[list[int]] = []
+
+    async def sink(batch: list[int]) -> None:
+        gates.append(anyio.Event())
+        await gates[-1].wait()  # each flush waits until the test lets it finish
+        batches.append(batch)
+
+    peak = 0
+    async with Batcher(sink, max_size=4, max_wait=None, max_pending=4) as batcher:
+        await batcher.add(0)
+        await anyio.wait_all_tasks_blocked()  # [0] in flight
+        await batcher.add_many([1, 2, 3])
+
+        async def adder(k: int) -> None:
+            nonlocal peak
+            await batcher.add_many([10 * k + j for j in range(3)])
+            peak = max(peak, batcher.stats.queued)
+
+        async with anyio.create_task_group() as tg:
+            for k in range(1, 4):
+                tg.start_soon(adder, k)
+                await anyio.wait_all_tasks_blocked()
+            while len(batches) < 5:
+                gates[-1].set()  # one flush finishes; the next takes up to 4 items
+                await anyio.wait_all_tasks_blocked()
+                assert batcher.stats.queued <= 4
+                peak = max(peak, batcher.stats.queued)
+    assert peak <= 4
+    assert flat(batches) == [0, 1, 2, 3, 10, 11, 12, 20, 21, 22, 30, 31, 32]
+    assert max(len(batch) for batch in batches) <= 4
+
+
+async def test_flush_result_that_is_not_indexable_is_a_value_error_per_caller() -> None:
+    """A set of the right length cannot give each caller its own result: every
+    caller gets a ValueError and the batcher keeps running."""
+
+    async def as_set(batch: list[int]) -> set[int]:
+        return {x * 10 for x in batch}
+
+    errors: list[BaseException] = []
+    async with Batcher(as_set, max_size=2, max_wait=60) as batcher:
+
+        async def one(i: int) -> None:
+            try:
+                await batcher.submit(i)
+            except ValueError as error:
+                errors.append(error)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(one, i)
+                await anyio.wait_all_tasks_blocked()
+    assert len(errors) == 4
+    assert "set" in str(errors[0])
+    assert batcher.stats.flushes == 2
+
+
+async def test_base_exception_from_the_exit_flush_wins_over_the_block_exception() -> None:
+    async def broken(batch: list[int]) -> None:
+        raise Interrupt
+
+    with pytest.raises(Interrupt) as caught:
+        async with Batcher(broken, max_size=10, max_wait=60) as batcher:
+            await batcher.add(1)
+            raise KeyError("body")
+    assert isinstance(caught.value.__context__, KeyError)
+    assert batcher.unflushed == [1]
+
+
+async def test_item_taken_back_during_exit_is_still_flushed(backend_name: str) -> None:
+    """A submit caller cancelled (natively) after its batch's failure was handed
+    to it, while the block exits: the item comes back and the exit flushes it."""
+    if backend_name != "asyncio":
+        pytest.skip("native task cancellation is an asyncio notion")
+    import asyncio
+
+    gate = anyio.Event()
+    batches: list[list[str]] = []
+    caller: asyncio.Future[Any] | None = None
+
+    async def sink(batch: list[str]) -> None:
+        if not batches:
+            batches.append([])
+            await gate.wait()
+            assert caller is not None
+            asyncio.get_running_loop().call_soon(caller.cancel)  # before it resumes
+            raise SinkDown
+        batches.append(list(batch))
+
+    async with Batcher(sink, max_size=3, max_wait=60, retry=QUICK) as batcher:
+        caller = asyncio.ensure_future(batcher.submit("asked"))
+        await anyio.wait_all_tasks_blocked()
+        flushing = asyncio.ensure_future(batcher.flush())
+        await anyio.wait_all_tasks_blocked()
+        gate.set()  # the flush fails while the block exits
+    assert batches == [[], ["asked"]]
+    assert batcher.unflushed == []
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    with pytest.raises(SinkDown):
+        await flushing
+
+
 # ------------------------------------------------------------ exit & cancellation
 
 

@@ -395,7 +395,10 @@ async def batcher_trial(seed: int) -> None:
                         raise
                     added.add(x)
                 elif roll < 0.55:
+                    before = set(added)
                     await batcher.flush()
+                    done = set(flushed) | set(failed)
+                    assert before <= done, "flush() returned before its items were flushed"
                 else:
                     maybe.add(x)
                     try:

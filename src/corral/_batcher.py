@@ -25,10 +25,11 @@ deadline, so an idle batcher has no timer at all and uses no CPU.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
@@ -51,8 +52,10 @@ R = TypeVar("R")
 
 _NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
 
-# Waits between failed flushes when `retry` gives none (or retries at once).
+# Waits between failed flushes when `retry` gives none (or retries at once),
+# and the least wait after any failed flush: never a hot loop.
 _FAILURE_BACKOFF = Retry()
+_MIN_FAILURE_WAIT = 0.001
 
 
 class _Ticket:
@@ -95,11 +98,10 @@ class _SpaceWaiter:
 class _FlushWaiter:
     """A :meth:`Batcher.flush` caller: waits for the items below ``target``."""
 
-    __slots__ = ("error", "event", "remaining", "target")
+    __slots__ = ("error", "event", "target")
 
-    def __init__(self, target: int, remaining: int) -> None:
+    def __init__(self, target: int) -> None:
         self.target = target
-        self.remaining = remaining
         self.error: BaseException | None = None
         self.event = anyio.Event()
 
@@ -318,7 +320,9 @@ class Batcher(Generic[T, R]):
         )
         policy = self._retry
         self._failure_policy = (
-            policy if policy is not None and policy.wait_initial > 0 else _FAILURE_BACKOFF
+            policy
+            if policy is not None and policy.wait_initial > 0 and policy.wait_max > 0
+            else _FAILURE_BACKOFF
         )
         self.name = check_optional_str("name", name)
 
@@ -334,6 +338,9 @@ class Batcher(Generic[T, R]):
         self._granting = False  # a waiting adder was granted room, has not resumed
         self._flush_target = 0  # queued items with a seq below this are due now
         self._flush_waiters: list[_FlushWaiter] = []
+        # seqs of submit items handed back with an error, whose caller has not
+        # resumed yet: if it was cancelled meanwhile, the item comes back
+        self._handed_back: set[int] = set()
         self._resume_at = -math.inf  # no flush starts before (failure backoff)
         self._failures = 0  # consecutive failed flushes
         self._sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
@@ -410,6 +417,8 @@ class Batcher(Generic[T, R]):
         self._stopped = anyio.Event()
         self._resume_at = -math.inf
         self._failures = 0
+        self._reserved = 0
+        self._granting = False
         self._state = _RUNNING
         label = self.name or hex(id(self))
         self._running = self._concurrency
@@ -446,18 +455,21 @@ class Batcher(Generic[T, R]):
             raised = error
         finally:
             self._finalize()
-        if self._stop_reason is not None and (body_exc is None or isinstance(body_exc, cancelled)):
-            raise self._stop_reason  # what broke a flusher (KeyboardInterrupt, ...)
-        if raised is not None and isinstance(_unwrap_group(raised), cancelled):
+        if self._stop_reason is not None:
+            # what broke a flusher (KeyboardInterrupt, ...); a block exception
+            # is its __context__
+            raise self._stop_reason
+        block_failed = body_exc is not None and not isinstance(body_exc, cancelled)
+        if not block_failed and raised is not None and isinstance(_unwrap_group(raised), cancelled):
             raise _unwrap_group(raised)  # cancelled: never swallowed, not even by FlushError
-        if self._halt_error is not None and self._stop_reason is None:
+        if self._halt_error is not None:
             count = len(self._unflushed)
             raise FlushError(
                 f"{self!r}: a final flush failed ({self._halt_error!r}); "
                 f"{count} item{'s' if count != 1 else ''} not flushed",
                 self.unflushed,
             ) from self._halt_error
-        if body_exc is not None and not isinstance(body_exc, cancelled):
+        if block_failed:
             return False  # the block's own exception, re-raised exactly as it was
         if raised is not None:
             raise _unwrap_group(raised)
@@ -467,6 +479,9 @@ class Batcher(Generic[T, R]):
         """Take no new items; let every flusher flush what is left, then exit."""
         self._state = _CLOSING
         self._wake_adders()
+        self._wake_all_parked()
+
+    def _wake_all_parked(self) -> None:
         while self._parked:
             self._parked.popleft().set()
         self._kicked = False
@@ -539,7 +554,10 @@ class Batcher(Generic[T, R]):
         key = None if self._dedupe_key is None else self._key(item)
         if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
-        self._append(item, key, None)
+            self._append(item, key, None)
+            self._release_grant(1)
+        else:
+            self._append(item, key, None)
 
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
@@ -581,10 +599,13 @@ class Batcher(Generic[T, R]):
         key = self._key
         keys = [key(item) for item in batch]
         need = len(batch)
-        if self._space_waiters or not self._fits(need):
+        waited = bool(self._space_waiters) or not self._fits(need)
+        if waited:
             await self._wait_for_space(need)
         for item, item_key in zip(batch, keys, strict=True):
             self._append(item, item_key, None)
+        if waited:
+            self._release_grant(need)
 
     async def submit(self, item: T) -> R:
         """Add ``item`` and wait for its result: its element of the sequence that
@@ -606,11 +627,14 @@ class Batcher(Generic[T, R]):
         if self._state is not _RUNNING:
             raise self._closed_error()
         key = None if self._dedupe_key is None else self._key(item)
-        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
-            await self._wait_for_space(1)
         ticket = _Ticket()
         self._submitted = True
-        self._append(item, key, ticket)
+        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+            await self._wait_for_space(1)
+            self._append(item, key, ticket)
+            self._release_grant(1)
+        else:
+            self._append(item, key, ticket)
         try:
             await ticket.event.wait()
         except BaseException:
@@ -620,6 +644,8 @@ class Batcher(Generic[T, R]):
                 # were cancelled before seeing it: the batcher takes it back.
                 self._take_back(ticket.handed_back)
             raise
+        if ticket.handed_back is not None:
+            self._handed_back_seen(ticket.handed_back)
         if ticket.error is not None:
             raise ticket.error.with_traceback(ticket.traceback)
         result: R = ticket.result
@@ -638,11 +664,10 @@ class Batcher(Generic[T, R]):
         await checkpoint()
         if self._state is not _RUNNING:
             raise self._closed_error()
-        remaining = len(self._queue) + self._flushing
-        if not remaining:
-            return
         target = self._next_seq
-        waiter = _FlushWaiter(target, remaining)
+        if self._oldest_pending() >= target:
+            return
+        waiter = _FlushWaiter(target)
         self._flush_waiters.append(waiter)
         self._flush_target = target
         self._kick()
@@ -698,10 +723,7 @@ class Batcher(Generic[T, R]):
             await waiter.event.wait()
         except BaseException:
             if waiter.granted:  # granted, then interrupted: pass the grant on
-                if self._state is _RUNNING:
-                    self._reserved -= need
-                    self._granting = False
-                    self._grant()
+                self._release_grant(need)
             elif waiter in self._space_waiters:
                 was_head = self._space_waiters[0] is waiter
                 self._space_waiters.remove(waiter)
@@ -710,26 +732,56 @@ class Batcher(Generic[T, R]):
             raise
         if not waiter.granted:  # woken because the batcher closed
             raise self._closed_error()
-        self._reserved -= need  # the caller queues its items right away
+        if self._state is not _RUNNING:  # granted, but it closed before we ran
+            self._release_grant(need)
+            raise self._closed_error()
+        # The caller queues its items now, with no checkpoint in between, then
+        # calls _release_grant: the slots stay reserved until they are used.
+
+    def _release_grant(self, need: int) -> None:
+        """The granted slots were used (or given up): let the next waiter in."""
+        if self._tg is None:  # finalized: counts were reset
+            return
+        self._reserved -= need
         self._granting = False
         self._grant()
+
+    def _requeue(self, entries: list[_Entry[T]]) -> None:
+        """Put entries (in seq order) back into the queue, in their place by add
+        order: ahead of every newer item. The queue stays in seq order."""
+        if not entries:
+            return
+        queue = self._queue
+        if not queue or entries[-1][0] < queue[0][0]:
+            queue.extendleft(reversed(entries))  # the usual case: all at the front
+        else:  # another batch that failed earlier is older (concurrency > 1)
+            merged = list(heapq.merge(queue, entries, key=lambda entry: entry[0]))
+            queue.clear()
+            queue.extend(merged)
+        if self._parked and not self._kicked:
+            self._kick()
+
+    def _handed_back_seen(self, entry: _Entry[T]) -> None:
+        """A submit caller saw the error its item was handed back with."""
+        self._handed_back.discard(entry[0])
+        if not self._handed_back:
+            if self._state is not _RUNNING:
+                self._wake_all_parked()  # flushers wait for this before they exit
+            if self._flush_waiters:
+                self._settle_flush_waiters()
 
     def _take_back(self, entry: _Entry[T]) -> None:
         """Queue again (or, once stopped, list as unflushed) an item whose failure
         its ``submit`` caller never saw, in its place by add order."""
         self._failed -= 1
-        seq = entry[0]
+        self._handed_back.discard(entry[0])
         if self._tg is None:  # finalized: the queue was already listed
             keys = [queued[0] for queued in self._unflushed]
-            self._unflushed.insert(bisect.bisect(keys, seq), entry)
+            self._unflushed.insert(bisect.bisect(keys, entry[0]), entry)
             return
-        queue = self._queue
-        place = 0
-        while place < len(queue) and queue[place][0] < seq:
-            place += 1
-        queue.insert(place, entry)
-        if self._parked and not self._kicked:
-            self._kick()
+        self._requeue([entry])
+        if not self._handed_back and self._state is not _RUNNING:
+            self._wake_all_parked()
 
     def _fits(self, need: int) -> bool:
         """Whether ``need`` more items may be queued now (more than max_pending
@@ -781,11 +833,14 @@ class Batcher(Generic[T, R]):
         max_wait = self._max_wait
         fired_for = -1  # the age timer fired for the entry with this seq
         while True:
-            if self._halt_error is not None:
-                return None
-            if not queue:
-                if self._state is not _RUNNING:
+            if self._halt_error is not None or (not queue and self._state is not _RUNNING):
+                if not self._handed_back:
                     return None
+                # A submit caller has not resumed to see its item's error yet;
+                # if it was cancelled meanwhile, the item comes back: wait.
+                await self._park(math.inf)
+                continue
+            if not queue:
                 if just_flushed:
                     # Let the tasks that are ready run first: items they add
                     # now are seen without parking and being woken (cheaper).
@@ -909,7 +964,7 @@ class Batcher(Generic[T, R]):
         self._last_flush_time = self._clock()
         if not self._submitted:  # nobody ever waited for a result
             if self._flush_waiters:
-                self._settle_flush_waiters(batch, None)
+                self._settle_flush_waiters()
             return
         tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
         if tickets:
@@ -917,13 +972,16 @@ class Batcher(Generic[T, R]):
             for number, ticket in tickets:
                 if ticket.abandoned:
                     continue
-                if problem is not None:
-                    ticket.fail(ValueError(problem))
-                else:
+                if problem is None:
                     position = number if positions is None else positions[number]
-                    ticket.resolve(None if results is None else results[position])
+                    try:
+                        ticket.resolve(None if results is None else results[position])
+                        continue
+                    except Exception as error:  # noqa: BLE001 - the result's own indexing
+                        problem = f"flush's result could not be indexed: {error!r}"
+                ticket.fail(ValueError(problem))
         if self._flush_waiters:
-            self._settle_flush_waiters(batch, None)
+            self._settle_flush_waiters()
 
     def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
         self._flush_failures += 1
@@ -941,6 +999,7 @@ class Batcher(Generic[T, R]):
         )
         if not math.isfinite(delay):
             delay = _FAILURE_BACKOFF.wait_max
+        delay = max(delay, _MIN_FAILURE_WAIT)
         self._resume_at = max(self._resume_at, self._clock() + delay)
         keep: list[_Entry[T]] = []
         for entry in batch:
@@ -950,27 +1009,42 @@ class Batcher(Generic[T, R]):
             else:  # the caller takes the error; the item leaves the batcher
                 self._failed += 1
                 ticket.handed_back = entry
+                self._handed_back.add(entry[0])
                 ticket.fail(error)
-        self._queue.extendleft(reversed(keep))
+        self._requeue(keep)
         if self._flush_waiters:
             self._settle_flush_waiters(batch, error)
         if final and self._halt_error is None:
             self._halt_error = error  # flushing ends; the rest is unflushed
-            while self._parked:
-                self._parked.popleft().set()
+            self._wake_all_parked()
             for scope in self._sleepers:
                 scope.cancel()
 
-    def _settle_flush_waiters(self, batch: list[_Entry[T]], error: Exception | None) -> None:
+    def _oldest_pending(self) -> float:
+        """The lowest seq of an item not flushed yet: queued, in flight, or handed
+        back to a ``submit`` caller that has not seen the error (it may come
+        back); infinite if none. Batches and the queue are in seq order."""
+        oldest = math.inf
+        if self._queue:
+            oldest = self._queue[0][0]
+        for first in self._in_flight:  # keyed by the batch's first (lowest) seq
+            oldest = min(oldest, first)
+        if self._handed_back:
+            oldest = min(oldest, min(self._handed_back))
+        return oldest
+
+    def _settle_flush_waiters(
+        self, failed: list[_Entry[T]] | None = None, error: Exception | None = None
+    ) -> None:
+        """Wake the flush() callers whose items are all flushed, or one of whose
+        items was in the ``failed`` batch (they get its ``error``)."""
+        oldest = self._oldest_pending()
         still: list[_FlushWaiter] = []
         for waiter in self._flush_waiters:
-            mine = sum(1 for entry in batch if entry[0] < waiter.target)
-            if mine and error is not None:
+            if failed is not None and failed[0][0] < waiter.target:
                 waiter.error = error
                 waiter.event.set()
-                continue
-            waiter.remaining -= mine
-            if waiter.remaining <= 0:
+            elif oldest >= waiter.target:
                 waiter.event.set()
             else:
                 still.append(waiter)
@@ -984,16 +1058,24 @@ def _equal_jitter(low: float, high: float) -> float:
 
 
 def _check_results(result: Any, size: int) -> tuple[Any, str | None]:
-    """``flush``'s return value as per-item results, or why it cannot be."""
+    """``flush``'s return value as per-item results, or why it cannot be.
+
+    A sequence, or anything indexable by position with a length (a NumPy
+    array, say); not a mapping, a set or a string.
+    """
     if result is None:
         return None, None
-    try:
-        length = len(result)
-    except TypeError:
+    kind = type(result)
+    if (
+        isinstance(result, (str, bytes, Mapping))
+        or not hasattr(kind, "__len__")
+        or not hasattr(kind, "__getitem__")
+    ):
         return None, (
-            f"flush returned {type(result).__name__}, not a sequence of one result "
-            f"per item of the batch of {size}"
+            f"flush returned a {kind.__name__}, not a sequence of one result per "
+            f"item of the batch of {size}"
         )
+    length = len(result)
     if length != size:
         return None, f"flush returned {length} results for a batch of {size} items"
     return result, None
