@@ -6,6 +6,7 @@ batchers that corral replaces.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -775,6 +776,39 @@ async def test_flush_result_that_is_not_indexable_is_a_value_error_per_caller() 
     assert len(errors) == 4
     assert "set" in str(errors[0])
     assert batcher.stats.flushes == 2
+
+
+async def test_flush_result_whose_len_fails_is_a_value_error_per_caller() -> None:
+    class Scalar:  # like a 0-d array: indexable type, but len() raises
+        def __len__(self) -> int:
+            raise TypeError("len() of unsized object")
+
+        def __getitem__(self, index: int) -> int:
+            raise IndexError(index)
+
+    async def scalar(batch: list[int]) -> Scalar:
+        return Scalar()
+
+    with anyio.fail_after(5):
+        async with Batcher(scalar, max_size=2, max_wait=None) as batcher:
+            with pytest.raises(ValueError, match="length"):
+                await batcher.submit(1)
+            await batcher.add(2)  # the batcher still runs
+    assert batcher.stats.flushed == 2
+
+
+async def test_add_many_never_waits_for_a_batch_that_is_not_due() -> None:
+    """An add_many that does not fit next to a partial batch makes the queue due
+    instead of waiting for max_wait (here: forever); adders behind it follow."""
+    sink = Sink()
+    with anyio.fail_after(5):
+        async with Batcher(sink, max_size=10, max_wait=math.inf, max_pending=10) as batcher:
+            await batcher.add_many(range(5))
+            await batcher.add_many(range(5, 13))
+            await batcher.add(13)
+            await anyio.wait_all_tasks_blocked()
+            assert sink.batches == [[0, 1, 2, 3, 4]]  # the rest is not due yet
+    assert flat(sink.batches) == list(range(14))
 
 
 async def test_base_exception_from_the_exit_flush_wins_over_the_block_exception() -> None:

@@ -87,10 +87,11 @@ _Entry: TypeAlias = tuple[int, T, Hashable, _Ticket | None, float]
 
 
 class _SpaceWaiter:
-    __slots__ = ("event", "granted", "need")
+    __slots__ = ("event", "granted", "need", "run")
 
-    def __init__(self, need: int) -> None:
+    def __init__(self, need: int, run: int) -> None:
         self.need = need
+        self.run = run  # which entry of the batcher it waits in
         self.granted = False
         self.event = anyio.Event()
 
@@ -123,7 +124,8 @@ class BatcherStats:
     successful flush, or None.
 
     Every item added is, at any moment, exactly one of: queued, flushing,
-    flushed, deduped, failed, unflushed.
+    flushed, deduped, failed, unflushed. All counters accumulate over
+    re-entries except ``unflushed``, which is the last exit's.
     """
 
     added: int
@@ -152,13 +154,14 @@ class Batcher(Generic[T, R]):
     same middleware as a :class:`Pool`'s handler (``retry``, ``limiter``,
     ``rate_limit``, ``timeout``, ``middleware``), once per batch.
 
-    A flush that fails after its retry policy puts its ``add`` items back at the
-    front of the queue, in order, and no flush starts again before a backoff
-    that grows with consecutive failures (``retry``'s waits, or 0.1 s doubling
-    up to 10 s, jittered within its upper half; at least an error's
-    ``retry_after``) and resets on success.
-    The ``submit`` callers of that batch get the error instead; their items
-    leave the batcher.
+    A flush that fails after its retry policy puts its ``add`` items back in the
+    queue ahead of every newer item, in order, and no flush starts again before
+    a backoff that grows with consecutive failures and resets on success:
+    ``retry``'s waits if its ``wait_initial`` and ``wait_max`` are both
+    positive, else 0.1 s doubling up to 10 s, jittered within the upper half of
+    each step; never less than 1 ms, and at least an error's finite
+    ``retry_after``. The ``submit`` callers of that batch get the error
+    instead; their items leave the batcher.
 
     Leaving the block, normally or with an exception, flushes everything that
     was added and waits for it. If a flush that started after the block ended
@@ -186,7 +189,8 @@ class Batcher(Generic[T, R]):
     :param max_wait: seconds the oldest queued item may wait before its batch is
         flushed, counted from when it was added; None for natural batching.
     :param concurrency: how many flushes may run at once (and threads for a
-        plain ``flush``).
+        plain ``flush``; a plain flush abandoned by ``timeout`` keeps running
+        in its thread, beyond this count).
     :param max_pending: how many queued items make :meth:`add` wait; at least
         ``max_size``; default ``max_size * (concurrency + 1)``.
     :param dedupe_key: a function of an item; later items with the key of one
@@ -350,6 +354,7 @@ class Batcher(Generic[T, R]):
         self._stop_reason: BaseException | None = None  # what broke a flusher
         self._unflushed: list[_Entry[T]] = []
         self._submitted = False  # submit was ever used: batches may carry tickets
+        self._run = 0  # counts entries into the block
         # counters
         self._next_seq = 0
         self._flushing = 0
@@ -419,6 +424,8 @@ class Batcher(Generic[T, R]):
         self._failures = 0
         self._reserved = 0
         self._granting = False
+        self._handed_back = set()
+        self._run += 1
         self._state = _RUNNING
         label = self.name or hex(id(self))
         self._running = self._concurrency
@@ -581,7 +588,8 @@ class Batcher(Generic[T, R]):
     async def add_many(self, items: Iterable[T]) -> None:
         """Queue all of ``items``, in order and together, or none of them.
 
-        Waits until there is room for all of them; no other adder's items come
+        Waits until there is room for all of them (what is queued meanwhile is
+        flushed without waiting for ``max_wait``); no other adder's items come
         in between. More items than ``max_pending`` wait until the queue is
         empty and then go in whole (they are in memory already). Always a
         checkpoint. Cancel-safe like :meth:`add`.
@@ -652,10 +660,13 @@ class Batcher(Generic[T, R]):
         return result
 
     async def flush(self) -> None:
-        """Flush everything added before this call now, whatever its age, and
-        wait until it is flushed (including batches already in flight).
+        """Flush everything added before this call without waiting for
+        ``max_wait``, and return when it is flushed (including batches already
+        in flight). ``submit`` items handed back to their callers with an error
+        count as done.
 
-        Batches keep their order and ``max_size``. Always a checkpoint.
+        Batches keep their order and ``max_size``, and a failure backoff in
+        progress is still waited out. Always a checkpoint.
 
         :raises Exception: a flush of these items failed after its retry policy
             (its ``add`` items are queued again, as for any failed flush).
@@ -717,20 +728,22 @@ class Batcher(Generic[T, R]):
         they came, whatever order the scheduler resumes tasks in.
         """
         self._backpressure_waits += 1
-        waiter = _SpaceWaiter(need)
+        waiter = _SpaceWaiter(need, self._run)
         self._space_waiters.append(waiter)
+        if self._space_waiters[0] is waiter:
+            self._make_room()
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.granted:  # granted, then interrupted: pass the grant on
-                self._release_grant(need)
+            if waiter.granted and waiter.run == self._run:  # granted, then interrupted
+                self._release_grant(need)  # pass the grant on
             elif waiter in self._space_waiters:
                 was_head = self._space_waiters[0] is waiter
                 self._space_waiters.remove(waiter)
                 if was_head:
                     self._grant()
             raise
-        if not waiter.granted:  # woken because the batcher closed
+        if not waiter.granted or waiter.run != self._run:  # the batcher closed
             raise self._closed_error()
         if self._state is not _RUNNING:  # granted, but it closed before we ran
             self._release_grant(need)
@@ -791,12 +804,26 @@ class Batcher(Generic[T, R]):
     def _grant(self) -> None:
         """Queue slots were freed: grant them to the first waiting adder."""
         waiters = self._space_waiters
-        if waiters and not self._granting and self._fits(waiters[0].need):
+        if not waiters or self._granting:
+            return
+        if self._fits(waiters[0].need):
             waiter = waiters.popleft()
             waiter.granted = True
             self._granting = True
             self._reserved += waiter.need
             waiter.event.set()
+        else:
+            self._make_room()
+
+    def _make_room(self) -> None:
+        """An adder waits for room: what is queued is due now, whatever its age.
+
+        Otherwise ``add_many`` of more items than are free could wait for a
+        batch that is neither full nor old enough, and everyone behind it too.
+        """
+        if self._flush_target < self._next_seq:
+            self._flush_target = self._next_seq
+            self._kick()
 
     # --------------------------------------------------------------- flushers
 
@@ -968,7 +995,10 @@ class Batcher(Generic[T, R]):
             return
         tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
         if tickets:
-            results, problem = _check_results(result, len(items))
+            try:
+                results, problem = _check_results(result, len(items))
+            except Exception as error:  # noqa: BLE001 - the result object's own len()
+                results, problem = None, f"flush's result has no usable length: {error!r}"
             for number, ticket in tickets:
                 if ticket.abandoned:
                     continue
