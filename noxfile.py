@@ -1,4 +1,4 @@
-"""Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `bench`.
+"""Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `chaos`, `bench`.
 
 Sessions run on the interpreter nox itself runs on (no pinned versions), so
 they work on a machine that has only one Python.
@@ -52,6 +52,14 @@ def examples(session: nox.Session) -> None:
     session.install("-e", ".[trio]")
     for example in sorted((ROOT / "examples").glob("*.py")):
         session.run("python", str(example))
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Random-cancellation trials: 10,000 cases per backend (`-- --cases N`)."""
+    session.install("-e", ".")
+    install_group(session, "test")
+    session.run("python", "tests/chaos.py", *session.posargs)
 
 
 @nox.session

@@ -259,11 +259,13 @@ async def trial(seed: int, *, layered: bool = False) -> None:
                     continue
                 returned.append(x)
 
+    tasks_before = len(anyio.get_running_tasks())
     with anyio.CancelScope() as outer:
         outer.deadline = anyio.current_time() + rng.random() * 0.01
         async with pool, anyio.create_task_group() as tg:
             for _ in range(rng.choice([1, 2, 3])):
                 tg.start_soon(producer, rng.randrange(1, 30))
+    assert len(anyio.get_running_tasks()) == tasks_before, "a task outlived the pool"
     done = [o.item for o in seen]
     assert len(done) == len(set(done)), "an item got two outcomes"
     assert set(done).isdisjoint(pool.unfinished), "an item both finished and unfinished"
@@ -416,6 +418,7 @@ async def batcher_trial(seed: int) -> None:
             await producer(n)
 
     exit_normally = rng.random() < 0.5
+    tasks_before = len(anyio.get_running_tasks())
     with anyio.CancelScope() as outer:
         outer.deadline = anyio.current_time() + rng.random() * 0.02
         flush_error: FlushError | None = None
@@ -429,6 +432,7 @@ async def batcher_trial(seed: int) -> None:
             flush_error = error
     if flush_error is not None:
         assert list(flush_error.items) == batcher.unflushed
+    assert len(anyio.get_running_tasks()) == tasks_before, "a task outlived the batcher"
     unflushed = batcher.unflushed
     everything = flushed + failed + unflushed
     assert len(everything) == len(set(everything)), "an item was flushed or reported twice"

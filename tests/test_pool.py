@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -606,3 +607,15 @@ async def test_repr_names_the_pool() -> None:
     pool = Pool(double, name="fetch")
     assert "fetch" in repr(pool)
     assert "new" in repr(pool)
+
+
+async def test_idle_pool_uses_no_cpu() -> None:
+    """Workers parked for a second, with and without a timeout configured: the
+    process uses (almost) no CPU."""
+    async with Pool(double, workers=50) as plain, Pool(double, workers=50, timeout=5) as timed:
+        await plain.submit(1)
+        await timed.submit(1)
+        start = time.process_time()
+        await anyio.sleep(1.0)
+        used = time.process_time() - start
+    assert used < 0.05, f"{used:.3f} s of CPU in an idle second"
