@@ -109,3 +109,168 @@ async def test_apply_to_all_validates() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         await apply_to_all(handler, [1], max_pending=-1)
     await anyio.lowlevel.checkpoint()
+
+
+# ----------------------------------------------------- random bad input
+
+
+class Opaque:
+    """An object of no type any parameter accepts."""
+
+
+BAD_VALUES: list[Any] = [
+    None,
+    True,
+    -1,
+    0,
+    -0.5,
+    float("nan"),
+    float("inf"),
+    "3",
+    b"x",
+    [],
+    {},
+    Opaque(),
+    object,
+    handler,
+]
+
+
+def _good_options() -> dict[str, dict[str, Any]]:
+    from corral import Retry, SlidingWindow, Timeout, TokenBucket
+
+    return {
+        "Pool": {
+            "workers": 2,
+            "max_pending": 4,
+            "retry": Retry(2),
+            "rate_limit": TokenBucket(100),
+            "limiter": anyio.CapacityLimiter(2),
+            "timeout": 1.0,
+            "middleware": (),
+            "on_outcome": print,
+            "fail_fast": False,
+            "name": "p",
+        },
+        "Batcher": {
+            "max_size": 10,
+            "max_wait": 0.5,
+            "concurrency": 1,
+            "max_pending": 20,
+            "dedupe_key": str,
+            "retry": Retry(2),
+            "rate_limit": SlidingWindow(10),
+            "limiter": anyio.CapacityLimiter(2),
+            "timeout": Timeout(1.0),
+            "middleware": (),
+            "name": "b",
+        },
+        "Retry": {
+            "attempts": 3,
+            "on": ValueError,
+            "wait_initial": 0.1,
+            "wait_max": 1.0,
+            "wait_exp_base": 2.0,
+            "wait_jitter": True,
+            "deadline": 5.0,
+            "cap_retry_after": False,
+        },
+        "TokenBucket": {"rate": 10, "per": 1.0, "burst": 2},
+        "SlidingWindow": {"limit": 10, "per": 1.0},
+    }
+
+
+def _is_accepted(factory: str, name: str, value: Any) -> bool:
+    """The few 'bad-looking' values a parameter legitimately accepts."""
+    optional = {
+        "Pool": {"max_pending", "retry", "rate_limit", "limiter", "timeout", "on_outcome", "name"},
+        "Batcher": {
+            "max_wait",
+            "max_pending",
+            "dedupe_key",
+            "retry",
+            "rate_limit",
+            "limiter",
+            "timeout",
+            "name",
+        },
+        "Retry": {"deadline"},
+    }
+    if value is None and name in optional.get(factory, set()):
+        return True
+    if name == "name" and isinstance(value, str):
+        return True
+    if name in ("fail_fast", "wait_jitter", "cap_retry_after") and value is True:
+        return True
+    if name == "on_outcome" and callable(value):
+        return True  # a plain or async callback
+    if name == "on" and callable(value) and value not in (object, handler):
+        return True  # a plain predicate (an async one would always be true)
+    if name == "dedupe_key" and value is object:
+        return True  # callable; it fails at add(), where the item is known
+    if name == "max_wait" and (value == 0 or value == float("inf")):
+        return True  # flush at once / only by size and flush()
+    if name == "wait_max" and value in (0, float("inf")):
+        return True  # retry at once / no cap
+    if name == "wait_initial" and value == 0:
+        return True
+    return name == "middleware" and value == []  # an empty sequence; not a dict
+
+
+def test_random_bad_values_raise_value_or_type_error_naming_the_parameter() -> None:
+    """Every option of every constructor, given bad values (alone and several at
+    once): a ValueError or TypeError naming a bad parameter, never anything else."""
+    import random
+
+    from corral import Batcher, Retry, SlidingWindow, TokenBucket
+
+    factories: dict[str, Any] = {
+        "Pool": lambda **kw: Pool(handler, **kw),
+        "Batcher": lambda **kw: Batcher(handler, **kw),
+        "Retry": Retry,
+        "TokenBucket": TokenBucket,
+        "SlidingWindow": SlidingWindow,
+    }
+    good = _good_options()
+    rng = random.Random(5)
+    cases = 0
+    for _ in range(3000):
+        factory = rng.choice(list(factories))
+        options = dict(good[factory])
+        names = rng.sample(sorted(options), min(len(options), rng.choice([1, 1, 1, 2, 3])))
+        bad: list[str] = []
+        for name in names:
+            value = rng.choice(BAD_VALUES)
+            options[name] = value
+            if not _is_accepted(factory, name, value):
+                bad.append(name)
+        refused: Exception | None = None
+        try:
+            factories[factory](**options)
+        except (ValueError, TypeError) as error:
+            refused = error
+        if refused is None:
+            assert not bad, f"{factory} accepted bad {bad}: {options}"
+        else:
+            assert bad, f"{factory}({options}) refused good options: {refused}"
+            assert any(name in str(refused) for name in bad), (factory, bad, str(refused))
+            cases += 1
+    assert cases > 2000
+
+
+@pytest.mark.anyio
+async def test_bad_call_arguments_are_refused_at_the_call() -> None:
+    from corral import Batcher
+
+    async with Pool(handler) as pool:
+        with pytest.raises(TypeError, match="id must be hashable"):
+            await pool.submit(1, id=[1])
+        with pytest.raises(TypeError, match="id must be hashable"):
+            pool.submit_nowait(1, id={})
+        assert pool.stats.submitted == 0
+    async with Batcher(handler, dedupe_key=lambda x: x) as batcher:
+        with pytest.raises(TypeError, match="dedupe_key must return a hashable"):
+            await batcher.add([1])
+        with pytest.raises(TypeError, match="items"):
+            await batcher.add_many(None)  # type: ignore[arg-type]
+        assert batcher.stats.added == 0

@@ -415,6 +415,8 @@ class Pool(Generic[T, R]):
         :raises PoolClosed: the pool is not running.
         """
         await checkpoint()
+        if id is not None:
+            _check_id(id)
         if self._state is not _RUNNING:
             await self._raise_closed()
         if (self._queued >= self._max_pending or self._space_waiters) and (
@@ -433,6 +435,8 @@ class Pool(Generic[T, R]):
             submits from the pool's own handler).
         :raises PoolClosed: the pool is not running.
         """
+        if id is not None:
+            _check_id(id)
         if self._state is not _RUNNING:
             raise self._closed_error()
         if (self._queued >= self._max_pending or self._space_waiters) and (
@@ -734,6 +738,13 @@ class Pool(Generic[T, R]):
                 user(outcome)
 
             self._on_outcome_sync = both
+
+
+def _check_id(id: object) -> None:
+    try:
+        hash(id)
+    except TypeError:
+        raise TypeError(f"id must be hashable, got {id!r}") from None
 
 
 def _stray_cancellation(exc: BaseException) -> Exception:

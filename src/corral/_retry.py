@@ -11,6 +11,7 @@ from typing import TypeVar
 import anyio
 import attrs
 
+from ._handlers import is_async_callable
 from ._validate import check_bool, check_int, check_number
 
 __all__ = ["Retry", "backoff"]
@@ -93,6 +94,11 @@ def _check_on(value: object) -> object:
         raise TypeError(
             "on must be an Exception subclass, a tuple of them, or a predicate "
             f"taking the exception; got {value!r}"
+        )
+    if is_async_callable(value):
+        raise TypeError(
+            f"on must be a plain predicate, got the async function {value!r} "
+            "(its coroutine would always count as true)"
         )
     return value
 
