@@ -41,8 +41,8 @@ from anyio.lowlevel import checkpoint
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
-from ._pool import _clock, _stray_cancellation, _unwrap_group
-from ._retry import Retry, _retry_after, backoff
+from ._pool import _clock, _end_task_group, _stray_cancellation, _unwrap_group
+from ._retry import Retry
 from ._validate import check_int, check_number, check_optional_str
 
 __all__ = ["Batcher", "BatcherStats"]
@@ -443,25 +443,19 @@ class Batcher(Generic[T, R]):
         assert tg is not None
         cancelled = anyio.get_cancelled_exc_class()
         body_exc = exc
-        if (exc is None or not isinstance(exc, cancelled)) and self._state is _RUNNING:
-            # flush everything that was added, then stop
-            self._begin_closing()
-            try:
-                await self._wait_stopped()
-            except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised below
-                exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
-        self._close()
-        raised: BaseException | None = None
-        suppress = False
-        try:
-            # The flushers never raise (one that breaks records why in
-            # _stop_reason), so what the task group raises is the block's
-            # exception, possibly wrapped, or a cancellation.
-            suppress = await tg.__aexit__(exc_type, exc, tb)
-        except BaseException as error:  # noqa: BLE001 - sorted out below
-            raised = error
-        finally:
-            self._finalize()
+        flush_all = (exc is None or not isinstance(exc, cancelled)) and self._state is _RUNNING
+        # The flushers never raise (one that breaks records why in
+        # _stop_reason), so what the task group raises is the block's
+        # exception, possibly wrapped, or a cancellation.
+        suppress, raised = await _end_task_group(
+            tg,
+            exc_type,
+            exc,
+            tb,
+            drain=self._flush_all if flush_all else None,
+            close=self._close,
+            finalize=self._finalize,
+        )
         if self._stop_reason is not None:
             # what broke a flusher (KeyboardInterrupt, ...); a block exception
             # is its __context__
@@ -482,22 +476,20 @@ class Batcher(Generic[T, R]):
             raise _unwrap_group(raised)
         return suppress
 
-    def _begin_closing(self) -> None:
-        """Take no new items; let every flusher flush what is left, then exit."""
+    async def _flush_all(self) -> None:
+        """Take no new items; let the flushers flush what is left, and wait."""
         self._state = _CLOSING
         self._wake_adders()
         self._wake_all_parked()
+        await checkpoint()
+        assert self._stopped is not None
+        if self._running:
+            await self._stopped.wait()
 
     def _wake_all_parked(self) -> None:
         while self._parked:
             self._parked.popleft().set()
         self._kicked = False
-
-    async def _wait_stopped(self) -> None:
-        await checkpoint()
-        assert self._stopped is not None
-        if self._running:
-            await self._stopped.wait()
 
     def _close(self) -> None:
         self._state = _CLOSED
@@ -604,8 +596,7 @@ class Batcher(Generic[T, R]):
             raise self._closed_error()
         if not batch:
             return
-        key = self._key
-        keys = [key(item) for item in batch]
+        keys = [None] * len(batch) if self._dedupe_key is None else list(map(self._key, batch))
         need = len(batch)
         waited = bool(self._space_waiters) or not self._fits(need)
         if waited:
@@ -692,10 +683,9 @@ class Batcher(Generic[T, R]):
             raise waiter.error
 
     def _key(self, item: T) -> Hashable:
-        key_fn = self._dedupe_key
-        if key_fn is None:
-            return None
-        key = key_fn(item)
+        """``dedupe_key(item)``, checked to be hashable (only with a dedupe_key)."""
+        assert self._dedupe_key is not None
+        key = self._dedupe_key(item)
         try:
             hash(key)
         except TypeError:
@@ -1016,17 +1006,7 @@ class Batcher(Generic[T, R]):
     def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
         self._flush_failures += 1
         self._failures += 1
-        policy = self._failure_policy
-        delay = backoff(
-            self._failures,
-            wait_initial=policy.wait_initial,
-            wait_max=policy.wait_max,
-            wait_exp_base=policy.wait_exp_base,
-            jitter=policy.wait_jitter,
-            retry_after=_retry_after(error),
-            cap_retry_after=policy.cap_retry_after,
-            uniform=_equal_jitter,
-        )
+        delay = self._failure_policy._wait(self._failures, error, _equal_jitter)
         if not math.isfinite(delay):
             delay = _FAILURE_BACKOFF.wait_max
         delay = max(delay, _MIN_FAILURE_WAIT)

@@ -104,6 +104,39 @@ def _clock() -> Callable[[], float]:
         return anyio.current_time
 
 
+async def _end_task_group(
+    tg: anyio.abc.TaskGroup,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+    *,
+    drain: Callable[[], Awaitable[None]] | None,
+    close: Callable[[], None],
+    finalize: Callable[[], None],
+) -> tuple[bool, BaseException | None]:
+    """The end of a Pool's or Batcher's block, shared.
+
+    ``drain`` (if given) lets the work run out; if it is interrupted (a
+    cancellation), the task group exits with that instead. Then ``close``
+    takes no more work, the task group exits (cancelling what is left when
+    there is an exception), and ``finalize`` records what did not finish, also
+    if the exit itself raised. Returns the task group's ``__aexit__`` result
+    and what it raised, for the caller to sort out.
+    """
+    if drain is not None:
+        try:
+            await drain()
+        except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised by tg
+            exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
+    close()
+    try:
+        return await tg.__aexit__(exc_type, exc, tb), None
+    except BaseException as error:  # noqa: BLE001 - sorted out by the caller
+        return False, error
+    finally:
+        finalize()
+
+
 def _unwrap_group(exc: BaseException) -> BaseException:
     """Undo the one group the task group wrapped a single exception in.
 
@@ -339,23 +372,18 @@ class Pool(Generic[T, R]):
         assert tg is not None
         cancelled = anyio.get_cancelled_exc_class()
         body_exc = exc
-        if exc is None and self._state is _RUNNING:
-            try:
-                await self._wait_idle()
-            except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised below
-                exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
-        self._close()
-        raised: BaseException | None = None
-        suppress = False
-        try:
-            # The pool's own tasks never raise (a worker or feeder that breaks
-            # records why in _stop_reason), so what the task group raises is
-            # the block's exception, possibly wrapped, or a cancellation.
-            suppress = await tg.__aexit__(exc_type, exc, tb)
-        except BaseException as error:  # noqa: BLE001 - sorted out below
-            raised = error
-        finally:
-            self._finalize()
+        # The pool's own tasks never raise (a worker or feeder that breaks
+        # records why in _stop_reason), so what the task group raises is the
+        # block's exception, possibly wrapped, or a cancellation.
+        suppress, raised = await _end_task_group(
+            tg,
+            exc_type,
+            exc,
+            tb,
+            drain=self._wait_idle if exc is None and self._state is _RUNNING else None,
+            close=self._close,
+            finalize=self._finalize,
+        )
         if body_exc is not None and not isinstance(body_exc, cancelled):
             return False  # the block's own exception, re-raised exactly as it was
         if self._stop_reason is not None:

@@ -159,6 +159,12 @@ class Retry:
 
     def wait_before(self, retry: int, error: Exception) -> float:
         """Seconds to wait before retry number ``retry`` after ``error``."""
+        return self._wait(retry, error, random.uniform)
+
+    def _wait(
+        self, retry: int, error: Exception, uniform: Callable[[float, float], float]
+    ) -> float:
+        """:meth:`wait_before` with the jitter drawn by ``uniform(low, high)``."""
         return backoff(
             retry,
             wait_initial=self.wait_initial,
@@ -167,6 +173,7 @@ class Retry:
             jitter=self.wait_jitter,
             retry_after=_retry_after(error),
             cap_retry_after=self.cap_retry_after,
+            uniform=uniform,
         )
 
     async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
