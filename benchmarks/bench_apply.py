@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
+from _harness import backends, fmt  # the script's own folder is on sys.path
 
 import corral
 
@@ -102,23 +103,6 @@ def measure(
     return timings
 
 
-def backends() -> list[tuple[str, str, dict[str, Any]]]:
-    found = [("asyncio", "asyncio", {})]
-    try:
-        import uvloop  # noqa: F401
-
-        found.append(("uvloop", "asyncio", {"use_uvloop": True}))
-    except ImportError:
-        pass
-    try:
-        import trio  # noqa: F401
-
-        found.append(("trio", "trio", {}))
-    except ImportError:
-        pass
-    return found
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
@@ -138,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         t = measure(backend, options, HANDLERS[args.handler], args.items, args.workers, args.repeat)
         base, ours = t["hand-written"], t["corral"]
         ratio = statistics.median(o / b for o, b in zip(ours, base, strict=True))
-
-        def fmt(values: list[float]) -> str:
-            return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
         print(f"{label:<8} {fmt(base):>22} {fmt(ours):>22} {ratio:>5.2f}x")
     return 0

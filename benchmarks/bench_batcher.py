@@ -20,13 +20,13 @@ and the ratio corral / hand-written.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from _harness import backends, fmt, measure, ratio  # the script's folder is on sys.path
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 import corral
 
@@ -42,31 +42,40 @@ async def double_all(batch: list[int]) -> list[int]:
 # ---------------------------------------------------------------- add contenders
 
 
+async def collect(
+    receive: MemoryObjectReceiveStream[Any],
+    batch: int,
+    flush: Callable[[list[Any]], Awaitable[None]],
+) -> None:
+    """The hand-written collector: take what has accumulated (up to ``batch``
+    items) as soon as it is free and flush it: natural batching."""
+    receive_nowait = receive.receive_nowait
+    while True:
+        try:
+            first = await receive.receive()
+        except anyio.EndOfStream:
+            return
+        chunk = [first]
+        while len(chunk) < batch:
+            try:
+                chunk.append(receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                break
+        await flush(chunk)
+
+
 async def hand_written_add(items: int, batch: int, nowait: bool) -> int:
-    """A bounded stream, one collector task flushing whatever has accumulated
-    (up to ``batch`` items) as soon as it is free: natural batching."""
+    """A bounded stream and one collector task."""
     send, receive = anyio.create_memory_object_stream[int](2 * batch)
     flushed = 0
 
-    async def collector() -> None:
+    async def flush(chunk: list[int]) -> None:
         nonlocal flushed
-        receive_nowait = receive.receive_nowait
-        while True:
-            try:
-                first = await receive.receive()
-            except anyio.EndOfStream:
-                return
-            chunk = [first]
-            while len(chunk) < batch:
-                try:
-                    chunk.append(receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-            await no_op(chunk)
-            flushed += len(chunk)
+        await no_op(chunk)
+        flushed += len(chunk)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(collector)
+        tg.start_soon(collect, receive, batch, flush)
         with send:
             if nowait:
                 send_nowait = send.send_nowait
@@ -112,23 +121,11 @@ async def hand_written_submit(callers: int, batch: int) -> int:
     send, receive = anyio.create_memory_object_stream[tuple[int, _Slot]](2 * batch)
     done = 0
 
-    async def collector() -> None:
-        receive_nowait = receive.receive_nowait
-        while True:
-            try:
-                first = await receive.receive()
-            except anyio.EndOfStream:
-                return
-            chunk = [first]
-            while len(chunk) < batch:
-                try:
-                    chunk.append(receive_nowait())
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-            results = await double_all([x for x, _ in chunk])
-            for (_, slot), result in zip(chunk, results, strict=True):
-                slot.result = result
-                slot.event.set()
+    async def flush(chunk: list[tuple[int, _Slot]]) -> None:
+        results = await double_all([x for x, _ in chunk])
+        for (_, slot), result in zip(chunk, results, strict=True):
+            slot.result = result
+            slot.event.set()
 
     async def caller(x: int) -> None:
         nonlocal done
@@ -139,7 +136,7 @@ async def hand_written_submit(callers: int, batch: int) -> int:
         done += 1
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(collector)
+        tg.start_soon(collect, receive, batch, flush)
         async with anyio.create_task_group() as callers_tg:
             for x in range(callers):
                 callers_tg.start_soon(caller, x)
@@ -196,53 +193,6 @@ def async_batcher_submit() -> Callable[[int, int], Awaitable[int]] | None:
 
 
 # -------------------------------------------------------------------- measuring
-
-
-def measure(
-    backend: str,
-    options: dict[str, Any],
-    contenders: dict[str, Callable[[], Awaitable[int]]],
-    count: int,
-    repeat: int,
-) -> dict[str, list[float]]:
-    timings: dict[str, list[float]] = {label: [] for label in contenders}
-
-    async def main() -> None:
-        for _ in range(repeat):
-            for label, run in contenders.items():
-                start = time.perf_counter()
-                handled = await run()
-                elapsed = time.perf_counter() - start
-                assert handled == count, (label, handled, count)
-                timings[label].append(elapsed / count * 1e6)
-
-    anyio.run(main, backend=backend, backend_options=options)
-    return timings
-
-
-def backends() -> list[tuple[str, str, dict[str, Any]]]:
-    found = [("asyncio", "asyncio", {})]
-    try:
-        import uvloop  # noqa: F401
-
-        found.append(("uvloop", "asyncio", {"use_uvloop": True}))
-    except ImportError:
-        pass
-    try:
-        import trio  # noqa: F401
-
-        found.append(("trio", "trio", {}))
-    except ImportError:
-        pass
-    return found
-
-
-def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
-def ratio(ours: list[float], base: list[float]) -> str:
-    return f"{statistics.median(o / b for o, b in zip(ours, base, strict=True)):.2f}x"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import anyio
-from bench_apply import backends  # the script's own folder is on sys.path
+from _harness import backends, fmt  # the script's own folder is on sys.path
 
 import corral
 
@@ -116,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.items, args.repeat, args.admissions = 20_000, 3, 500
-
-    def fmt(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
     print(
         f"middleware overhead: apply_to_all, no-await handler, {args.items} items, "
