@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -82,6 +82,25 @@ class Sink:
 
 def flat(batches: Sequence[Sequence[Any]]) -> list[Any]:
     return [item for batch in batches for item in batch]
+
+
+async def submit_one_at_a_time(
+    batcher: Batcher[Any, Any], items: Iterable[Any], expected: type[Exception]
+) -> list[Exception]:
+    """Submit each item from its own task, in order; collect ``expected`` errors."""
+    errors: list[Exception] = []
+
+    async def one(item: Any) -> None:
+        try:
+            await batcher.submit(item)
+        except expected as error:
+            errors.append(error)
+
+    async with anyio.create_task_group() as tg:
+        for item in items:
+            tg.start_soon(one, item)
+            await anyio.wait_all_tasks_blocked()
+    return errors
 
 
 # ------------------------------------------------------------------ policies
@@ -361,17 +380,7 @@ async def test_flush_result_of_wrong_shape_is_a_value_error_for_every_caller(
     sink = Sink(results=lambda batch: returned)
     errors: list[BaseException] = []
     async with Batcher(sink, max_size=3, max_wait=60) as batcher:
-
-        async def one(i: int) -> None:
-            try:
-                await batcher.submit(i)
-            except ValueError as error:
-                errors.append(error)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(3):
-                tg.start_soon(one, i)
-                await anyio.wait_all_tasks_blocked()
+        errors = await submit_one_at_a_time(batcher, range(3), ValueError)
     assert len(errors) == 3
     assert "results" in str(errors[0]) or "sequence" in str(errors[0])
     assert sink.batches == [[0, 1, 2]]
@@ -762,17 +771,7 @@ async def test_flush_result_that_is_not_indexable_is_a_value_error_per_caller() 
 
     errors: list[BaseException] = []
     async with Batcher(as_set, max_size=2, max_wait=60) as batcher:
-
-        async def one(i: int) -> None:
-            try:
-                await batcher.submit(i)
-            except ValueError as error:
-                errors.append(error)
-
-        async with anyio.create_task_group() as tg:
-            for i in range(4):
-                tg.start_soon(one, i)
-                await anyio.wait_all_tasks_blocked()
+        errors = await submit_one_at_a_time(batcher, range(4), ValueError)
     assert len(errors) == 4
     assert "set" in str(errors[0])
     assert batcher.stats.flushes == 2
