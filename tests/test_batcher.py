@@ -626,7 +626,7 @@ async def test_regression_a_failing_flush_does_not_kill_the_batcher() -> None:
     async with Batcher(sink, max_size=2, max_wait=None, retry=QUICK) as batcher:
         for i in range(6):
             await batcher.add(i)
-            await anyio.sleep(0.003)
+            await anyio.wait_all_tasks_blocked()  # its flush ran (and maybe failed)
     assert flat(sink.batches) == list(range(6))
     assert batcher.stats.flush_failures == 3
     assert batcher.stats.flushed == 6
