@@ -1,20 +1,25 @@
-"""Batcher against a hand-written anyio collector (and async-batcher for submit).
+"""Batcher against a hand-written anyio collector and the peers.
 
-Runs every contender in the same process, interleaved (A B A B ...), on
-asyncio, asyncio+uvloop and trio, and prints medians (min-max) of µs per item
-and the ratio corral / hand-written.
+Every contender runs in the same process, interleaved (A B A B ...), on
+asyncio, asyncio+uvloop and trio (the peers where they run), and the tables
+give medians (min-max) of µs per item and the ratio to the hand-written code
+that does the same job.
 
-* ``add``: one producer awaits ``add`` for every item (a checkpoint each, as
-  anyio's ``send`` does); the sink is a no-op that receives batches of up to
-  ``--batch`` items. The hand-written collector is a bounded memory object
-  stream and one task draining it with ``receive_nowait``.
-* ``add_nowait``: the same with the producer using the ``*_nowait`` fast path
-  and awaiting only when the buffer is full, on both sides.
+* ``add``: one producer pushes ``--items`` items into a no-op sink that
+  receives batches of up to ``--batch`` items. The hand-written collector is a
+  bounded memory object stream and one task draining it with
+  ``receive_nowait`` (natural batching). ``await add`` checkpoints on every
+  item, as anyio's ``await send`` does; ``add_nowait`` awaits only when the
+  queue is full, as ``send_nowait`` with a fallback does. ``beque`` (never a
+  checkpoint, no backpressure) and ``flushq`` (a checkpoint every 512th item)
+  are asyncio only.
 * ``submit``: ``--callers`` tasks each await one result through a batching
   function (dynamic batching, as for model inference); against a hand-written
-  anyio version and, on asyncio, the ``async-batcher`` package if installed.
+  anyio version and ``async-batcher`` (asyncio only). beque and flushq hand
+  no result back to the caller.
 
-    python benchmarks/bench_batcher.py [--items 1000000] [--batch 1000] [--repeat 5]
+    python benchmarks/bench_batcher.py [--items 200000] [--batch 1000] [--repeat 5]
+        [--callers 20000] [--submit-batch 64] [--quick]
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from _harness import backends, fmt, measure, ratio  # the script's folder is on sys.path
+from _harness import Contender, compare  # the script's folder is on sys.path
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import corral
@@ -192,71 +197,130 @@ def async_batcher_submit() -> Callable[[int, int], Awaitable[int]] | None:
     return run
 
 
+# ---------------------------------------------------------------- add peers
+
+
+async def beque_add(items: int, batch: int) -> int:
+    from beque import Beque
+
+    flushed = 0
+
+    async def sink(chunk: list[int]) -> None:
+        nonlocal flushed
+        flushed += len(chunk)
+
+    async with Beque(on_flush=sink, max_batch_size=batch, flush_interval=0.05) as queue:
+        add = queue.add
+        for x in range(items):
+            await add(x)
+    return flushed
+
+
+async def flushq_enqueue(items: int, batch: int) -> int:
+    from flushq import FlushQueue, NaturalPolicy
+
+    flushed = 0
+
+    async def sink(chunk: list[int]) -> None:
+        nonlocal flushed
+        flushed += len(chunk)
+
+    queue = FlushQueue(sink, NaturalPolicy(max_records=batch), max_queue_size=2 * batch)
+    async with queue:
+        enqueue = queue.enqueue
+        for x in range(items):
+            await enqueue(x)
+    return flushed
+
+
 # -------------------------------------------------------------------- measuring
+
+HAND_AWAIT = "hand-written collector, `await send`"
+HAND_NOWAIT = "hand-written collector, `send_nowait`"
+ADD_PAIRS = {
+    HAND_NOWAIT: HAND_AWAIT,
+    "corral `add_nowait` (`await add` when full)": HAND_NOWAIT,
+    # neither checkpoints on every item (beque never, flushq every 512th), so
+    # the hand-written loop that does the same is the one without checkpoints
+    "beque `await add`": HAND_NOWAIT,
+    "flushq `await enqueue`": HAND_NOWAIT,
+}
+
+
+def installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def add_lineup(backend: str, items: int, batch: int) -> dict[str, Contender | str]:
+    on_asyncio = backend in ("asyncio", "uvloop")
+    entries: dict[str, Contender | str] = {
+        HAND_AWAIT: lambda: hand_written_add(items, batch, False),
+        HAND_NOWAIT: lambda: hand_written_add(items, batch, True),
+        "corral `await add`": lambda: corral_add(items, batch, False),
+        "corral `add_nowait` (`await add` when full)": lambda: corral_add(items, batch, True),
+    }
+    if installed("beque"):
+        entries["beque `await add`"] = (
+            (lambda: beque_add(items, batch)) if on_asyncio else "asyncio only"
+        )
+    if installed("flushq"):
+        entries["flushq `await enqueue`"] = (
+            (lambda: flushq_enqueue(items, batch)) if on_asyncio else "asyncio only"
+        )
+    return entries
+
+
+def submit_lineup(backend: str, callers: int, batch: int) -> dict[str, Contender | str]:
+    entries: dict[str, Contender | str] = {
+        "hand-written": lambda: hand_written_submit(callers, batch),
+        "corral `submit`": lambda: corral_submit(callers, batch),
+    }
+    peer = async_batcher_submit()
+    if peer is not None:
+        entries["async-batcher `process`"] = (
+            (lambda: peer(callers, batch)) if backend in ("asyncio", "uvloop") else "asyncio only"
+        )
+    for name in ("beque", "flushq"):
+        if installed(name):
+            entries[name] = "no per-item result"
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--items", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--callers", type=int, default=20_000)
     parser.add_argument("--submit-batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="100k items, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="30k items, 3k callers, 3 repeats")
     args = parser.parse_args(argv)
     if args.quick:
-        args.items, args.callers, args.repeat = 100_000, 5_000, 3
+        args.items, args.callers, args.repeat = 30_000, 3_000, 3
 
-    for nowait in (False, True):
-        name = "add_nowait (await add when full)" if nowait else "await add"
-        print(
-            f"\nBatcher {name}: {args.items} items, batches of <= {args.batch}, no-op sink, "
-            f"median (min-max) of {args.repeat} interleaved runs, µs/item"
-        )
-        print(f"{'backend':<8} {'hand-written':>22} {'corral':>22} {'ratio':>6}")
-        for label, backend, options in backends():
-
-            def bind(fn: Any, nowait: bool = nowait) -> Callable[[], Awaitable[int]]:
-                return lambda: fn(args.items, args.batch, nowait)
-
-            t = measure(
-                backend,
-                options,
-                {"hand": bind(hand_written_add), "corral": bind(corral_add)},
-                args.items,
-                args.repeat,
-            )
-            print(
-                f"{label:<8} {fmt(t['hand']):>22} {fmt(t['corral']):>22} "
-                f"{ratio(t['corral'], t['hand']):>6}"
-            )
-
-    peer = async_batcher_submit()
-    print(
-        f"\nBatcher.submit: {args.callers} concurrent callers, batches of <= "
-        f"{args.submit_batch}, median (min-max) of {args.repeat} interleaved runs, µs/item"
+    compare(
+        f"#### Batcher `add`: one producer, {args.items} items, batches of <= {args.batch}, "
+        f"no-op sink: µs per item, median (min-max) of {args.repeat} interleaved runs; "
+        "**ratio** to the hand-written collector with the same producer loop",
+        lambda backend: add_lineup(backend, args.items, args.batch),
+        args.items,
+        args.repeat,
+        HAND_AWAIT,
+        ADD_PAIRS,
     )
-    print(
-        f"{'backend':<8} {'hand-written':>22} {'corral':>22} {'ratio':>6} "
-        f"{'async-batcher':>22} {'corral/it':>9}"
+    compare(
+        f"#### Batcher `submit`: {args.callers} concurrent callers each awaiting its result, "
+        f"batches of <= {args.submit_batch}: µs per item, median (min-max) of {args.repeat} "
+        "interleaved runs; **ratio** to the hand-written version",
+        lambda backend: submit_lineup(backend, args.callers, args.submit_batch),
+        args.callers,
+        args.repeat,
+        "hand-written",
     )
-    for label, backend, options in backends():
-        contenders: dict[str, Callable[[], Awaitable[int]]] = {
-            "hand": lambda: hand_written_submit(args.callers, args.submit_batch),
-            "corral": lambda: corral_submit(args.callers, args.submit_batch),
-        }
-        if peer is not None and backend == "asyncio":
-            contenders["peer"] = lambda: peer(args.callers, args.submit_batch)
-        t = measure(backend, options, contenders, args.callers, args.repeat)
-        line = (
-            f"{label:<8} {fmt(t['hand']):>22} {fmt(t['corral']):>22} "
-            f"{ratio(t['corral'], t['hand']):>6}"
-        )
-        if "peer" in t:
-            line += f" {fmt(t['peer']):>22} {ratio(t['corral'], t['peer']):>9}"
-        else:
-            line += f" {'n/a':>22} {'':>9}"
-        print(line)
     return 0
 
 

@@ -1,6 +1,8 @@
 """Peak memory (RSS) for pushing many items, each contender in a fresh process.
 
 ``asyncio.gather`` over one coroutine per item holds every item's task at once;
+the hand-written anyio pool, aiometer and aqute hold a bounded number of tasks
+(aqute and the hand-written pool also keep every result);
 ``apply_to_all`` holds every item's outcome (it returns them all) but only a
 bounded number of tasks; ``apply_to_each``, ``Pool.submit`` and ``Batcher.add``
 hold a bounded window of items whatever the input length. The baseline is an
@@ -12,6 +14,7 @@ empty interpreter with anyio and corral imported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import subprocess
 import sys
@@ -20,6 +23,10 @@ from typing import Any
 CONTENDERS = [
     ("baseline (imports only)", "asyncio"),
     ("asyncio.gather", "asyncio"),
+    ("hand-written anyio pool", "asyncio"),
+    ("aiometer.run_on_each", "asyncio"),
+    ("aqute process_all", "asyncio"),
+    ("flushq enqueue", "asyncio"),
     ("apply_to_all", "asyncio"),
     ("apply_to_each", "asyncio"),
     ("Pool.submit", "asyncio"),
@@ -47,6 +54,25 @@ def child(name: str, backend: str, items: int) -> None:
             import asyncio
 
             return len(await asyncio.gather(*(handler(i) for i in range(items))))
+        if name == "hand-written anyio pool":
+            from bench_apply import hand_written  # results stored by index
+
+            return await hand_written(handler, items, 100)
+        if name == "aiometer.run_on_each":
+            import aiometer
+
+            await aiometer.run_on_each(handler, range(items), max_at_once=100)
+            return items
+        if name == "aqute process_all":
+            from aqute import Aqute
+
+            return len(
+                await Aqute(handle_coro=handler, workers_count=100).process_all(range(items))
+            )
+        if name == "flushq enqueue":
+            from bench_batcher import flushq_enqueue
+
+            return await flushq_enqueue(items, 1000)
         if name == "apply_to_all":
             return len(await corral.apply_to_all(handler, range(items), workers=100))
         if name == "apply_to_each":
@@ -83,9 +109,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.items = 100_000
-    print(f"peak RSS for {args.items} items, each run in a fresh process (MiB)")
-    print(f"{'contender':<26} {'backend':<8} {'peak RSS':>9}")
+    print(
+        f"\n#### Peak RSS (MiB) for {args.items} items (a handler that awaits `sleep(0)`, "
+        "100 workers; batches of <= 1000), each run in a fresh process\n"
+    )
+    print("| contender | backend | peak RSS (MiB) |")
+    print("| --- | --- | ---: |")
     for name, backend in CONTENDERS:
+        module = {
+            "aiometer.run_on_each": "aiometer",
+            "aqute process_all": "aqute",
+            "flushq enqueue": "flushq",
+        }.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            print(f"| {name} | {backend} | not installed |")
+            continue
         result = subprocess.run(
             [sys.executable, __file__, "--items", str(args.items), "--child", name, backend],
             capture_output=True,
@@ -93,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
         kib = int(result.stdout.strip().splitlines()[-1])
-        print(f"{name:<26} {backend:<8} {kib / 1024:>9.0f}")
+        print(f"| {name} | {backend} | {kib / 1024:.0f} |")
     return 0
 
 
