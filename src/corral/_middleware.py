@@ -12,12 +12,13 @@ during a retry's backoff. With nothing configured the chain *is* the handler.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import attrs
 
 from ._handlers import check_callable, is_async_callable
+from ._limits import SlidingWindow, TokenBucket
 from ._retry import Retry
 from ._validate import check_number
 
@@ -154,7 +155,7 @@ def build_chain(
     if timeout is not None:
         chain = _with_timeout(chain, timeout.seconds, clock)
     if rate_limit is not None:
-        chain = _with_rate_limit(chain, rate_limit)
+        chain = _with_rate_limit(chain, rate_limit, clock)
     if limiter is not None:
         chain = _with_limiter(chain, limiter)
     if retry is not None:
@@ -187,8 +188,17 @@ def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -
     return timed
 
 
-def _with_rate_limit(call_next: Call, rate_limit: RateLimiter) -> Call:
+def _with_rate_limit(call_next: Call, rate_limit: RateLimiter, clock: Callable[[], float]) -> Call:
     acquire = rate_limit.acquire
+    if type(rate_limit) in (SlidingWindow, TokenBucket):  # ours, not a subclass
+        admit_one_at = cast("SlidingWindow | TokenBucket", rate_limit)._admit_one_at
+
+        async def rate_limited_own(item: Any) -> Any:
+            if not admit_one_at(clock()):
+                await acquire()
+            return await call_next(item)
+
+        return rate_limited_own
     acquire_nowait = getattr(rate_limit, "acquire_nowait", None)
     if not callable(acquire_nowait):
 
