@@ -144,6 +144,30 @@ def compare(
     return results
 
 
+def key_ratio(
+    label: str,
+    results: Mapping[str, Mapping[str, list[float]]],
+    row: str,
+    base: str,
+    target: float = 1.10,
+) -> None:
+    """Print one key ratio on every backend, marking where it is above ``target``
+    (the regression guard that ``--quick`` runs end with)."""
+    cells = []
+    over = []
+    for backend, timings in results.items():
+        if row in timings and base in timings:
+            value = statistics.median(
+                o / b for o, b in zip(timings[row], timings[base], strict=True)
+            )
+            cells.append(f"{backend} {value:.2f}x")
+            if value > target:
+                over.append(backend)
+    verdict = f"above {target:.2f}x on {', '.join(over)}" if over else f"<= {target:.2f}x"
+    print(f"- key ratio, {label}: {'  '.join(cells)}  ({verdict})")
+    sys.stdout.flush()
+
+
 def describe() -> str:
     """The machine, the interpreter and the versions of every contender."""
     cpu = platform.processor() or platform.machine()

@@ -32,7 +32,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import anyio
-from _harness import Contender, compare  # the script's own folder is on sys.path
+from _harness import Contender, compare, key_ratio  # the script's own folder is on sys.path
 from anyio.streams.memory import MemoryObjectSendStream
 
 import corral
@@ -261,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.items, args.workers, args.repeat = 5_000, [100], 3
+    keys: list[tuple[str, dict[str, dict[str, list[float]]]]] = []
     for handler in args.handler:
         for workers in args.workers:
-            compare(
+            results = compare(
                 f"#### `{handler}` handler, {workers} workers: µs per item, median (min-max) "
                 f"of {args.repeat} interleaved runs of {args.items} items; "
                 f"**ratio** to the {BASELINE} (or the hand-written row doing the same job)",
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                 BASELINE,
                 BASELINES,
             )
+            keys.append((f"`{handler}`, {workers} workers", results))
+    print()
+    for label, results in keys:
+        for row in ("corral apply_to_all", "corral Pool.submit_nowait"):
+            key_ratio(f"{row} / {BASELINE}, {label}", results, row, BASELINE)
     return 0
 
 

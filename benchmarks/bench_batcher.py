@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from _harness import Contender, compare  # the script's folder is on sys.path
+from _harness import Contender, compare, key_ratio  # the script's folder is on sys.path
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import corral
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.items, args.callers, args.repeat = 30_000, 3_000, 3
 
-    compare(
+    added = compare(
         f"#### Batcher `add`: one producer, {args.items} items, batches of <= {args.batch}, "
         f"no-op sink: µs per item, median (min-max) of {args.repeat} interleaved runs; "
         "**ratio** to the hand-written collector with the same producer loop",
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         HAND_AWAIT,
         ADD_PAIRS,
     )
-    compare(
+    submitted = compare(
         f"#### Batcher `submit`: {args.callers} concurrent callers each awaiting its result, "
         f"batches of <= {args.submit_batch}: µs per item, median (min-max) of {args.repeat} "
         "interleaved runs; **ratio** to the hand-written version",
@@ -321,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         args.repeat,
         "hand-written",
     )
+    print()
+    key_ratio(f"corral `await add` / {HAND_AWAIT}", added, "corral `await add`", HAND_AWAIT)
+    key_ratio(
+        f"corral `add_nowait` / {HAND_NOWAIT}",
+        added,
+        "corral `add_nowait` (`await add` when full)",
+        HAND_NOWAIT,
+    )
+    key_ratio("corral `submit` / hand-written", submitted, "corral `submit`", "hand-written")
     return 0
 
 

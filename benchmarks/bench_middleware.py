@@ -26,7 +26,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from _harness import Contender, backends, compare  # the script's own folder is on sys.path
+from _harness import (
+    Contender,
+    backends,
+    compare,
+    key_ratio,
+)  # the script's own folder is on sys.path
 from bench_apply import HANDLERS, Handler, hand_written, installed
 
 import corral
@@ -271,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         args.items, args.repeat, args.admissions = 5_000, 3, 300
         args.handler = ["no-await"]
 
+    keys = []
     for handler in args.handler:
         fn = HANDLERS[handler]
-        compare(
+        results = compare(
             f"#### Middleware, `{handler}` handler, {WORKERS} workers: µs per item, median "
             f"(min-max) of {args.repeat} interleaved runs of {args.items} items; **ratio** "
             "to the hand-written pool doing the same",
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             BASELINE,
             MIDDLEWARE_PAIRS,
         )
+        keys.append((handler, results))
     compare(
         f"#### Limiter overhead, a limit that never binds, `no-await` handler, {WORKERS} "
         f"workers: µs per item, median (min-max) of {args.repeat} interleaved runs of "
@@ -303,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, backend, options in backends():
         for name, worst, rate in accuracy(backend, options, args.admissions):
             print(f"| {label} | {name} | {worst} | {rate:.0f} |")
+    print()
+    layered = "corral apply_to_all, retry + rate_limit + timeout"
+    for handler, results in keys:
+        key_ratio(f"{layered} / {HAND_MW}, `{handler}`", results, layered, HAND_MW)
     return 0
 
 
