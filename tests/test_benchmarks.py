@@ -1,0 +1,69 @@
+"""The benchmark scripts run end to end on tiny inputs (so they cannot rot).
+
+Every contender of a run must report handling every item (the harness checks
+that), so this also catches a contender that loses items. Timings are not
+looked at: speed goals live in the benchmarks themselves.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+TINY = {
+    "bench_apply.py": ["--items", "300", "--workers", "4", "--repeat", "1"],
+    "bench_batcher.py": [
+        "--items",
+        "500",
+        "--batch",
+        "16",
+        "--callers",
+        "200",
+        "--submit-batch",
+        "8",
+        "--repeat",
+        "1",
+    ],
+    "bench_middleware.py": ["--items", "300", "--repeat", "1", "--admissions", "150"],
+    "bench_memory.py": ["--items", "500"],
+}
+
+
+def test_every_benchmark_is_covered() -> None:
+    assert sorted(p.name for p in BENCHMARKS.glob("bench_*.py")) == sorted(TINY)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs(script: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *TINY[script]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| corral")]
+    assert rows or script == "bench_memory.py", result.stdout
+    if script == "bench_memory.py":
+        assert "| apply_to_each | trio |" in result.stdout
+    else:
+        assert "- key ratio" in result.stdout
+
+
+def test_machine_description() -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "_harness.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "Python 3." in result.stdout
+    assert "corral" in result.stdout
