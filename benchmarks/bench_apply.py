@@ -29,6 +29,7 @@ import argparse
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -54,6 +55,7 @@ HANDLERS = {"no-await": no_await, "sleep0": sleep_zero}
 BASELINE = "hand-written anyio pool"
 AWAIT_SEND = "hand-written, `await send` per item"
 STREAMED = "hand-written, results streamed to `async for`"
+OUTCOMES = "hand-written, building corral's `Outcome` per item"
 #: Each corral row is compared with the hand-written code that does the same
 #: job: a checkpoint per submitted item, or per outcome consumed.
 BASELINES = {
@@ -132,6 +134,21 @@ async def hand_written(
             async for _ in out_receive:
                 count += 1
     return count
+
+
+def building_outcomes(fn: Handler) -> Callable[[int], Awaitable[corral.Outcome[int, int]]]:
+    """``fn`` returning what corral returns for each item: an ``Outcome`` with
+    the result or the error and the time it took (items are their own index)."""
+
+    async def call(item: int) -> corral.Outcome[int, int]:
+        start = monotonic()
+        try:
+            result = await fn(item)
+        except Exception as exc:
+            return corral.Outcome(item, item, item, None, exc, 1, monotonic() - start)
+        return corral.Outcome(item, item, item, result, None, 1, monotonic() - start)
+
+    return call
 
 
 async def asyncio_queue(fn: Handler, items: int, workers: int) -> int:
@@ -233,6 +250,7 @@ def lineup(backend: str, fn: Handler, items: int, workers: int) -> dict[str, Con
         BASELINE: bind(hand_written),
         AWAIT_SEND: lambda: hand_written(fn, items, workers, nowait=False),
         STREAMED: lambda: hand_written(fn, items, workers, stream=True),
+        OUTCOMES: lambda: hand_written(building_outcomes(fn), items, workers),  # type: ignore[arg-type]
         "corral apply_to_all": bind(corral_apply_to_all),
         "corral apply_to_each": bind(corral_apply_to_each),
         "corral Pool.submit": bind(corral_submit),
@@ -281,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, results in keys:
         for row in ("corral apply_to_all", "corral Pool.submit_nowait"):
             key_ratio(f"{row} / {BASELINE}, {label}", results, row, BASELINE)
+        row = "corral apply_to_all"
+        key_ratio(f"{row} / {OUTCOMES}, {label}", results, row, OUTCOMES)
     return 0
 
 
