@@ -357,9 +357,9 @@ class Pool(Generic[T, R]):
                     middleware=self._middleware,
                     clock=clock,
                 )
-                tg.start_soon(self._worker, chain, attempts, name=f"corral worker {label}#{number}")
+                tg.start_soon(self._work, chain, attempts, name=f"corral worker {label}#{number}")
             else:
-                tg.start_soon(self._worker, call, None, name=f"corral worker {label}#{number}")
+                tg.start_soon(self._work, call, None, name=f"corral worker {label}#{number}")
         return self
 
     async def __aexit__(
@@ -581,20 +581,6 @@ class Pool(Generic[T, R]):
 
     # ---------------------------------------------------------------- workers
 
-    async def _worker(
-        self,
-        call: Callable[[T], Awaitable[R]],
-        attempts: list[float] | None,
-    ) -> None:
-        try:
-            await self._work(call, attempts)
-        except anyio.get_cancelled_exc_class():
-            raise
-        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
-            # on_outcome raised, or a handler raised KeyboardInterrupt/SystemExit:
-            # stop everything; the block re-raises this very exception.
-            self._fail(error)
-
     async def _work(
         self,
         call: Callable[[T], Awaitable[R]],
@@ -612,66 +598,75 @@ class Pool(Generic[T, R]):
         fail_fast = self._fail_fast
         cancelled = anyio.get_cancelled_exc_class()
         streak = 0
-        while True:
-            if queue:
-                if streak == _MAX_STREAK:
-                    streak = 0
-                    await checkpoint()
-                    continue
-                index, item, id_, job = queue.popleft()
-                streak += 1
-            elif self._state is _CLOSED:
-                return
-            else:
-                streak = 0
-                handed = await self._wait_for_work()
-                if handed is None:  # woken by _close
-                    continue
-                index, item, id_, job = handed
-            if space_waiters and self._queued <= self._max_pending:
-                space_waiters.popleft().set()  # its slot goes to the first waiter
-                self._reserved += 1
-            else:
-                self._queued -= 1
-            start = clock()
-            if attempts is None:
-                try:
-                    result = await call(item)
-                except Exception as error:  # noqa: BLE001 - errors are values
-                    outcome: Outcome[T, R] = Outcome(
-                        item, index, id_, None, error, 1, clock() - start
-                    )
-                    self._failed += 1
-                except cancelled as exc:
-                    outcome = Outcome(
-                        item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
-                    )
-                    self._failed += 1
+        try:
+            while True:
+                if queue:
+                    if streak == _MAX_STREAK:
+                        streak = 0
+                        await checkpoint()
+                        continue
+                    index, item, id_, job = queue.popleft()
+                    streak += 1
+                elif self._state is _CLOSED:
+                    return
                 else:
-                    outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
-            else:
-                outcome = await self._call_layered(call, attempts, clock, start, item, index, id_)
-            # -- one step: the item leaves `live` and gets its outcome --
-            del live[index]
-            if job is not None:
-                job._outcome = outcome
-                if job._event is not None:
-                    job._event.set()
-            if sink is not None:
-                sink(outcome)
-            if self._watched:
-                self._notify(index)
-            if fail_fast and outcome.error is not None:
-                self._fail(outcome.error)
-            # -- end of the step --
-            if after is not None:
-                self._in_callbacks += 1
-                try:
-                    await after(outcome)
-                finally:
-                    self._in_callbacks -= 1
+                    streak = 0
+                    handed = await self._wait_for_work()
+                    if handed is None:  # woken by _close
+                        continue
+                    index, item, id_, job = handed
+                if space_waiters and self._queued <= self._max_pending:
+                    space_waiters.popleft().set()  # its slot goes to the first waiter
+                    self._reserved += 1
+                else:
+                    self._queued -= 1
+                start = clock()
+                if attempts is None:
+                    try:
+                        result = await call(item)
+                    except Exception as error:  # noqa: BLE001 - errors are values
+                        outcome: Outcome[T, R] = Outcome(
+                            item, index, id_, None, error, 1, clock() - start
+                        )
+                        self._failed += 1
+                    except cancelled as exc:
+                        outcome = Outcome(
+                            item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
+                        )
+                        self._failed += 1
+                    else:
+                        outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
+                else:
+                    outcome = await self._call_layered(
+                        call, attempts, clock, start, item, index, id_
+                    )
+                # -- one step: the item leaves `live` and gets its outcome --
+                del live[index]
+                if job is not None:
+                    job._outcome = outcome
+                    if job._event is not None:
+                        job._event.set()
+                if sink is not None:
+                    sink(outcome)
                 if self._watched:
-                    self._notify(None)
+                    self._notify(index)
+                if fail_fast and outcome.error is not None:
+                    self._fail(outcome.error)
+                # -- end of the step --
+                if after is not None:
+                    self._in_callbacks += 1
+                    try:
+                        await after(outcome)
+                    finally:
+                        self._in_callbacks -= 1
+                    if self._watched:
+                        self._notify(None)
+        except cancelled:
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
+            # on_outcome raised, or a handler raised KeyboardInterrupt/SystemExit:
+            # stop everything; the block re-raises this very exception.
+            self._fail(error)
 
     async def _call_layered(
         self,
