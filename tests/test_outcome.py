@@ -34,3 +34,20 @@ def test_outcome_is_frozen_and_comparable() -> None:
         a.result = 3  # type: ignore[misc]
     assert a == Outcome(item=1, index=0, id=0, result=2)
     assert attrs.evolve(a, result=3).result == 3
+
+
+def test_fast_constructor_makes_the_same_outcome() -> None:
+    """The workers' private constructor makes a real, frozen Outcome with every
+    field set: equal, same hash, same repr and fields as ``Outcome(...)``."""
+    from corral._outcome import _make_outcome
+
+    error = ValueError("x")
+    made: Outcome[str, int] = _make_outcome("a", 3, "id", 7, error, 2, 0.25)
+    expected: Outcome[str, int] = Outcome("a", 3, "id", 7, error, 2, 0.25)
+    assert type(made) is Outcome
+    assert made == expected
+    assert hash(made) == hash(expected)
+    assert repr(made) == repr(expected)
+    assert attrs.asdict(made, recurse=False) == attrs.asdict(expected, recurse=False)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.result = 3  # type: ignore[misc]

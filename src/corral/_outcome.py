@@ -50,6 +50,45 @@ class Outcome(Generic[T, R]):
         return self.result  # type: ignore[return-value]
 
 
+# A private fast constructor for the worker's hot path. attrs' __init__ for a
+# frozen class sets each field through object.__setattr__ by name; this makes
+# the same object (same class, every slot set, so equal to what
+# ``Outcome(...)`` makes) by calling the slots' own descriptors.
+_FIELDS = ("item", "index", "id", "result", "error", "attempts", "elapsed")
+assert tuple(field.name for field in attrs.fields(Outcome)) == _FIELDS
+_new = object.__new__
+(
+    _set_item,
+    _set_index,
+    _set_id,
+    _set_result,
+    _set_error,
+    _set_attempts,
+    _set_elapsed,
+) = (Outcome.__dict__[name].__set__ for name in _FIELDS)
+
+
+def _make_outcome(
+    item: T,
+    index: int,
+    id: Hashable,
+    result: R | None,
+    error: Exception | None,
+    attempts: int,
+    elapsed: float,
+) -> Outcome[T, R]:
+    """``Outcome(item, index, id, result, error, attempts, elapsed)``, faster."""
+    outcome: Outcome[T, R] = _new(Outcome)
+    _set_item(outcome, item)
+    _set_index(outcome, index)
+    _set_id(outcome, id)
+    _set_result(outcome, result)
+    _set_error(outcome, error)
+    _set_attempts(outcome, attempts)
+    _set_elapsed(outcome, elapsed)
+    return outcome
+
+
 class Job(Generic[T, R]):
     """Handle on one item submitted to a :class:`Pool`.
 

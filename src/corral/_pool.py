@@ -37,7 +37,7 @@ from anyio.lowlevel import checkpoint
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
-from ._outcome import Job, Outcome
+from ._outcome import Job, Outcome, _make_outcome
 from ._retry import Retry
 from ._validate import check_bool, check_int, check_optional_str
 
@@ -625,17 +625,17 @@ class Pool(Generic[T, R]):
                     try:
                         result = await call(item)
                     except Exception as error:  # noqa: BLE001 - errors are values
-                        outcome: Outcome[T, R] = Outcome(
+                        outcome: Outcome[T, R] = _make_outcome(
                             item, index, id_, None, error, 1, clock() - start
                         )
                         self._failed += 1
                     except cancelled as exc:
-                        outcome = Outcome(
+                        outcome = _make_outcome(
                             item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
                         )
                         self._failed += 1
                     else:
-                        outcome = Outcome(item, index, id_, result, None, 1, clock() - start)
+                        outcome = _make_outcome(item, index, id_, result, None, 1, clock() - start)
                 else:
                     outcome = await self._call_layered(
                         call, attempts, clock, start, item, index, id_
@@ -697,7 +697,7 @@ class Pool(Generic[T, R]):
         end = clock()
         if calls:
             start = attempts[1]  # elapsed runs from the first attempt's start
-        return Outcome(item, index, id_, result, error, calls, end - start)
+        return _make_outcome(item, index, id_, result, error, calls, end - start)
 
     async def _wait_for_work(self) -> _Entry[T, R] | None:
         """Park until an entry is handed over (None: the pool closed)."""
