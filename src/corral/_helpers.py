@@ -130,14 +130,7 @@ async def apply_to_all(
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
     results: list[Any] = []
-
-    def record(outcome: Outcome[T, Any]) -> None:
-        index = outcome.index
-        if index >= len(results):  # grown in chunks, trimmed at the end
-            results.extend([None] * max(1024, index + 1 - len(results)))
-        results[index] = outcome
-
-    pool._add_sink(record)
+    pool._results = results  # the workers store each outcome at its index
     async with pool:
         await _feed(pool, items)
     # the block exited normally, so each of the items submitted has its outcome

@@ -268,6 +268,9 @@ class Pool(Generic[T, R]):
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
         self._on_outcome_async: Callable[[Outcome[T, R]], Awaitable[Any]] | None = None
+        # apply_to_all's list: every outcome is stored at its index, first thing
+        # in the recording step (cheaper than a sink function per item)
+        self._results: list[Outcome[T, R] | None] | None = None
         if on_outcome is not None:
             if is_async_callable(on_outcome):
                 self._on_outcome_async = on_outcome
@@ -594,6 +597,7 @@ class Pool(Generic[T, R]):
         live = self._live
         space_waiters = self._space_waiters
         sink = self._on_outcome_sync
+        results = self._results
         after = self._on_outcome_async
         fail_fast = self._fail_fast
         cancelled = anyio.get_cancelled_exc_class()
@@ -646,6 +650,12 @@ class Pool(Generic[T, R]):
                     job._outcome = outcome
                     if job._event is not None:
                         job._event.set()
+                if results is not None:
+                    try:
+                        results[index] = outcome
+                    except IndexError:  # grown in chunks, trimmed by apply_to_all
+                        results.extend([None] * max(1024, index + 1 - len(results)))
+                        results[index] = outcome
                 if sink is not None:
                     sink(outcome)
                 if self._watched:
