@@ -824,11 +824,28 @@ class Batcher(Generic[T, R]):
             self._parked.popleft().set()
 
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
+        queue = self._queue
+        max_size = self._max_size
+        natural = self._max_wait is None
         try:
             batch = await self._next_batch(False)
             while batch is not None:
                 await self._flush_batch(chain, batch)
-                batch = await self._next_batch(True)
+                if not queue:
+                    # Let the tasks that are ready run first: items they add
+                    # now are seen without parking and being woken (cheaper).
+                    await checkpoint()
+                # The next batch is due at once (what _next_batch would decide
+                # first thing): cut it here, without its coroutine.
+                if (
+                    queue
+                    and (natural or len(queue) >= max_size)
+                    and self._halt_error is None
+                    and self._resume_at == -math.inf
+                ):
+                    batch = self._cut()
+                else:
+                    batch = await self._next_batch(False)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -870,6 +887,7 @@ class Batcher(Generic[T, R]):
             if now < self._resume_at:  # backing off after a failed flush
                 await self._back_off()
                 continue
+            self._resume_at = -math.inf  # the backoff (if any) is over
             head_seq = queue[0][0]
             if (
                 max_wait is None
