@@ -825,12 +825,36 @@ class Batcher(Generic[T, R]):
 
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
         queue = self._queue
+        in_flight = self._in_flight
         max_size = self._max_size
         natural = self._max_wait is None
+        dedupe = self._dedupe_key is not None
+        cancelled = anyio.get_cancelled_exc_class()
         try:
             batch = await self._next_batch(False)
             while batch is not None:
-                await self._flush_batch(chain, batch)
+                # -- flush the batch --
+                final = self._state is not _RUNNING  # started after the block ended
+                positions: list[int] | None = None
+                if dedupe:
+                    items, positions = _dedupe(batch)
+                else:
+                    items = [entry[1] for entry in batch]
+                error: Exception | None = None
+                try:
+                    result = await chain(items)
+                except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
+                    error = exc
+                except cancelled as exc:
+                    error = _stray_cancellation(exc)  # re-raised if we are being cancelled
+                # -- one step: the batch leaves in_flight --
+                del in_flight[batch[0][0]]
+                self._flushing -= len(batch)
+                if error is None:
+                    self._succeeded(batch, items, positions, result)
+                else:
+                    self._failed_flush(batch, error, final)
+                # -- the next batch --
                 if not queue:
                     # Let the tasks that are ready run first: items they add
                     # now are seen without parking and being woken (cheaper).
@@ -953,38 +977,6 @@ class Batcher(Generic[T, R]):
             self._kick()  # another parked flusher: flush or time what is left
         return batch
 
-    async def _flush_batch(
-        self, chain: Callable[[list[T]], Awaitable[Any]], batch: list[_Entry[T]]
-    ) -> None:
-        final = self._state is not _RUNNING  # started after the block ended
-        positions: list[int] | None = None
-        if self._dedupe_key is None:
-            items = [entry[1] for entry in batch]
-        else:
-            items = []
-            positions = []
-            first: dict[Hashable, int] = {}
-            for entry in batch:
-                position = first.get(entry[2])
-                if position is None:
-                    position = first[entry[2]] = len(items)
-                    items.append(entry[1])
-                positions.append(position)
-        error: Exception | None = None
-        try:
-            result = await chain(items)
-        except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
-            error = exc
-        except anyio.get_cancelled_exc_class() as exc:
-            error = _stray_cancellation(exc)  # re-raised if we are being cancelled
-        # -- one step: the batch leaves in_flight --
-        del self._in_flight[batch[0][0]]
-        self._flushing -= len(batch)
-        if error is None:
-            self._succeeded(batch, items, positions, result)
-        else:
-            self._failed_flush(batch, error, final)
-
     def _succeeded(
         self,
         batch: list[_Entry[T]],
@@ -1077,6 +1069,21 @@ class Batcher(Generic[T, R]):
             else:
                 still.append(waiter)
         self._flush_waiters = still
+
+
+def _dedupe(batch: list[_Entry[T]]) -> tuple[list[T], list[int]]:
+    """The batch's items without later duplicates (by dedupe key), and for each
+    entry the position of its item among them."""
+    items: list[T] = []
+    positions: list[int] = []
+    first: dict[Hashable, int] = {}
+    for entry in batch:
+        position = first.get(entry[2])
+        if position is None:
+            position = first[entry[2]] = len(items)
+            items.append(entry[1])
+        positions.append(position)
+    return items, positions
 
 
 def _equal_jitter(low: float, high: float) -> float:
