@@ -551,12 +551,18 @@ class Batcher(Generic[T, R]):
         if self._state is not _RUNNING:
             raise self._closed_error()
         key = None if self._dedupe_key is None else self._key(item)
-        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
+        queue = self._queue
+        if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
             await self._wait_for_space(1)
             self._append(item, key, None)
             self._release_grant(1)
         else:
-            self._append(item, key, None)
+            # _append, inlined: the hot path of a producer that awaits every add
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
+            if self._parked and not self._kicked:
+                self._kick_if_due()
 
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
