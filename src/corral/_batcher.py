@@ -832,6 +832,7 @@ class Batcher(Generic[T, R]):
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
         queue = self._queue
         in_flight = self._in_flight
+        clock = self._clock
         max_size = self._max_size
         natural = self._max_wait is None
         dedupe = self._dedupe_key is not None
@@ -857,7 +858,15 @@ class Batcher(Generic[T, R]):
                 del in_flight[batch[0][0]]
                 self._flushing -= len(batch)
                 if error is None:
-                    self._succeeded(batch, items, positions, result)
+                    self._failures = 0
+                    self._flushes += 1
+                    self._flushed += len(items)
+                    self._deduped += len(batch) - len(items)
+                    self._last_flush_time = clock()
+                    if self._submitted:
+                        self._resolve(batch, items, positions, result)
+                    if self._flush_waiters:
+                        self._settle_flush_waiters()
                 else:
                     self._failed_flush(batch, error, final)
                 # -- the next batch --
@@ -983,22 +992,14 @@ class Batcher(Generic[T, R]):
             self._kick()  # another parked flusher: flush or time what is left
         return batch
 
-    def _succeeded(
+    def _resolve(
         self,
         batch: list[_Entry[T]],
         items: list[T],
         positions: list[int] | None,
         result: Any,
     ) -> None:
-        self._failures = 0
-        self._flushes += 1
-        self._flushed += len(items)
-        self._deduped += len(batch) - len(items)
-        self._last_flush_time = self._clock()
-        if not self._submitted:  # nobody ever waited for a result
-            if self._flush_waiters:
-                self._settle_flush_waiters()
-            return
+        """A flush succeeded: give its ``submit`` callers their results."""
         tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
         if tickets:
             try:
@@ -1016,8 +1017,6 @@ class Batcher(Generic[T, R]):
                     except Exception as error:  # noqa: BLE001 - the result's own indexing
                         problem = f"flush's result could not be indexed: {error!r}"
                 ticket.fail(ValueError(problem))
-        if self._flush_waiters:
-            self._settle_flush_waiters()
 
     def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
         self._flush_failures += 1
