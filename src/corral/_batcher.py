@@ -882,7 +882,18 @@ class Batcher(Generic[T, R]):
                     and self._halt_error is None
                     and self._resume_at == -math.inf
                 ):
-                    batch = self._cut()
+                    # self._cut(), inlined
+                    if len(queue) <= max_size:
+                        batch = list(queue)
+                        queue.clear()
+                    else:
+                        batch = [queue.popleft() for _ in range(max_size)]
+                    self._flushing += len(batch)
+                    in_flight[batch[0][0]] = batch
+                    if self._space_waiters:
+                        self._grant()
+                    if queue:
+                        self._kick()  # another parked flusher: flush or time what is left
                 else:
                     batch = await self._next_batch(False)
         except anyio.get_cancelled_exc_class():
