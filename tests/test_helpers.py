@@ -45,6 +45,40 @@ async def test_apply_to_all_errors_are_values() -> None:
         outcomes[7].unwrap()
 
 
+async def test_apply_to_all_outcomes_have_every_field_whatever_path_made_them() -> None:
+    """Over several chunks of items, with failures and with a full queue (so
+    that some items go through the blocking submit): every outcome is a real
+    Outcome with its item, index, id, result or error, attempts and elapsed."""
+
+    async def handler(x: int) -> int:
+        if x % 500 == 0:
+            await anyio.sleep(0.01)
+        else:
+            await anyio.lowlevel.checkpoint()
+        if x % 7 == 3:
+            raise ValueError(x)
+        return -x
+
+    count = 9_000
+    outcomes = await apply_to_all(handler, iter(range(count)), workers=20, max_pending=16)
+    assert len(outcomes) == count
+    for index, outcome in enumerate(outcomes):
+        assert type(outcome) is Outcome
+        assert (outcome.item, outcome.index, outcome.id, outcome.attempts) == (
+            index,
+            index,
+            index,
+            1,
+        )
+        if index % 7 == 3:
+            assert outcome.result is None
+            assert isinstance(outcome.error, ValueError)
+            assert outcome.error.args == (index,)
+        else:
+            assert (outcome.result, outcome.error) == (-index, None)
+        assert outcome.elapsed >= (0.009 if index % 500 == 0 else 0.0)
+
+
 async def test_apply_to_all_empty_input() -> None:
     """No items, no outcomes, no hang."""
 

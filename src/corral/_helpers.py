@@ -27,7 +27,7 @@ from anyio.lowlevel import checkpoint
 from ._errors import PoolClosed
 from ._middleware import Middleware, RateLimiter, Timeout
 from ._outcome import Outcome
-from ._pool import Pool
+from ._pool import Pool, _Collected
 from ._retry import Retry
 from ._validate import check_bool
 
@@ -129,13 +129,12 @@ async def apply_to_all(
     """
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
-    results: list[Any] = []
-    pool._results = results  # the workers store each outcome at its index
+    collected: _Collected[T, Any] = _Collected()
+    pool._collected = collected  # the workers record each outcome at its index
     async with pool:
         await _feed(pool, items)
     # the block exited normally, so each of the items submitted has its outcome
-    del results[pool.stats.submitted :]
-    return results
+    return collected.finish(pool.stats.submitted)
 
 
 class Outcomes(Generic[T, R]):

@@ -268,9 +268,9 @@ class Pool(Generic[T, R]):
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
         self._on_outcome_async: Callable[[Outcome[T, R]], Awaitable[Any]] | None = None
-        # apply_to_all's list: every outcome is stored at its index, first thing
-        # in the recording step (cheaper than a sink function per item)
-        self._results: list[Outcome[T, R] | None] | None = None
+        # apply_to_all's record: every outcome is stored at its index, first
+        # thing in the recording step (cheaper than a sink function per item)
+        self._collected: _Collected[T, R] | None = None
         if on_outcome is not None:
             if is_async_callable(on_outcome):
                 self._on_outcome_async = on_outcome
@@ -597,8 +597,21 @@ class Pool(Generic[T, R]):
         live = self._live
         space_waiters = self._space_waiters
         sink = self._on_outcome_sync
-        results = self._results
         after = self._on_outcome_async
+        collected = self._collected
+        # Successes that nobody sees in the recording step (apply_to_all with no
+        # on_outcome) are kept as plain columns; their Outcomes are made at the
+        # end. So corral leaves no new object for the garbage collector per item
+        # while the workers run (its collections then walk every coroutine in
+        # flight, which costs the more the more workers there are).
+        defer = collected is not None and sink is None and after is None
+        if collected is not None:
+            outcomes, kept_items, kept_results, kept_elapsed = (
+                collected.outcomes,
+                collected.items,
+                collected.results,
+                collected.elapsed,
+            )
         fail_fast = self._fail_fast
         cancelled = anyio.get_cancelled_exc_class()
         streak = 0
@@ -639,6 +652,19 @@ class Pool(Generic[T, R]):
                         )
                         self._failed += 1
                     else:
+                        if defer and job is None:
+                            try:
+                                kept_items[index] = item
+                            except IndexError:
+                                collected.grow(index)  # type: ignore[union-attr]
+                                kept_items[index] = item
+                            kept_results[index] = result
+                            kept_elapsed[index] = clock() - start
+                            # -- the step, for an outcome that is made later --
+                            del live[index]
+                            if self._watched:
+                                self._notify(index)
+                            continue
                         outcome = _make_outcome(item, index, id_, result, None, 1, clock() - start)
                 else:
                     outcome = await self._call_layered(
@@ -650,12 +676,12 @@ class Pool(Generic[T, R]):
                     job._outcome = outcome
                     if job._event is not None:
                         job._event.set()
-                if results is not None:
+                if collected is not None:
                     try:
-                        results[index] = outcome
-                    except IndexError:  # grown in chunks, trimmed by apply_to_all
-                        results.extend([None] * max(1024, index + 1 - len(results)))
-                        results[index] = outcome
+                        outcomes[index] = outcome
+                    except IndexError:
+                        collected.grow(index)
+                        outcomes[index] = outcome
                 if sink is not None:
                     sink(outcome)
                 if self._watched:
@@ -807,6 +833,53 @@ def _counting(
         return await call(item)
 
     return counted
+
+
+class _Collected(Generic[T, R]):
+    """apply_to_all's record of the outcomes, by index.
+
+    ``outcomes[index]`` is the item's Outcome, or None for a success kept as
+    ``items[index]``, ``results[index]``, ``elapsed[index]`` (one attempt, its
+    id is its index) whose Outcome :meth:`finish` makes. The lists grow
+    together, in chunks.
+    """
+
+    __slots__ = ("elapsed", "items", "outcomes", "results")
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome[T, R] | None] = []
+        # the columns hold None (or 0.0) where there is no kept success
+        self.items: list[Any] = []
+        self.results: list[Any] = []
+        self.elapsed: list[float] = []
+
+    def grow(self, index: int) -> None:
+        """Make room for ``index``."""
+        more = max(1024, index + 1 - len(self.outcomes))
+        self.outcomes.extend([None] * more)
+        self.items.extend([None] * more)
+        self.results.extend([None] * more)
+        self.elapsed.extend([0.0] * more)
+
+    def finish(self, count: int) -> list[Outcome[T, R]]:
+        """The outcomes of items ``0 .. count - 1`` (each must have one)."""
+        if count:
+            self.grow(count - 1)
+        outcomes, items, results, elapsed = self.outcomes, self.items, self.results, self.elapsed
+        del outcomes[count:]
+        # from the end, a chunk at a time, shortening the columns as they are
+        # used: the columns' memory goes back while the Outcomes are made
+        end = count
+        while end:
+            start = max(0, end - 4096)
+            for index in range(start, end):
+                if outcomes[index] is None:
+                    outcomes[index] = _make_outcome(
+                        items[index], index, index, results[index], None, 1, elapsed[index]
+                    )
+            del items[start:], results[start:], elapsed[start:]
+            end = start
+        return outcomes  # type: ignore[return-value]  # no None is left
 
 
 class _IdleWorker(Generic[T, R]):
