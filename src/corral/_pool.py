@@ -360,9 +360,11 @@ class Pool(Generic[T, R]):
                     middleware=self._middleware,
                     clock=clock,
                 )
-                tg.start_soon(self._work, chain, attempts, name=f"corral worker {label}#{number}")
+                tg.start_soon(
+                    self._work, chain, attempts, clock, name=f"corral worker {label}#{number}"
+                )
             else:
-                tg.start_soon(self._work, call, None, name=f"corral worker {label}#{number}")
+                tg.start_soon(self._work, call, None, clock, name=f"corral worker {label}#{number}")
         return self
 
     async def __aexit__(
@@ -588,12 +590,12 @@ class Pool(Generic[T, R]):
         self,
         call: Callable[[T], Awaitable[R]],
         attempts: list[float] | None,
+        clock: Callable[[], float],
     ) -> None:
         # Everything the loop touches is bound to a local once: the per-item path
         # is the engine's hot path (see benchmarks/bench_apply.py).
         _worker_of.set(self)
         queue = self._queue
-        clock = _clock()
         live = self._live
         space_waiters = self._space_waiters
         sink = self._on_outcome_sync
