@@ -60,12 +60,19 @@ async def _feed(
                 await _submit_or_orphan(pool, item)
             if after_submit is not None:
                 await after_submit()
+    elif after_submit is None:
+        iterator = iter(items)
+        while not pool._fill(iterator):  # no room: submit the next item, waiting
+            for item in iterator:
+                await _submit_or_orphan(pool, item)
+                break
+            else:
+                return
     else:
         for item in items:
             if not submit_if_room(item):
                 await _submit_or_orphan(pool, item)
-            if after_submit is not None:
-                await after_submit()
+            await after_submit()
 
 
 async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, cast, overload
 
@@ -496,6 +496,32 @@ class Pool(Generic[T, R]):
         self._next_index = index + 1
         self._live[index] = entry = (index, item, index, None)
         self._enqueue(entry)
+        return True
+
+    def _fill(self, iterator: Iterator[T]) -> bool:
+        """Enqueue items taken from ``iterator`` while there is room, like
+        :meth:`_submit_if_room` in a loop (the helpers' sync input).
+
+        An item is taken only when there is room for it. True when ``iterator``
+        is exhausted; False when there is no room (or the pool is not running).
+        """
+        live = self._live
+        queue = self._queue
+        idle_workers = self._idle_workers
+        max_pending = self._max_pending
+        if self._state is not _RUNNING or self._queued >= max_pending or self._space_waiters:
+            return False
+        for item in iterator:
+            self._queued += 1
+            index = self._next_index
+            self._next_index = index + 1
+            live[index] = entry = (index, item, index, None)
+            if idle_workers and not self._waking:
+                self._enqueue(entry)
+            else:
+                queue.append(entry)
+            if self._state is not _RUNNING or self._queued >= max_pending or self._space_waiters:
+                return False
         return True
 
     def _enqueue(self, entry: _Entry[T, R]) -> None:
