@@ -52,6 +52,8 @@ async def _feed(
     Fills the queue without yielding while it has room and waits (a
     checkpoint) only when it is full, so the workers run in batches. An item
     taken from ``items`` whose submit is interrupted is recorded as unfinished.
+    A plain iterable with no ``after_submit`` (``apply_to_all``) is taken by
+    ``Pool._fill``, one call per refill rather than one per item.
     """
     submit_if_room = pool._submit_if_room
     if isinstance(items, AsyncIterable):
