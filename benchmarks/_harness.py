@@ -41,6 +41,15 @@ PEERS = [
 ]
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` (a peer) can be imported here."""
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def backends() -> list[tuple[str, str, dict[str, Any]]]:
     """(label, anyio backend, backend options) for every backend installed."""
     found = [("asyncio", "asyncio", {})]

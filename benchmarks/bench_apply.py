@@ -33,7 +33,12 @@ from time import monotonic
 from typing import Any
 
 import anyio
-from _harness import Contender, compare, key_ratio  # the script's own folder is on sys.path
+from _harness import (  # the script's own folder is on sys.path
+    Contender,
+    compare,
+    installed,
+    key_ratio,
+)
 from anyio.streams.memory import MemoryObjectSendStream
 
 import corral
@@ -231,14 +236,6 @@ async def aqute_process_all(fn: Handler, items: int, workers: int) -> int:
 
 async def anyio_amap(fn: Handler, items: int, workers: int) -> int:
     return len(await anyio.amap(fn, range(items)))  # type: ignore[attr-defined]
-
-
-def installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def lineup(backend: str, fn: Handler, items: int, workers: int) -> dict[str, Contender | str]:

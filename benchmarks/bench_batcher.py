@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from _harness import Contender, compare, key_ratio  # the script's folder is on sys.path
+from _harness import Contender, compare, installed, key_ratio  # the script's folder is on sys.path
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import corral
@@ -245,14 +245,6 @@ ADD_PAIRS = {
     "beque `await add`": HAND_NOWAIT,
     "flushq `await enqueue`": HAND_NOWAIT,
 }
-
-
-def installed(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def add_lineup(backend: str, items: int, batch: int) -> dict[str, Contender | str]:

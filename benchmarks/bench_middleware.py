@@ -30,9 +30,10 @@ from _harness import (
     Contender,
     backends,
     compare,
+    installed,
     key_ratio,
 )  # the script's own folder is on sys.path
-from bench_apply import HANDLERS, Handler, hand_written, installed
+from bench_apply import HANDLERS, Handler, hand_written
 
 import corral
 
