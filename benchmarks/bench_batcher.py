@@ -289,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=20_000)
     parser.add_argument("--submit-batch", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="30k items, 3k callers, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="100k items, 3k callers, 3 repeats")
     args = parser.parse_args(argv)
     if args.quick:
-        args.items, args.callers, args.repeat = 30_000, 3_000, 3
+        args.items, args.callers, args.repeat = 100_000, 3_000, 3
 
     added = compare(
         f"#### Batcher `add`: one producer, {args.items} items, batches of <= {args.batch}, "

@@ -101,14 +101,14 @@ def child(name: str, backend: str, items: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
-    parser.add_argument("--quick", action="store_true", help="100k items")
+    parser.add_argument("--quick", action="store_true", help="50k items")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], args.child[1], args.items)
         return 0
     if args.quick:
-        args.items = 100_000
+        args.items = 50_000
     print(
         f"\n#### Peak RSS (MiB) for {args.items} items (a handler that awaits `sleep(0)`, "
         "100 workers; batches of <= 1000), each run in a fresh process\n"

@@ -313,6 +313,8 @@ class Batcher(Generic[T, R]):
                 f"dedupe_key must be a plain function returning a hashable key, got {dedupe_key!r}"
             )
         self._dedupe_key = dedupe_key
+        # no dedupe key and no age timer: an entry needs neither a key nor a time
+        self._plain = dedupe_key is None and not self._timed
         self._retry, self._rate_limit, self._limiter, self._timeout, self._middleware = (
             check_middleware(
                 retry=retry,
@@ -572,14 +574,19 @@ class Batcher(Generic[T, R]):
         """
         if self._state is not _RUNNING:
             raise self._closed_error()
-        key = None if self._dedupe_key is None else self._key(item)
         queue = self._queue
         if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
             raise QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
         # _append, inlined: this is the hot path of a fast producer
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
+        if self._plain:
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            queue.append((seq, item, None, None, 0.0))
+        else:
+            key = None if self._dedupe_key is None else self._key(item)
+            seq = self._next_seq
+            self._next_seq = seq + 1
+            queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
         if self._parked and not self._kicked:
             self._kick_if_due()
 
