@@ -555,6 +555,23 @@ async def test_dedupe_key_errors_surface_at_add() -> None:
         assert batcher.stats.added == 0
 
 
+async def test_a_bad_dedupe_key_is_refused_before_a_full_queue() -> None:
+    """add_nowait, like add, names the bad input rather than the full queue."""
+    sink = Sink(gated=True)
+    async with Batcher(sink, max_size=1, max_pending=1, dedupe_key=lambda item: item) as batcher:
+        try:
+            batcher.add_nowait(1)
+            await anyio.wait_all_tasks_blocked()  # 1 is in flight, held by the gate
+            batcher.add_nowait(2)  # the queue is full now
+            with pytest.raises(QueueFull):
+                batcher.add_nowait(3)
+            with pytest.raises(TypeError, match="hashable"):
+                batcher.add_nowait([3])
+        finally:
+            sink.open()  # so that a failure here does not hold the exit flush
+    assert flat(sink.batches) == [1, 2]
+
+
 # -------------------------------------------------------------------- flush()
 
 

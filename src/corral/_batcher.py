@@ -574,21 +574,27 @@ class Batcher(Generic[T, R]):
         """
         if self._state is not _RUNNING:
             raise self._closed_error()
-        queue = self._queue
-        if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
-            raise QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
         # _append, inlined: this is the hot path of a fast producer
-        if self._plain:
+        queue = self._queue
+        if self._plain:  # no dedupe key, no age timer: the entry needs neither
+            if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
+                raise self._full_error()
             seq = self._next_seq
             self._next_seq = seq + 1
             queue.append((seq, item, None, None, 0.0))
         else:
+            # a bad dedupe key is refused before the room is looked at, as by add()
             key = None if self._dedupe_key is None else self._key(item)
+            if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
+                raise self._full_error()
             seq = self._next_seq
             self._next_seq = seq + 1
             queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
         if self._parked and not self._kicked:
             self._kick_if_due()
+
+    def _full_error(self) -> QueueFull:
+        return QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
 
     async def add_many(self, items: Iterable[T]) -> None:
         """Queue all of ``items``, in order and together, or none of them.
