@@ -851,7 +851,7 @@ class Batcher(Generic[T, R]):
         dedupe = self._dedupe_key is not None
         cancelled = anyio.get_cancelled_exc_class()
         try:
-            batch = await self._next_batch(False)
+            batch = await self._next_batch()
             while batch is not None:
                 # -- flush the batch --
                 final = self._state is not _RUNNING  # started after the block ended
@@ -895,20 +895,9 @@ class Batcher(Generic[T, R]):
                     and self._halt_error is None
                     and self._resume_at == -math.inf
                 ):
-                    # self._cut(), inlined
-                    if len(queue) <= max_size:
-                        batch = list(queue)
-                        queue.clear()
-                    else:
-                        batch = [queue.popleft() for _ in range(max_size)]
-                    self._flushing += len(batch)
-                    in_flight[batch[0][0]] = batch
-                    if self._space_waiters:
-                        self._grant()
-                    if queue:
-                        self._kick()  # another parked flusher: flush or time what is left
+                    batch = self._cut()
                 else:
-                    batch = await self._next_batch(False)
+                    batch = await self._next_batch()
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -923,7 +912,7 @@ class Batcher(Generic[T, R]):
             if not self._running and self._stopped is not None:
                 self._stopped.set()
 
-    async def _next_batch(self, just_flushed: bool) -> list[_Entry[T]] | None:
+    async def _next_batch(self) -> list[_Entry[T]] | None:
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
         queue = self._queue
         clock = self._clock
@@ -938,12 +927,6 @@ class Batcher(Generic[T, R]):
                 await self._park(math.inf)
                 continue
             if not queue:
-                if just_flushed:
-                    # Let the tasks that are ready run first: items they add
-                    # now are seen without parking and being woken (cheaper).
-                    just_flushed = False
-                    await checkpoint()
-                    continue
                 await self._park(math.inf)
                 continue
             now = clock()
@@ -1002,13 +985,12 @@ class Batcher(Generic[T, R]):
     def _cut(self) -> list[_Entry[T]]:
         """Take the next batch off the queue (at most ``max_size`` entries)."""
         queue = self._queue
-        size = min(len(queue), self._max_size)
-        if size == len(queue):
+        if len(queue) <= self._max_size:
             batch = list(queue)
             queue.clear()
         else:
-            batch = [queue.popleft() for _ in range(size)]
-        self._flushing += size
+            batch = [queue.popleft() for _ in range(self._max_size)]
+        self._flushing += len(batch)
         self._in_flight[batch[0][0]] = batch
         if self._space_waiters:
             self._grant()
