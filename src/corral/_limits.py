@@ -60,19 +60,16 @@ class _FairLimiter:
         :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
         """
         self._check_cost(cost)
-        if not self._waiters:
-            now = anyio.current_time()
-            if self._ready_at(cost, now) <= now:
-                self._admit(cost, now)
-                return
-        raise anyio.WouldBlock
+        if not self._admit_at(cost, anyio.current_time()):
+            raise anyio.WouldBlock
 
-    def _admit_one_at(self, now: float) -> bool:
-        """``acquire_nowait()`` for a caller that has read ``now`` itself (with
-        the clock :func:`anyio.current_time` reads): True if admitted. The
-        middleware's fast path; it spares a clock lookup and an exception."""
-        if not self._waiters and self._ready_at(1, now) <= now:
-            self._admit(1, now)
+    def _admit_at(self, cost: int, now: float) -> bool:
+        """Admit ``cost`` units at ``now`` (read with the clock
+        :func:`anyio.current_time` reads) if nobody waits and they fit: True if
+        admitted. The middleware calls it with the clock it holds, sparing a
+        clock lookup and an exception per attempt."""
+        if not self._waiters and self._ready_at(cost, now) <= now:
+            self._admit(cost, now)
             return True
         return False
 

@@ -191,10 +191,10 @@ def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -
 def _with_rate_limit(call_next: Call, rate_limit: RateLimiter, clock: Callable[[], float]) -> Call:
     acquire = rate_limit.acquire
     if type(rate_limit) in (SlidingWindow, TokenBucket):  # ours, not a subclass
-        admit_one_at = cast("SlidingWindow | TokenBucket", rate_limit)._admit_one_at
+        admit_at = cast("SlidingWindow | TokenBucket", rate_limit)._admit_at
 
         async def rate_limited_own(item: Any) -> Any:
-            if not admit_one_at(clock()):
+            if not admit_at(1, clock()):
                 await acquire()
             return await call_next(item)
 
