@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -82,6 +82,23 @@ class Sink:
 
 def flat(batches: Sequence[Sequence[Any]]) -> list[Any]:
     return [item for batch in batches for item in batch]
+
+
+async def waits_until_open(sink: Sink, call: Callable[[], Awaitable[Any]]) -> None:
+    """``call()`` is still waiting once every task is blocked on the gated
+    ``sink``; then the sink opens and ``call()`` returns."""
+    returned = anyio.Event()
+
+    async def run() -> None:
+        await call()
+        returned.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await anyio.wait_all_tasks_blocked()
+        assert not returned.is_set()
+        sink.open()
+    assert returned.is_set()
 
 
 async def submit_one_at_a_time(
@@ -186,17 +203,7 @@ async def test_add_nowait_raises_queue_full_and_add_waits_for_room() -> None:
         with pytest.raises(QueueFull):
             batcher.add_nowait("e")
         assert batcher.stats.queued == 3
-        added = anyio.Event()
-
-        async def adder() -> None:
-            await batcher.add("e")
-            added.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(adder)
-            await anyio.wait_all_tasks_blocked()
-            assert not added.is_set()
-            sink.open()
+        await waits_until_open(sink, lambda: batcher.add("e"))
     assert flat(sink.batches) == list("abcde")
     assert batcher.stats.backpressure_waits == 1
 
@@ -595,17 +602,7 @@ async def test_manual_flush_waits_for_batches_already_in_flight() -> None:
     async with Batcher(sink, max_size=2, max_wait=None) as batcher:
         await batcher.add_many([1, 2])
         await anyio.wait_all_tasks_blocked()
-        done = anyio.Event()
-
-        async def flusher() -> None:
-            await batcher.flush()
-            done.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(flusher)
-            await anyio.wait_all_tasks_blocked()
-            assert not done.is_set()
-            sink.open()
+        await waits_until_open(sink, batcher.flush)
         assert sink.batches == [[1, 2]]
 
 
