@@ -68,3 +68,22 @@ def timing_backend(request: pytest.FixtureRequest) -> Any:
 def timing_anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Use as ``anyio_backend`` in timing test modules (see TIMING_BACKENDS)."""
     return timing_backend(request)
+
+
+@pytest.fixture(scope="session")
+def redis_port() -> Any:
+    """The port of a redis-server running for this test session (see redis_server.py)."""
+    from redis_server import redis_server
+
+    with redis_server() as port:
+        yield port
+
+
+@pytest.fixture
+async def redis(redis_port: int) -> Any:
+    """A coredis client (str responses) on an empty database."""
+    import coredis
+
+    async with coredis.Redis(port=redis_port, decode_responses=True) as client:
+        await client.flushdb()
+        yield client

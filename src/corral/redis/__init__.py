@@ -1,0 +1,40 @@
+"""corral on Redis: a rate limit and a work queue shared by many processes.
+
+Needs the extra ``corral[redis]`` (it installs ``coredis``, an anyio-based
+Redis client, so everything here runs on asyncio, uvloop and trio).
+
+* :class:`RedisRateLimiter` -- one limit for every process on every machine:
+  GCRA in one atomic Lua script, usable wherever corral takes a limiter.
+* :class:`StreamSource` -- a Redis Streams consumer group as the input of a
+  :class:`~corral.Pool` or :func:`~corral.apply_to_each`: at-least-once
+  delivery, acknowledgement after success, reclaim of entries from dead
+  consumers, and a dead-letter stream.
+* :class:`StreamSink` -- results to a stream, ``XADD`` in batches.
+
+Pass each a client you have entered: ``async with coredis.Redis(...) as client``.
+"""
+
+from __future__ import annotations
+
+try:
+    import coredis as _coredis  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "corral.redis needs coredis: install the extra with `pip install 'corral[redis]'`"
+    ) from error
+
+from ._common import RedisUnavailable as RedisUnavailable
+from ._limiter import RedisRateLimiter as RedisRateLimiter
+from ._streams import Delivery as Delivery
+from ._streams import StreamSink as StreamSink
+from ._streams import StreamSource as StreamSource
+from ._streams import StreamStats as StreamStats
+
+__all__ = [
+    "Delivery",
+    "RedisRateLimiter",
+    "RedisUnavailable",
+    "StreamSink",
+    "StreamSource",
+    "StreamStats",
+]

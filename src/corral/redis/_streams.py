@@ -1,0 +1,558 @@
+"""StreamSource and StreamSink: a Redis Streams consumer group in and out of corral.
+
+The source's life of an entry::
+
+    XADD ──► stream ──XREADGROUP (COUNT = free room)──► Delivery ──► your pool
+                ▲                                                      │ outcome
+                │ XAUTOCLAIM (idle >= min_idle:                        ▼
+                │ its consumer died or failed it)          source.settle(outcome)
+                │                                          ok ──► XACK (batched)
+                └──────── failed, deliveries < max ◄───────┤
+                                                           failed, deliveries >= max
+                                                           └──► dead-letter + XACK
+
+An entry leaves the group's pending list only by XACK: after a success, or in
+the same atomic step that copies it to the dead-letter stream. Everything else
+(a crash, a cancellation, a failure with deliveries left) leaves it pending,
+and any consumer of the group claims it once it has been idle ``min_idle``
+seconds. That is at-least-once delivery: an entry may be handled twice (its
+consumer died after handling it, before the acknowledgement), never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, AnyStr, Generic
+
+import anyio
+import attrs
+import coredis
+from coredis.commands.script import Script
+from coredis.exceptions import StreamDuplicateConsumerGroupError
+
+from .._batcher import Batcher, BatcherStats
+from .._errors import PoolClosed
+from .._outcome import Outcome
+from .._retry import Retry
+from .._validate import check_bool, check_int, check_number
+from ._common import check_name, check_timeout, round_trip
+
+__all__ = ["Delivery", "StreamSink", "StreamSource", "StreamStats"]
+
+# Fields added to an entry copied to the dead-letter stream.
+_DEAD_FIELDS = ("corral:stream", "corral:id", "corral:group", "corral:consumer",
+                "corral:deliveries", "corral:error")  # fmt: skip
+
+# KEYS: stream, dead-letter stream.
+# ARGV: group, consumer, min_idle_ms, cursor, count, max_deliveries.
+# Claims entries idle for min_idle_ms from any consumer. One that has already
+# been delivered more than max_deliveries times without being settled (it
+# killed or stalled every consumer it reached) goes to the dead-letter stream.
+# Returns {next cursor, {{id, fields, deliveries}, ...}, how many dead-lettered}.
+_CLAIM = """
+local stream, dead, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local max_deliveries = tonumber(ARGV[6])
+local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], ARGV[4],
+                           'COUNT', ARGV[5])
+local out, buried = {}, 0
+for _, entry in ipairs(claimed[2]) do
+  local id, fields = entry[1], entry[2]
+  local deliveries = redis.call('XPENDING', stream, group, id, id, 1)[1][4]
+  if deliveries > max_deliveries then
+    local copy = {}
+    for _, value in ipairs(fields) do table.insert(copy, value) end
+    for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
+                            'corral:consumer', consumer, 'corral:deliveries', deliveries,
+                            'corral:error', 'never settled: its consumers died or stalled'}) do
+      table.insert(copy, value)
+    end
+    redis.call('XADD', dead, '*', unpack(copy))
+    redis.call('XACK', stream, group, id)
+    buried = buried + 1
+  else
+    table.insert(out, {id, fields, deliveries})
+  end
+end
+return {claimed[1], out, buried}
+"""
+
+# KEYS: stream, dead-letter stream. ARGV: group, consumer, id, deliveries, error.
+# Copies the entry to the dead-letter stream and acknowledges it, atomically,
+# if it is still pending to this consumer (else another consumer claimed it
+# meanwhile and owns it now). Returns 1 if it was moved.
+_BURY = """
+local stream, dead, group, consumer, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
+local pending = redis.call('XPENDING', stream, group, id, id, 1)
+if #pending == 0 or pending[1][2] ~= consumer then return 0 end
+local copy = {}
+local entry = redis.call('XRANGE', stream, id, id)
+if #entry > 0 then
+  for _, value in ipairs(entry[1][2]) do table.insert(copy, value) end
+end
+for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
+                        'corral:consumer', consumer, 'corral:deliveries', ARGV[4],
+                        'corral:error', ARGV[5]}) do
+  table.insert(copy, value)
+end
+redis.call('XADD', dead, '*', unpack(copy))
+redis.call('XACK', stream, group, id)
+return 1
+"""
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@attrs.frozen
+class Delivery(Generic[AnyStr]):
+    """One stream entry handed to this consumer.
+
+    ``fields`` are the entry's field/value pairs, as ``str`` or ``bytes`` as the
+    client decodes them. ``deliveries`` counts how many times the group has
+    handed the entry out, this time included: more than 1 means an earlier
+    attempt failed or its consumer died, so the handler may be running it a
+    second time (make it idempotent).
+    """
+
+    stream: str
+    id: str
+    fields: Mapping[AnyStr, AnyStr]
+    deliveries: int
+
+
+@attrs.frozen
+class StreamStats:
+    """A snapshot of a :class:`StreamSource`'s counters (this process only)."""
+
+    delivered: int  #: entries handed out, claimed ones included
+    claimed: int  #: entries taken over after ``min_idle`` (included in ``delivered``)
+    acked: int  #: successes acknowledged
+    failed: int  #: failures left pending for another delivery
+    dead_lettered: int  #: entries this consumer moved to the dead-letter stream
+    in_flight: int  #: handed out and not yet settled
+
+
+class StreamSource(Generic[AnyStr]):
+    """A Redis Streams consumer group as corral's input: an async iterable of
+    :class:`Delivery`, with at-least-once delivery.
+
+    Feed it to :func:`~corral.apply_to_each` or a :class:`~corral.Pool` and
+    pass :meth:`settle` as ``on_outcome``, so that each outcome is settled::
+
+        async with coredis.Redis() as client, StreamSource(
+            client, "orders", group="billing", consumer="worker-1"
+        ) as source:
+            async with apply_to_each(
+                charge, source, workers=20, retry=Retry(3), on_outcome=source.settle
+            ) as outcomes:
+                async for outcome in outcomes:
+                    ...
+
+    * **Backpressure reaches Redis.** It reads (``XREADGROUP``) at most as many
+      entries as it has room for: ``max_in_flight`` minus the deliveries handed
+      out and not yet settled. A slow pool leaves the entries in Redis, for
+      other consumers to take.
+    * **Acknowledged after success.** :meth:`settle` acknowledges a success
+      (``XACK``, batched through a :class:`~corral.Batcher`, sent when the
+      source's block ends at the latest). A failure stays pending: after
+      ``min_idle`` seconds any consumer of the group claims it (``XAUTOCLAIM``)
+      and it is delivered again. A failure on its ``max_deliveries``-th
+      delivery is copied to the ``dead_letter`` stream and acknowledged, in
+      one atomic step, with the fields ``corral:stream``, ``corral:id``,
+      ``corral:group``, ``corral:consumer``, ``corral:deliveries`` and
+      ``corral:error`` added.
+    * **Dead consumers.** Entries pending to a consumer that died are claimed
+      once idle ``min_idle`` seconds, so set it above your longest handling
+      time (retries included), or a slow success is delivered twice. An entry
+      delivered more than ``max_deliveries`` times without ever being settled
+      (it crashed every consumer it reached) goes to the dead-letter stream
+      when it is claimed, without being handed out again.
+    * **Leaving the block** sends the acknowledgements of everything settled.
+      Deliveries not settled by then (cancelled, or read but never handed
+      out) stay pending and are claimed after ``min_idle``, by any consumer,
+      this one included when it comes back.
+
+    The group is created (with the stream, if missing) when the block is
+    entered; ``group_start`` says where a new group begins: ``"0"``, the whole
+    stream, or ``"$"``, only entries added from now on.
+
+    Iteration runs until :meth:`stop` is called or, with
+    ``stop_when_drained=True``, until the group has nothing left: no entry
+    undelivered and none pending anywhere (all acknowledged or dead-lettered).
+
+    :param client: an entered ``coredis.Redis`` client.
+    :param stream: the stream's key.
+    :param group: the consumer group's name.
+    :param consumer: this consumer's name, unique within the group (a restarted
+        worker may reuse its name).
+    :param max_in_flight: the most deliveries handed out and not settled.
+    :param max_deliveries: deliveries before a failing entry is dead-lettered.
+    :param dead_letter: the dead-letter stream's key; default ``stream + ":dead"``.
+    :param min_idle: seconds an entry must be pending untouched before another
+        consumer may claim it; claims are tried every ``min_idle / 2``.
+    :param block: the longest one ``XREADGROUP`` waits for new entries, in seconds.
+    :param group_start: the entry ID a new group starts after.
+    :param stop_when_drained: end iteration once the group has no work left.
+    :param timeout: seconds a round trip may take, beyond ``block``, before
+        :class:`~corral.redis.RedisUnavailable`.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[AnyStr],
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        max_in_flight: int = 100,
+        max_deliveries: int = 5,
+        dead_letter: str | None = None,
+        min_idle: float = 60.0,
+        block: float = 1.0,
+        group_start: str = "0",
+        stop_when_drained: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(client, coredis.Redis):
+            raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
+        self.stream = check_name("stream", stream)
+        self.group = check_name("group", group)
+        self.consumer = check_name("consumer", consumer)
+        self.max_in_flight = check_int("max_in_flight", max_in_flight, minimum=1)
+        self.max_deliveries = check_int("max_deliveries", max_deliveries, minimum=1)
+        self.dead_letter = (
+            f"{stream}:dead" if dead_letter is None else check_name("dead_letter", dead_letter)
+        )
+        if self.dead_letter == stream:
+            raise ValueError(f"dead_letter must differ from stream, got {dead_letter!r}")
+        self.min_idle = check_number("min_idle", min_idle, positive=True)
+        self.block = check_number("block", block, positive=True)
+        self.group_start = check_name("group_start", group_start)
+        self.stop_when_drained = check_bool("stop_when_drained", stop_when_drained)
+        self.timeout = check_timeout(timeout)
+        self._client: coredis.Redis[AnyStr] = client
+        self._claim_script: Script[AnyStr] = client.register_script(_CLAIM)
+        self._bury_script: Script[AnyStr] = client.register_script(_BURY)
+        self._what = f"StreamSource(stream={stream!r}, group={group!r}, consumer={consumer!r})"
+        self._buffer: deque[Delivery[AnyStr]] = deque()
+        self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
+        self._in_flight_count = 0
+        self._room: anyio.Event | None = None  # set when settle frees room
+        self._stopping = False
+        self._running = False
+        self._claim_cursor: str = "0-0"
+        self._next_claim = -float("inf")
+        self._acks: Batcher[str, None] = Batcher(
+            self._ack, max_size=max(100, self.max_in_flight), max_wait=None,
+            name=f"acks for {self._what}",
+        )  # fmt: skip
+        self._exit: contextlib.AsyncExitStack | None = None
+        self._delivered = self._claimed = self._acked = self._failed = self._buried = 0
+
+    def __repr__(self) -> str:
+        return self._what
+
+    @property
+    def stats(self) -> StreamStats:
+        return StreamStats(
+            delivered=self._delivered,
+            claimed=self._claimed,
+            acked=self._acked,
+            failed=self._failed,
+            dead_lettered=self._buried,
+            in_flight=self._in_flight_count,
+        )
+
+    async def __aenter__(self) -> StreamSource[AnyStr]:
+        if self._running:
+            raise RuntimeError(f"{self!r} is already running")
+        with contextlib.suppress(StreamDuplicateConsumerGroupError):  # it exists: join it
+            await round_trip(
+                self._client.xgroup_create(
+                    self.stream, self.group, self.group_start, mkstream=True
+                ),
+                within=self.timeout,
+                what=self._what,
+            )
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._acks)
+            self._exit = stack.pop_all()
+        self._running, self._stopping = True, False
+        self._next_claim = -float("inf")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._running = False
+        self._stopping = True
+        self._buffer.clear()  # read, never handed out: pending, claimed after min_idle
+        self._in_flight.clear()
+        self._in_flight_count = 0
+        exit_stack, self._exit = self._exit, None
+        assert exit_stack is not None
+        return await exit_stack.__aexit__(exc_type, exc, tb)
+
+    def stop(self) -> None:
+        """End the iteration: the next ``__anext__`` (or the one waiting now,
+        within ``block`` seconds) raises ``StopAsyncIteration``. Deliveries
+        already handed out can still be settled until the block ends."""
+        self._stopping = True
+        if self._room is not None:
+            self._room.set()
+
+    def __aiter__(self) -> StreamSource[AnyStr]:
+        return self
+
+    async def __anext__(self) -> Delivery[AnyStr]:
+        if not self._running:
+            raise PoolClosed(f"{self!r} is not running: iterate it inside `async with source:`")
+        while True:
+            if self._buffer and not self._stopping:
+                delivery = self._buffer.popleft()
+                self._in_flight[delivery.id] = self._in_flight.get(delivery.id, 0) + 1
+                self._in_flight_count += 1
+                self._delivered += 1
+                return delivery
+            if self._stopping:
+                raise StopAsyncIteration
+            room = self.max_in_flight - self._in_flight_count
+            if room <= 0:
+                self._room = anyio.Event()
+                await self._room.wait()
+                continue
+            now = anyio.current_time()
+            if now >= self._next_claim:
+                self._next_claim = now + self.min_idle / 2
+                if await self._claim(room):
+                    continue
+            if await self._read(room, min(self.block, self._next_claim - now)):
+                continue
+            if self.stop_when_drained and self._in_flight_count == 0 and await self._drained():
+                self._stopping = True
+
+    async def _read(self, count: int, block: float) -> bool:
+        block_ms = max(1, round(block * 1000))  # 0 would block forever
+        reply = await round_trip(
+            self._client.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
+            ),
+            within=self.timeout + block_ms / 1000,
+            what=self._what,
+        )
+        if not reply:
+            return False
+        for entries in reply.values():
+            for entry in entries:
+                fields: Any = entry.field_values
+                self._buffer.append(Delivery(self.stream, _text(entry.identifier), fields, 1))
+        return bool(self._buffer)
+
+    async def _claim(self, count: int) -> bool:
+        min_idle_ms = max(1, round(self.min_idle * 1000))
+        reply: Any = await round_trip(
+            self._claim_script(
+                keys=[self.stream, self.dead_letter],
+                args=[
+                    self.group,
+                    self.consumer,
+                    min_idle_ms,
+                    self._claim_cursor,
+                    count,
+                    self.max_deliveries,
+                ],
+            ),
+            within=self.timeout,
+            what=self._what,
+        )
+        cursor, entries, buried = reply
+        self._claim_cursor = _text(cursor)
+        self._buried += int(buried)
+        for entry_id, flat, deliveries in entries:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            self._buffer.append(Delivery(self.stream, _text(entry_id), fields, int(deliveries)))
+            self._claimed += 1
+        return bool(self._buffer)
+
+    async def _drained(self) -> bool:
+        groups: Any = await round_trip(
+            self._client.xinfo_groups(self.stream), within=self.timeout, what=self._what
+        )
+        for info in groups:
+            if _text(info["name"]) == self.group:
+                return bool(info.get("pending") == 0 and info.get("lag") == 0)
+        return False
+
+    async def settle(self, outcome: Outcome[Delivery[AnyStr], Any]) -> None:
+        """Settle one delivery by its outcome: pass it as ``on_outcome``.
+
+        A success is acknowledged (batched; it may wait while acknowledgements
+        back up). A failure stays pending for another delivery after
+        ``min_idle``, or on its ``max_deliveries``-th delivery goes to the
+        dead-letter stream.
+
+        :raises TypeError: the outcome's item is not a :class:`Delivery`.
+        :raises ValueError: it is not one this source handed out and has not
+            settled yet.
+        """
+        if not self._running:
+            raise PoolClosed(
+                f"{self!r} is not running: settle outcomes inside its block "
+                "(enter the pool inside `async with source:`)"
+            )
+        delivery = outcome.item
+        if not isinstance(delivery, Delivery):
+            raise TypeError(f"settle takes the Outcome of a Delivery, got item {delivery!r}")
+        count = self._in_flight.get(delivery.id) if delivery.stream == self.stream else None
+        if not count:
+            raise ValueError(f"{delivery!r} was not handed out by {self!r}, or already settled")
+        if count == 1:
+            del self._in_flight[delivery.id]
+        else:
+            self._in_flight[delivery.id] = count - 1
+        self._in_flight_count -= 1
+        room, self._room = self._room, None
+        if room is not None:
+            room.set()
+        if outcome.error is None:
+            await self._acks.add(delivery.id)
+        elif delivery.deliveries >= self.max_deliveries:
+            moved: Any = await round_trip(
+                self._bury_script(
+                    keys=[self.stream, self.dead_letter],
+                    args=[
+                        self.group,
+                        self.consumer,
+                        delivery.id,
+                        delivery.deliveries,
+                        repr(outcome.error),
+                    ],
+                ),
+                within=self.timeout,
+                what=self._what,
+            )
+            self._buried += int(moved)
+        else:
+            self._failed += 1
+
+    async def _ack(self, ids: list[str]) -> None:
+        acked = await round_trip(
+            self._client.xack(self.stream, self.group, ids), within=self.timeout, what=self._what
+        )
+        self._acked += acked
+
+
+class StreamSink(Generic[AnyStr]):
+    """Entries to a Redis stream, added in batches: each batch is one pipelined
+    round trip of ``XADD``\\ s, through a :class:`~corral.Batcher` (natural
+    batching by default: a batch goes as soon as the last one is written, so
+    batches grow under load and latency stays low when idle).
+
+    >>> # async with StreamSink(client, "results") as sink:
+    >>> #     await sink.add({"order": "42", "status": "charged"})
+
+    Leaving the block writes everything added (see :class:`~corral.Batcher`);
+    :meth:`submit` waits for its own entry and returns its ID.
+
+    :param client: an entered ``coredis.Redis`` client.
+    :param stream: the stream's key.
+    :param max_size: the most entries in one round trip.
+    :param max_wait: seconds the oldest entry may wait for its batch to fill;
+        None (the default) for natural batching.
+    :param max_pending: how many queued entries make :meth:`add` wait.
+    :param maxlen: trim the stream to about this many entries (``MAXLEN ~``).
+    :param retry: a :class:`~corral.Retry` policy per batch.
+    :param timeout: seconds one round trip may take before
+        :class:`~corral.redis.RedisUnavailable`.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[AnyStr],
+        stream: str,
+        *,
+        max_size: int = 100,
+        max_wait: float | None = None,
+        max_pending: int | None = None,
+        maxlen: int | None = None,
+        retry: Retry | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(client, coredis.Redis):
+            raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
+        self.stream = check_name("stream", stream)
+        self.maxlen = None if maxlen is None else check_int("maxlen", maxlen, minimum=1)
+        self.timeout = check_timeout(timeout)
+        self._client: coredis.Redis[AnyStr] = client
+        self._what = f"StreamSink(stream={stream!r})"
+        self._batcher: Batcher[Mapping[Any, Any], str] = Batcher(
+            self._write, max_size=max_size, max_wait=max_wait, max_pending=max_pending,
+            retry=retry, name=self._what,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return self._what
+
+    @property
+    def stats(self) -> BatcherStats:
+        return self._batcher.stats
+
+    @property
+    def unflushed(self) -> list[Mapping[Any, Any]]:
+        """Entries not written when the block ended (cancelled, or the final
+        write failed), in the order they were added."""
+        return self._batcher.unflushed
+
+    async def __aenter__(self) -> StreamSink[AnyStr]:
+        await self._batcher.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._batcher.__aexit__(exc_type, exc, tb)
+
+    def _check(self, fields: object) -> Mapping[Any, Any]:
+        if not isinstance(fields, Mapping):
+            raise TypeError(f"fields must be a mapping of field to value, got {fields!r}")
+        if not fields:
+            raise ValueError("fields must not be empty: a stream entry needs a field")
+        return fields
+
+    async def add(self, fields: Mapping[Any, Any]) -> None:
+        """Queue one entry; waits while ``max_pending`` entries are queued."""
+        await self._batcher.add(self._check(fields))
+
+    def add_nowait(self, fields: Mapping[Any, Any]) -> None:
+        """Queue one entry, or raise :class:`~corral.QueueFull`."""
+        self._batcher.add_nowait(self._check(fields))
+
+    async def submit(self, fields: Mapping[Any, Any]) -> str:
+        """Queue one entry and wait until it is written; its stream ID."""
+        return await self._batcher.submit(self._check(fields))
+
+    async def _write(self, batch: list[Mapping[Any, Any]]) -> list[str]:
+        async def write() -> list[str]:
+            trim: dict[str, Any] = {}
+            if self.maxlen is not None:
+                trim = {
+                    "trim_strategy": coredis.PureToken.MAXLEN,
+                    "threshold": self.maxlen,
+                    "trim_operator": coredis.PureToken.APPROXIMATELY,
+                }
+            async with self._client.pipeline(transaction=False) as pipe:
+                requests = [pipe.xadd(self.stream, fields, **trim) for fields in batch]
+            ids: list[Any] = [await request for request in requests]
+            return [_text(entry_id) for entry_id in ids]
+
+        return await round_trip(write(), within=self.timeout, what=self._what)
