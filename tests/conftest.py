@@ -95,6 +95,9 @@ async def redis(redis_port: int) -> Any:
     """A coredis client (str responses) on an empty database."""
     import coredis
 
-    async with coredis.Redis(port=redis_port, decode_responses=True) as client:
-        await client.flushdb()
-        yield client
+    from redis_server import coredis_leaks_collected
+
+    with coredis_leaks_collected():
+        async with coredis.Redis(port=redis_port, decode_responses=True) as client:
+            await client.flushdb()
+            yield client

@@ -9,15 +9,23 @@ setup.
 
 from __future__ import annotations
 
+import gc
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 BINARY = "redis-server"
+
+# coredis (6.9) leaves a connection's memory streams unclosed when a command
+# is cancelled or fails while the connection is being set up (seen when a
+# flush is cancelled mid-XACK, and against a refused or silent server); their
+# ResourceWarnings are expected in the Redis tests, and only there.
+COREDIS_LEAK = "ignore:Unclosed <MemoryObject:ResourceWarning"
 INSTALL_HINT = f"{BINARY} is not installed (Debian: apt-get install -y redis-server)"
 
 
@@ -61,3 +69,15 @@ def redis_server() -> Iterator[int]:
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@contextmanager
+def coredis_leaks_collected() -> Iterator[None]:
+    """Collect coredis's unclosed streams here (see COREDIS_LEAK), where their
+    warnings are expected, rather than in whichever test runs the next GC."""
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(*COREDIS_LEAK.split(":")[:2], ResourceWarning)
+            gc.collect()

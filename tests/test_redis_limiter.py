@@ -8,12 +8,8 @@ a small allowance for reading the time after ``acquire`` returns.
 
 from __future__ import annotations
 
-import gc
 import math
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -22,9 +18,9 @@ import pytest
 
 import corral
 from corral.redis import RedisRateLimiter, RedisUnavailable
-from redis_server import free_port
+from redis_server import COREDIS_LEAK, coredis_leaks_collected, free_port
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
 
 # Admission times are read in the admitted task after ``acquire`` returns; a
 # busy machine may read one late (never early), which can make two admissions
@@ -185,21 +181,8 @@ async def test_cancelled_waiter_never_causes_an_excess(redis: coredis.Redis[str]
     assert times[1] - times[0] >= 2 / 20 - READING_SLACK  # the cancelled slot went unused
 
 
-@contextmanager
-def failed_connections_collected() -> Iterator[None]:
-    """coredis (6.9) leaves a connection's memory streams unclosed when the
-    connection fails; collect them here, where their ResourceWarning is
-    expected, instead of at some later test."""
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Unclosed <MemoryObject", ResourceWarning)
-            gc.collect()
-
-
 async def test_refused_connection_is_a_clear_error_at_once() -> None:
-    with failed_connections_collected():
+    with coredis_leaks_collected():
         await _refused()
 
 
@@ -214,7 +197,7 @@ async def _refused() -> None:
 
 async def test_silent_server_times_out_instead_of_hanging() -> None:
     """A server that accepts the connection and never answers."""
-    with failed_connections_collected():
+    with coredis_leaks_collected():
         await _silent()
 
 

@@ -385,9 +385,10 @@ class StreamSource(Generic[AnyStr]):
         groups: Any = await round_trip(
             self._client.xinfo_groups(self.stream), within=self.timeout, what=self._what
         )
-        for info in groups:
+        for raw in groups:
+            info = {_text(key): value for key, value in raw.items()}  # bytes keys, or str
             if _text(info["name"]) == self.group:
-                return bool(info.get("pending") == 0 and info.get("lag") == 0)
+                return bool(info["pending"] == 0 and info.get("lag") == 0)
         return False
 
     async def settle(self, outcome: Outcome[Delivery[AnyStr], Any]) -> None:

@@ -1,0 +1,359 @@
+"""StreamSource and StreamSink against a real redis-server, on every backend:
+acknowledgement after success only, redelivery of failures, reclaim from dead
+consumers, the dead-letter stream, backpressure that reaches Redis, and the
+sink's batched writes. Multi-process runs are in test_redis_processes.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import coredis
+import pytest
+
+import corral
+from corral.redis import Delivery, RedisUnavailable, StreamSink, StreamSource
+from redis_server import COREDIS_LEAK, coredis_leaks_collected, free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
+
+
+async def fill(client: coredis.Redis[Any], stream: str, count: int, **extra: str) -> list[str]:
+    async with StreamSink(client, stream) as sink:
+        return [await sink.submit({"n": str(i), **extra}) for i in range(count)]
+
+
+async def group_info(client: coredis.Redis[Any], stream: str, group: str) -> dict[str, Any]:
+    for info in await client.xinfo_groups(stream):
+        if info["name"] == group:
+            return dict(info)
+    raise AssertionError(f"no group {group!r}")
+
+
+async def drain(source: StreamSource[Any], handler: Any, **options: Any) -> list[corral.Outcome]:
+    outcomes = []
+    async with corral.apply_to_each(handler, source, on_outcome=source.settle, **options) as each:
+        async for outcome in each:
+            outcomes.append(outcome)
+    return outcomes
+
+
+def source(client: coredis.Redis[Any], **options: Any) -> StreamSource[Any]:
+    defaults: dict[str, Any] = {"block": 0.05, "stop_when_drained": True}
+    return StreamSource(client, "jobs", "workers", "c1", **{**defaults, **options})
+
+
+async def test_successes_are_acked_and_failures_dead_lettered(redis: coredis.Redis[str]) -> None:
+    ids = await fill(redis, "jobs", 200)
+    handled: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> int:
+        if delivery.fields["n"] == "13":
+            raise ValueError("poison")
+        handled.append(delivery.id)
+        return int(delivery.fields["n"])
+
+    async with source(redis, min_idle=0.05, max_deliveries=3) as src:
+        outcomes = await drain(src, handler, workers=8)
+    poison = ids[13]
+    assert sorted(handled) == sorted(i for i in ids if i != poison)  # each once
+    assert [o.deliveries for o in [o.item for o in outcomes if not o.ok]] == [1, 2, 3]
+    info = await group_info(redis, "jobs", "workers")
+    assert info["pending"] == 0
+    assert info["entries-read"] == 200
+    [dead] = await redis.xrange("jobs:dead")
+    assert dead.field_values == {
+        "n": "13",
+        "corral:stream": "jobs",
+        "corral:id": poison,
+        "corral:group": "workers",
+        "corral:consumer": "c1",
+        "corral:deliveries": "3",
+        "corral:error": "ValueError('poison')",
+    }
+    assert src.stats == corral.redis.StreamStats(
+        delivered=202, claimed=2, acked=199, failed=2, dead_lettered=1, in_flight=0
+    )
+
+
+async def test_a_failure_is_redelivered_and_can_succeed(redis: coredis.Redis[str]) -> None:
+    await fill(redis, "jobs", 5)
+    calls: list[tuple[str, int]] = []
+
+    async def flaky(delivery: Delivery[str]) -> None:
+        calls.append((delivery.fields["n"], delivery.deliveries))
+        if delivery.fields["n"] == "2" and delivery.deliveries == 1:
+            raise ConnectionError("upstream hiccup")
+
+    async with source(redis, min_idle=0.05) as src:
+        await drain(src, flaky)
+    assert sorted(calls) == [("0", 1), ("1", 1), ("2", 1), ("2", 2), ("3", 1), ("4", 1)]
+    assert await redis.xlen("jobs:dead") == 0
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_retry_policy_runs_within_one_delivery(redis: coredis.Redis[str]) -> None:
+    await fill(redis, "jobs", 3)
+    attempts: list[int] = []
+
+    async def flaky(delivery: Delivery[str]) -> None:
+        attempts.append(delivery.deliveries)
+        if len(attempts) % 2:
+            raise ConnectionError("try again")
+
+    retry = corral.Retry(2, wait_initial=0)
+    async with source(redis) as src:
+        outcomes = await drain(src, flaky, workers=1, retry=retry)
+    assert all(o.ok and o.attempts == 2 for o in outcomes)
+    assert attempts == [1] * 6  # six calls, all in the first delivery
+    assert src.stats.acked == 3
+
+
+async def test_entries_of_a_dead_consumer_are_claimed(redis: coredis.Redis[str]) -> None:
+    ids = await fill(redis, "jobs", 30)
+    await redis.xgroup_create("jobs", "workers", "0")
+    # a consumer reads ten entries and dies before acknowledging them
+    await redis.xreadgroup("workers", "dead", {"jobs": ">"}, count=10)
+    seen: dict[str, int] = {}
+
+    async def handler(delivery: Delivery[str]) -> None:
+        seen[delivery.id] = delivery.deliveries
+
+    async with source(redis, min_idle=0.2) as src:
+        await drain(src, handler)
+    assert sorted(seen) == sorted(ids)
+    assert [seen[i] for i in ids[:10]] == [2] * 10  # claimed: a second delivery
+    assert [seen[i] for i in ids[10:]] == [1] * 20
+    assert src.stats.claimed == 10
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_an_entry_that_kills_its_consumers_is_dead_lettered_on_claim(
+    redis: coredis.Redis[str],
+) -> None:
+    """Delivered max_deliveries times and never settled (each consumer died):
+    the next claim dead-letters it without handing it out again."""
+    ids = await fill(redis, "jobs", 3)
+    await redis.xgroup_create("jobs", "workers", "0")
+    await redis.xreadgroup("workers", "dead", {"jobs": ">"}, count=1)
+    for _ in range(2):  # two more consumers took it over and died too
+        await redis.xclaim("jobs", "workers", "dead", 0, [ids[0]])
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        seen.append(delivery.id)
+
+    async with source(redis, min_idle=0.05, max_deliveries=3) as src:
+        await drain(src, handler)
+    assert seen == ids[1:]
+    [dead] = await redis.xrange("jobs:dead")
+    assert dead.field_values["corral:id"] == ids[0]
+    assert dead.field_values["corral:deliveries"] == "4"
+    assert "never settled" in dead.field_values["corral:error"]
+    assert src.stats.dead_lettered == 1
+
+
+async def test_backpressure_reaches_redis(redis: coredis.Redis[str]) -> None:
+    """With max_in_flight=5 and slow handlers, only 5 entries leave Redis."""
+    await fill(redis, "jobs", 50)
+    started = 0
+    five_started = anyio.Event()
+    release = anyio.Event()
+
+    async def slow(delivery: Delivery[str]) -> None:
+        nonlocal started
+        started += 1
+        if started == 5:
+            five_started.set()
+        await release.wait()
+
+    async with source(redis, max_in_flight=5) as src, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: drain(src, slow, workers=20))
+        await five_started.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert (await group_info(redis, "jobs", "workers"))["entries-read"] == 5
+        assert src.stats.in_flight == 5
+        release.set()
+    assert src.stats.acked == 50
+
+
+async def test_a_pool_fed_by_hand(redis: coredis.Redis[str]) -> None:
+    ids = await fill(redis, "jobs", 40)
+    handled: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        handled.append(delivery.id)
+
+    async with (
+        source(redis) as src,
+        corral.Pool(handler, workers=4, on_outcome=src.settle) as pool,
+    ):
+        async for delivery in src:
+            await pool.submit(delivery)
+    assert sorted(handled) == sorted(ids)
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_stop_ends_iteration_and_settled_entries_are_acked(
+    redis: coredis.Redis[str],
+) -> None:
+    await fill(redis, "jobs", 100)
+    async with source(redis, stop_when_drained=False, max_in_flight=10) as src:
+
+        async def handler(delivery: Delivery[str]) -> None:
+            if delivery.fields["n"] == "20":
+                src.stop()
+
+        with anyio.fail_after(10):
+            outcomes = await drain(src, handler, workers=2)
+    assert all(o.ok for o in outcomes)
+    info = await group_info(redis, "jobs", "workers")
+    assert src.stats.acked == len(outcomes) >= 21
+    # read but never handed out: still pending, for a claim after min_idle
+    assert info["pending"] == info["entries-read"] - len(outcomes)
+
+
+async def test_cancellation_loses_nothing(redis: coredis.Redis[str]) -> None:
+    """A consumer cancelled midway: whatever it did not finish is delivered
+    again to the next one (at least once), and nothing is lost."""
+    ids = await fill(redis, "jobs", 60)
+    handled: list[str] = []
+    ten_done = anyio.Event()
+
+    async def handler(delivery: Delivery[str]) -> None:
+        await anyio.lowlevel.checkpoint()
+        handled.append(delivery.id)
+        if len(handled) == 10:
+            ten_done.set()
+
+    with anyio.CancelScope() as scope:
+        async with source(redis, max_in_flight=8) as src, anyio.create_task_group() as tg:
+            tg.start_soon(lambda: drain(src, handler, workers=4))
+            await ten_done.wait()
+            scope.cancel()
+    assert 10 <= len(handled) < 60
+    async with StreamSource(
+        redis, "jobs", "workers", "c2", min_idle=0.05, block=0.05, stop_when_drained=True
+    ) as second:
+        await drain(second, handler)
+    assert set(handled) == set(ids)
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_group_start_and_existing_group(redis: coredis.Redis[str]) -> None:
+    await fill(redis, "jobs", 5)
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        seen.append(delivery.fields["n"])
+
+    async with source(redis, group_start="$", stop_when_drained=False) as src:
+        await fill(redis, "jobs", 2, late="yes")
+        async with corral.apply_to_each(handler, src, on_outcome=src.settle) as each:
+            async for _ in each:
+                if len(seen) == 2:
+                    src.stop()
+    assert seen == ["0", "1"]  # only the entries added after the group was made
+    async with source(redis) as again:  # the group exists: joined, not recreated
+        await drain(again, handler)
+    assert seen == ["0", "1"]
+
+
+async def test_bytes_client(redis_port: int) -> None:
+    async with coredis.Redis(port=redis_port) as client:
+        await client.delete(["raw"])
+        await client.xadd("raw", {b"k": b"\xff\x00"})
+        got: list[Any] = []
+
+        async def handler(delivery: Delivery[bytes]) -> None:
+            got.append(dict(delivery.fields))
+
+        async with StreamSource(client, "raw", "g", "c", block=0.05, stop_when_drained=True) as src:
+            await drain(src, handler)
+        assert got == [{b"k": b"\xff\x00"}]
+        assert isinstance(src.stats.acked, int)
+        assert src.stats.acked == 1
+
+
+async def test_settle_refuses_what_it_did_not_hand_out(redis: coredis.Redis[str]) -> None:
+    await fill(redis, "jobs", 1)
+    src = source(redis)
+    with pytest.raises(corral.PoolClosed, match="not running"):
+        await src.__anext__()
+    async with src:
+        delivery = await src.__anext__()
+        outcome = (await corral.apply_to_all(lambda d: None, [delivery]))[0]
+        await src.settle(outcome)
+        with pytest.raises(ValueError, match="already settled"):
+            await src.settle(outcome)
+        [other] = await corral.apply_to_all(lambda x: x, ["not a delivery"])
+        with pytest.raises(TypeError, match="Outcome of a Delivery"):
+            await src.settle(other)  # type: ignore[arg-type]
+    with pytest.raises(corral.PoolClosed, match="settle outcomes inside its block"):
+        await src.settle(outcome)
+
+
+async def test_unreachable_redis_is_a_clear_error() -> None:
+    with coredis_leaks_collected():
+        async with coredis.Redis(port=free_port()) as client:
+            with pytest.raises(RedisUnavailable, match=r"StreamSource.*unreachable"):
+                async with StreamSource(client, "s", "g", "c"):
+                    pass
+            with pytest.raises(RedisUnavailable, match=r"StreamSink.*unreachable"):
+                async with StreamSink(client, "s") as sink:
+                    await sink.submit({"a": "b"})
+
+
+async def test_bad_arguments_name_the_parameter(redis: coredis.Redis[str]) -> None:
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"stream": ""}, ValueError, "stream"),
+        ({"group": 1}, TypeError, "group"),
+        ({"consumer": None}, TypeError, "consumer"),
+        ({"max_in_flight": 0}, ValueError, "max_in_flight"),
+        ({"max_deliveries": 0}, ValueError, "max_deliveries"),
+        ({"dead_letter": "s"}, ValueError, "dead_letter must differ"),
+        ({"min_idle": 0}, ValueError, "min_idle"),
+        ({"block": -1}, ValueError, "block"),
+        ({"group_start": ""}, ValueError, "group_start"),
+        ({"stop_when_drained": 1}, TypeError, "stop_when_drained"),
+        ({"timeout": 0}, ValueError, "timeout"),
+    ]
+    for change, error, name in cases:
+        options: dict[str, Any] = {"stream": "s", "group": "g", "consumer": "c", **change}
+        with pytest.raises(error, match=name):
+            StreamSource(redis, **options)
+    with pytest.raises(TypeError, match="client"):
+        StreamSource(None, "s", "g", "c")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maxlen"):
+        StreamSink(redis, "s", maxlen=0)
+    with pytest.raises(ValueError, match="max_size"):
+        StreamSink(redis, "s", max_size=0)
+    async with StreamSink(redis, "s") as sink:
+        with pytest.raises(TypeError, match="fields"):
+            await sink.add(["a", "b"])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="fields"):
+            sink.add_nowait({})
+
+
+async def test_sink_writes_in_order_in_batches(redis: coredis.Redis[str]) -> None:
+    async with StreamSink(redis, "out", max_size=50) as sink:
+        for i in range(500):
+            await sink.add({"i": str(i)})
+        first = await sink.submit({"i": "last"})
+    entries = await redis.xrange("out")
+    assert [e.field_values["i"] for e in entries] == [*map(str, range(500)), "last"]
+    assert entries[-1].identifier == first
+    stats = sink.stats
+    assert stats.flushed == 501
+    assert stats.flushes <= 501 / 2  # batched: far fewer round trips than entries
+    assert sink.unflushed == []
+
+
+async def test_sink_trims_to_maxlen(redis: coredis.Redis[str]) -> None:
+    async with StreamSink(redis, "capped", maxlen=100) as sink:
+        for i in range(2000):
+            await sink.add({"i": str(i)})
+    length = await redis.xlen("capped")
+    assert 100 <= length < 2000  # MAXLEN ~: trimmed in whole nodes, never below maxlen
