@@ -1,0 +1,124 @@
+"""Real OS processes sharing one redis-server: four processes share one
+RedisRateLimiter and together never exceed it; three consumers drain 10,000
+entries while one of them is killed with SIGKILL, and no entry is lost; poison
+entries land in the dead-letter stream after max_deliveries deliveries.
+
+The worker processes (redis_worker.py) run on the backend of the test.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import sys
+import tempfile
+from typing import Any
+
+import anyio
+import coredis
+import pytest
+
+from corral.redis import StreamSink
+from redis_server import COREDIS_LEAK
+from test_redis_limiter import assert_token_bucket
+
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
+
+WORKER = pathlib.Path(__file__).with_name("redis_worker.py")
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """These start processes and take seconds: asyncio and trio, not uvloop too."""
+    return str(request.param)
+
+
+async def start(args: list[Any], output: pathlib.Path) -> anyio.abc.Process:
+    with output.open("wb") as out:  # the child keeps its own descriptor
+        return await anyio.open_process(
+            [sys.executable, str(WORKER), *map(str, args)], stdout=out, stderr=out
+        )
+
+
+@pytest.mark.timeout(120)
+async def test_four_processes_share_one_limit(
+    redis: coredis.Redis[str], redis_port: int, anyio_backend: str
+) -> None:
+    rate, per, burst, seconds = 20, 1.0, 2, 3.0
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = [pathlib.Path(folder, f"limit{i}.out") for i in range(4)]
+        processes = [
+            await start(["limit", redis_port, "shared", rate, per, burst, seconds, anyio_backend],
+                        out)
+            for out in outputs
+        ]  # fmt: skip
+        with anyio.fail_after(60):
+            codes = [await process.wait() for process in processes]
+        texts = [out.read_text() for out in outputs]
+    assert codes == [0, 0, 0, 0], texts
+    per_process = [json.loads(text) for text in texts]
+    assert all(per_process), "every process was admitted"
+    times = sorted(t for admitted in per_process for t in admitted)
+    assert_token_bucket(times, rate, per, burst)
+    # and the limit was used, not just respected: close to rate per second
+    span = times[-1] - times[0]
+    assert len(times) >= 0.9 * rate * span / per
+
+
+@pytest.mark.timeout(150)
+async def test_three_consumers_one_killed_lose_nothing(
+    redis: coredis.Redis[str], redis_port: int, anyio_backend: str
+) -> None:
+    total, poison_every, max_deliveries = 10_000, 2_000, 3
+    async with StreamSink(redis, "jobs", max_size=500) as sink:
+        for i in range(total):
+            fields = {"n": str(i)}
+            if i % poison_every == 1:
+                fields["poison"] = "1"
+            await sink.add(fields)
+    ids = [entry.identifier for entry in await redis.xrange("jobs")]
+    poison = {ids[i] for i in range(1, total, poison_every)}
+    assert len(ids) == total
+
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = [pathlib.Path(folder, f"consumer{i}.out") for i in range(3)]
+        processes = [
+            await start(["consume", redis_port, "jobs", f"c{i}", max_deliveries, anyio_backend],
+                        out)
+            for i, out in enumerate(outputs)
+        ]  # fmt: skip
+        with anyio.fail_after(60):  # the killed one must be midway through its work
+            # another process's progress, visible only in Redis: poll it
+            while await redis.hlen("processed") < 3_000:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        processes[0].send_signal(signal.SIGKILL)
+        with anyio.fail_after(90):
+            codes = [await process.wait() for process in processes]
+        texts = [out.read_text() for out in outputs]
+    assert codes == [-signal.SIGKILL, 0, 0], texts
+    survivors = [json.loads(text) for text in texts[1:]]
+    assert sum(stats["claimed"] for stats in survivors) > 0  # they took over c0's entries
+
+    # every entry is settled: nothing pending in the group, all of it read
+    [info] = await redis.xinfo_groups("jobs")
+    assert info["pending"] == 0
+    assert info["entries-read"] == total
+    # every good entry succeeded, and only good ones
+    processed = {k: int(v) for k, v in (await redis.hgetall("processed")).items()}
+    assert set(processed) == set(ids) - poison
+    # at least once: only the killed consumer's unacknowledged work ran twice
+    twice = sum(count - 1 for count in processed.values())
+    print(f"handled twice: {twice}")
+    # (at most its 50 in flight and the acknowledgements it had queued, 100 per
+    # XACK, 200 queued: the source's ack Batcher)
+    assert twice <= 50 + 100 + 200
+    # every poison entry is in the dead-letter stream exactly once, after 3 deliveries
+    dead = [entry.field_values for entry in await redis.xrange("jobs:dead")]
+    assert sorted(d["corral:id"] for d in dead) == sorted(poison)
+    assert {d["corral:deliveries"] for d in dead} <= {"3", "4"}
+    for d in dead:
+        if d["corral:deliveries"] == "3":  # failed on its third delivery
+            assert d["corral:error"] == "ValueError('poison')"
+        else:  # its third delivery died with c0, unsettled: buried when claimed
+            assert "never settled" in d["corral:error"]
