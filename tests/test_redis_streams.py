@@ -357,3 +357,12 @@ async def test_sink_trims_to_maxlen(redis: coredis.Redis[str]) -> None:
             await sink.add({"i": str(i)})
     length = await redis.xlen("capped")
     assert 100 <= length < 2000  # MAXLEN ~: trimmed in whole nodes, never below maxlen
+
+
+async def test_one_task_iterates_at_a_time(redis: coredis.Redis[str]) -> None:
+    async with source(redis, stop_when_drained=False) as src, anyio.create_task_group() as tg:
+        tg.start_soon(drain, src, print)  # waits in XREADGROUP on an empty stream
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(anyio.BusyResourceError, match="reading from"):
+            await src.__anext__()
+        src.stop()

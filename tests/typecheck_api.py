@@ -44,3 +44,26 @@ async def _batcher() -> None:
     assert_type(corral.Batcher(insert), corral.Batcher[bytes, None])
     assert_type(batcher.unflushed, list[str])
     assert_type(batcher.stats, corral.BatcherStats)
+
+
+async def _redis() -> None:
+    import coredis
+
+    from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource
+
+    async def charge(delivery: Delivery[str]) -> int:
+        return len(delivery.fields["order"])
+
+    async with coredis.Redis(decode_responses=True) as client:
+        limiter: corral.RateLimiter = RedisRateLimiter(client, "api", 10)
+        async with StreamSource(client, "orders", "billing", "w1") as source:
+            assert_type(source, StreamSource[str])
+            async with corral.apply_to_each(
+                charge, source, rate_limit=limiter, on_outcome=source.settle
+            ) as outcomes:
+                async for outcome in outcomes:
+                    assert_type(outcome, corral.Outcome[Delivery[str], int])
+        async with StreamSink(client, "receipts") as sink:
+            assert_type(await sink.submit({"order": "1"}), str)
+    async with coredis.Redis() as raw:
+        assert_type(StreamSource(raw, "s", "g", "c"), StreamSource[bytes])

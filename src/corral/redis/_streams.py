@@ -25,7 +25,7 @@ import contextlib
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, AnyStr, Generic
+from typing import Any, AnyStr, Generic, TypeVar
 
 import anyio
 import attrs
@@ -41,6 +41,8 @@ from .._validate import check_bool, check_int, check_number
 from ._common import check_name, check_timeout, round_trip
 
 __all__ = ["Delivery", "StreamSink", "StreamSource", "StreamStats"]
+
+R = TypeVar("R")
 
 _ACK_WAIT = 0.01  # seconds a success's XACK may wait for others to share it
 
@@ -246,6 +248,7 @@ class StreamSource(Generic[AnyStr]):
         self._room: anyio.Event | None = None  # set when settle frees room
         self._stopping = False
         self._running = False
+        self._reading = False  # one task iterates at a time
         self._claim_cursor: str = "0-0"
         self._next_claim = -float("inf")
         # Acknowledgements wait up to 10 ms to share one XACK: with natural
@@ -320,6 +323,15 @@ class StreamSource(Generic[AnyStr]):
     async def __anext__(self) -> Delivery[AnyStr]:
         if not self._running:
             raise PoolClosed(f"{self!r} is not running: iterate it inside `async with source:`")
+        if self._reading:
+            raise anyio.BusyResourceError("reading from")
+        self._reading = True
+        try:
+            return await self._next()
+        finally:
+            self._reading = False
+
+    async def _next(self) -> Delivery[AnyStr]:
         while True:
             if self._buffer and not self._stopping:
                 delivery = self._buffer.popleft()
@@ -400,7 +412,7 @@ class StreamSource(Generic[AnyStr]):
                 return bool(info["pending"] == 0 and info.get("lag") in (0, None))
         return False
 
-    async def settle(self, outcome: Outcome[Delivery[AnyStr], Any]) -> None:
+    async def settle(self, outcome: Outcome[Delivery[AnyStr], R]) -> None:
         """Settle one delivery by its outcome: pass it as ``on_outcome``.
 
         A success is acknowledged (batched; it may wait while acknowledgements
