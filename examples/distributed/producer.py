@@ -1,0 +1,41 @@
+"""Put N orders (2,000 by default) on the Redis stream "orders".
+
+Each entry has the fields `order` (its id) and `amount`. One order in 250 has
+the amount "-1", which the payment API always declines: those end up in the
+dead-letter stream "orders:dead".
+
+Run it against a redis-server of your own:
+`python examples/distributed/producer.py PORT [N] [asyncio|trio]`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+import coredis
+
+from corral.redis import StreamSink
+
+
+def amount(n: int) -> str:
+    if n % 250 == 125:
+        return "-1"  # a bad order: declined on every attempt
+    return f"{1 + n * 7919 % 20_000 / 100:.2f}"
+
+
+async def main(port: int, count: int) -> None:
+    async with (
+        coredis.Redis(port=port, decode_responses=True) as client,
+        StreamSink(client, "orders", max_size=500) as orders,  # pipelined XADDs
+    ):
+        for n in range(1, count + 1):
+            await orders.add({"order": f"order-{n:05d}", "amount": amount(n)})
+    print(f"producer: {count:,} orders added to 'orders' ({orders.stats.flushes} round trips)")
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2_000
+    backend = sys.argv[3] if len(sys.argv) > 3 else "asyncio"
+    anyio.run(main, port, count, backend=backend)
