@@ -366,3 +366,34 @@ async def test_one_task_iterates_at_a_time(redis: coredis.Redis[str]) -> None:
         with pytest.raises(anyio.BusyResourceError, match="reading from"):
             await src.__anext__()
         src.stop()
+
+
+async def test_dead_letter_on_and_redeliver_after(redis: coredis.Redis[str]) -> None:
+    """An error retrying cannot mend goes to the dead-letter stream at once; a
+    transient one is delivered again after redeliver_after, not min_idle."""
+    ids = await fill(redis, "jobs", 10)
+    calls: list[tuple[str, int]] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        calls.append((delivery.fields["n"], delivery.deliveries))
+        if delivery.fields["n"] == "3":
+            raise KeyError("no such customer")  # permanent
+        if delivery.fields["n"] == "5" and delivery.deliveries == 1:
+            raise ConnectionError("transient")
+
+    async with source(
+        redis, min_idle=30.0, redeliver_after=0.05, dead_letter_on=KeyError
+    ) as src:
+        with anyio.fail_after(10):  # min_idle would be 30 s
+            await drain(src, handler)
+    assert sorted(calls) == sorted([(str(i), 1) for i in range(10)] + [("5", 2)])
+    [dead] = await redis.xrange("jobs:dead")
+    assert dead.field_values["corral:id"] == ids[3]
+    assert dead.field_values["corral:deliveries"] == "1"
+    assert src.stats.dead_lettered == 1
+    assert src.stats.failed == 1
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+    with pytest.raises(ValueError, match="redeliver_after must be <= min_idle"):
+        source(redis, min_idle=1.0, redeliver_after=2.0)
+    with pytest.raises(TypeError, match="dead_letter_on must be"):
+        source(redis, dead_letter_on="KeyError")

@@ -76,7 +76,9 @@ def _retry_after(error: Exception) -> float | None:
     return seconds
 
 
-def _check_on(value: object) -> object:
+def _check_on(value: object, name: str = "on") -> object:
+    """Return ``value`` if it is an exception filter; else raise naming ``name``."""
+
     def is_exception_type(obj: object) -> bool:
         return isinstance(obj, type) and issubclass(obj, Exception)
 
@@ -86,21 +88,28 @@ def _check_on(value: object) -> object:
         return value
     if isinstance(value, (type, tuple)):
         raise TypeError(
-            "on must be an Exception subclass, a tuple of them, or a predicate "
+            f"{name} must be an Exception subclass, a tuple of them, or a predicate "
             f"taking the exception; got {value!r} (cancellation and other "
             "BaseExceptions are never retried)"
         )
     if not callable(value):
         raise TypeError(
-            "on must be an Exception subclass, a tuple of them, or a predicate "
+            f"{name} must be an Exception subclass, a tuple of them, or a predicate "
             f"taking the exception; got {value!r}"
         )
     if is_async_callable(value):
         raise TypeError(
-            f"on must be a plain predicate, got the async function {value!r} "
+            f"{name} must be a plain predicate, got the async function {value!r} "
             "(its coroutine would always count as true)"
         )
     return value
+
+
+def matches(on: ExceptionFilter, error: Exception) -> bool:
+    """Whether ``error`` matches the exception filter ``on``."""
+    if isinstance(on, (type, tuple)):
+        return isinstance(error, on)
+    return bool(on(error))
 
 
 @attrs.frozen
@@ -152,10 +161,7 @@ class Retry:
 
     def should_retry(self, error: Exception) -> bool:
         """Whether ``error`` matches ``on``."""
-        on = self.on
-        if isinstance(on, (type, tuple)):
-            return isinstance(error, on)
-        return bool(on(error))
+        return matches(self.on, error)
 
     def wait_before(self, retry: int, error: Exception) -> float:
         """Seconds to wait before retry number ``retry`` after ``error``."""

@@ -36,7 +36,7 @@ from coredis.exceptions import StreamDuplicateConsumerGroupError
 from .._batcher import Batcher, BatcherStats
 from .._errors import PoolClosed
 from .._outcome import Outcome
-from .._retry import Retry
+from .._retry import ExceptionFilter, Retry, _check_on, matches
 from .._validate import check_bool, check_int, check_number
 from ._common import check_name, check_timeout, round_trip
 
@@ -81,6 +81,18 @@ for _, entry in ipairs(claimed[2]) do
   end
 end
 return {claimed[1], out, buried}
+"""
+
+# KEYS: stream. ARGV: group, consumer, id, idle_ms.
+# Makes a failed entry claimable sooner than min_idle: sets its idle time to
+# idle_ms (XCLAIM ... IDLE, JUSTID: the delivery count is not raised), if it is
+# still pending to this consumer. Returns 1 if it was.
+_REDELIVER = """
+local stream, group, consumer, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local pending = redis.call('XPENDING', stream, group, id, id, 1)
+if #pending == 0 or pending[1][2] ~= consumer then return 0 end
+redis.call('XCLAIM', stream, group, consumer, 0, id, 'IDLE', ARGV[4], 'JUSTID')
+return 1
 """
 
 # KEYS: stream, dead-letter stream. ARGV: group, consumer, id, deliveries, error.
@@ -163,12 +175,13 @@ class StreamSource(Generic[AnyStr]):
     * **Acknowledged after success.** :meth:`settle` acknowledges a success
       (``XACK``, batched through a :class:`~corral.Batcher`: within 10 ms,
       or when the source's block ends). A failure stays pending: after
-      ``min_idle`` seconds any consumer of the group claims it (``XAUTOCLAIM``)
-      and it is delivered again. A failure on its ``max_deliveries``-th
-      delivery is copied to the ``dead_letter`` stream and acknowledged, in
-      one atomic step, with the fields ``corral:stream``, ``corral:id``,
-      ``corral:group``, ``corral:consumer``, ``corral:deliveries`` and
-      ``corral:error`` added.
+      ``redeliver_after`` seconds (default ``min_idle``) any consumer of the
+      group claims it (``XAUTOCLAIM``) and it is delivered again. A failure on
+      its ``max_deliveries``-th delivery, or one that matches
+      ``dead_letter_on`` (an error retrying cannot mend), is copied to the
+      ``dead_letter`` stream and acknowledged, in one atomic step, with the
+      fields ``corral:stream``, ``corral:id``, ``corral:group``,
+      ``corral:consumer``, ``corral:deliveries`` and ``corral:error`` added.
     * **Dead consumers.** Entries pending to a consumer that died are claimed
       once idle ``min_idle`` seconds, so set it above your longest handling
       time (retries included), or a slow success is delivered twice. An entry
@@ -195,9 +208,15 @@ class StreamSource(Generic[AnyStr]):
         worker may reuse its name).
     :param max_in_flight: the most deliveries handed out and not settled.
     :param max_deliveries: deliveries before a failing entry is dead-lettered.
+    :param dead_letter_on: errors that dead-letter an entry at once, whatever
+        its deliveries: an exception type, a tuple of them, or a predicate
+        (as ``Retry(on=...)``); None: only ``max_deliveries`` does.
     :param dead_letter: the dead-letter stream's key; default ``stream + ":dead"``.
     :param min_idle: seconds an entry must be pending untouched before another
-        consumer may claim it; claims are tried every ``min_idle / 2``.
+        consumer may claim it: how long a dead consumer's entries wait.
+    :param redeliver_after: seconds before a failed entry may be delivered
+        again, at most ``min_idle`` (the default). Claims are tried every
+        ``min(min_idle, redeliver_after) / 2`` seconds.
     :param block: the longest one ``XREADGROUP`` waits for new entries, in seconds.
     :param group_start: the entry ID a new group starts after.
     :param stop_when_drained: end iteration once the group has no work left.
@@ -214,8 +233,10 @@ class StreamSource(Generic[AnyStr]):
         *,
         max_in_flight: int = 100,
         max_deliveries: int = 5,
+        dead_letter_on: ExceptionFilter | None = None,
         dead_letter: str | None = None,
         min_idle: float = 60.0,
+        redeliver_after: float | None = None,
         block: float = 1.0,
         group_start: str = "0",
         stop_when_drained: bool = False,
@@ -233,7 +254,21 @@ class StreamSource(Generic[AnyStr]):
         )
         if self.dead_letter == stream:
             raise ValueError(f"dead_letter must differ from stream, got {dead_letter!r}")
+        if dead_letter_on is not None:
+            _check_on(dead_letter_on, "dead_letter_on")
+        self.dead_letter_on = dead_letter_on
         self.min_idle = check_number("min_idle", min_idle, positive=True)
+        self.redeliver_after = (
+            self.min_idle
+            if redeliver_after is None
+            else check_number("redeliver_after", redeliver_after)
+        )
+        if self.redeliver_after > self.min_idle:
+            raise ValueError(
+                f"redeliver_after must be <= min_idle ({min_idle!r}), got {redeliver_after!r}: "
+                "after min_idle any consumer may claim the entry anyway"
+            )
+        self._claim_every = max(min(self.min_idle, self.redeliver_after) / 2, 0.001)
         self.block = check_number("block", block, positive=True)
         self.group_start = check_name("group_start", group_start)
         self.stop_when_drained = check_bool("stop_when_drained", stop_when_drained)
@@ -241,6 +276,7 @@ class StreamSource(Generic[AnyStr]):
         self._client: coredis.Redis[AnyStr] = client
         self._claim_script: Script[AnyStr] = client.register_script(_CLAIM)
         self._bury_script: Script[AnyStr] = client.register_script(_BURY)
+        self._redeliver_script: Script[AnyStr] = client.register_script(_REDELIVER)
         self._what = f"StreamSource(stream={stream!r}, group={group!r}, consumer={consumer!r})"
         self._buffer: deque[Delivery[AnyStr]] = deque()
         self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
@@ -348,7 +384,7 @@ class StreamSource(Generic[AnyStr]):
                 continue
             now = anyio.current_time()
             if now >= self._next_claim:
-                self._next_claim = now + self.min_idle / 2
+                self._next_claim = now + self._claim_every
                 if await self._claim(room):
                     continue
             if await self._read(room, min(self.block, self._next_claim - now)):
@@ -417,8 +453,8 @@ class StreamSource(Generic[AnyStr]):
 
         A success is acknowledged (batched; it may wait while acknowledgements
         back up). A failure stays pending for another delivery after
-        ``min_idle``, or on its ``max_deliveries``-th delivery goes to the
-        dead-letter stream.
+        ``redeliver_after``; on its ``max_deliveries``-th delivery, or if it
+        matches ``dead_letter_on``, it goes to the dead-letter stream.
 
         :raises TypeError: the outcome's item is not a :class:`Delivery`.
         :raises ValueError: it is not one this source handed out and has not
@@ -443,9 +479,12 @@ class StreamSource(Generic[AnyStr]):
         room, self._room = self._room, None
         if room is not None:
             room.set()
-        if outcome.error is None:
+        error = outcome.error
+        if error is None:
             await self._acks.add(delivery.id)
-        elif delivery.deliveries >= self.max_deliveries:
+        elif delivery.deliveries >= self.max_deliveries or (
+            self.dead_letter_on is not None and matches(self.dead_letter_on, error)
+        ):
             moved: Any = await round_trip(
                 self._bury_script(
                     keys=[self.stream, self.dead_letter],
@@ -454,7 +493,7 @@ class StreamSource(Generic[AnyStr]):
                         self.consumer,
                         delivery.id,
                         delivery.deliveries,
-                        repr(outcome.error),
+                        repr(error),
                     ],
                 ),
                 within=self.timeout,
@@ -463,6 +502,16 @@ class StreamSource(Generic[AnyStr]):
             self._buried += int(moved)
         else:
             self._failed += 1
+            if self.redeliver_after < self.min_idle:
+                idle_ms = round((self.min_idle - self.redeliver_after) * 1000)
+                await round_trip(
+                    self._redeliver_script(
+                        keys=[self.stream],
+                        args=[self.group, self.consumer, delivery.id, idle_ms],
+                    ),
+                    within=self.timeout,
+                    what=self._what,
+                )
 
     async def _ack(self, ids: list[str]) -> None:
         acked = await round_trip(
