@@ -381,9 +381,7 @@ async def test_dead_letter_on_and_redeliver_after(redis: coredis.Redis[str]) -> 
         if delivery.fields["n"] == "5" and delivery.deliveries == 1:
             raise ConnectionError("transient")
 
-    async with source(
-        redis, min_idle=30.0, redeliver_after=0.05, dead_letter_on=KeyError
-    ) as src:
+    async with source(redis, min_idle=30.0, redeliver_after=0.05, dead_letter_on=KeyError) as src:
         with anyio.fail_after(10):  # min_idle would be 30 s
             await drain(src, handler)
     assert sorted(calls) == sorted([(str(i), 1) for i in range(10)] + [("5", 2)])

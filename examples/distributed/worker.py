@@ -21,11 +21,14 @@ import corral
 from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource
 
 RATE, BURST = 1_000, 20  # the payment API's quota: calls per second, all workers together
-# Seconds an order stays pending before any worker may take it over: a failed
-# one (delivered again, dead-lettered on its 3rd failure) or one of a worker
-# that died. Keep it above the longest handling time, queueing for the quota
-# and retries included (well under a second here), or a slow order runs twice.
-MIN_IDLE = 1.0
+# Seconds the orders of a worker that died stay pending before another worker
+# takes them over. Keep it above the longest handling time (queueing for the
+# quota and retries included, well under a second here), or a slow order runs
+# twice.
+MIN_IDLE = 5.0
+# Seconds before an order whose charge failed (after the in-process retries)
+# is delivered again, to any worker.
+REDELIVER_AFTER = 0.2
 
 
 async def payment_api(client: coredis.Redis[str], key: str, amount: str) -> str:
@@ -80,7 +83,9 @@ async def main(port: int, name: str) -> None:
             group="billing",
             consumer=name,
             min_idle=MIN_IDLE,
+            redeliver_after=REDELIVER_AFTER,
             max_deliveries=3,  # the 3rd failure goes to "orders:dead"
+            dead_letter_on=ValueError,  # a declined order: at once, retrying cannot mend it
             block=0.1,  # wait at most 0.1 s for new orders at a time
             stop_when_drained=True,  # end once no order is left, undelivered or pending
         )
