@@ -6,6 +6,7 @@ sink's batched writes. Multi-process runs are in test_redis_processes.py.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import anyio
@@ -395,3 +396,67 @@ async def test_dead_letter_on_and_redeliver_after(redis: coredis.Redis[str]) -> 
         source(redis, min_idle=1.0, redeliver_after=2.0)
     with pytest.raises(TypeError, match="dead_letter_on must be"):
         source(redis, dead_letter_on="KeyError")
+
+
+async def test_random_cancellation_loses_nothing(redis: coredis.Redis[str]) -> None:
+    """Cancel a consumer at a random moment, 12 times over one stream (each
+    time a new consumer picks up where it left off, claiming what the last
+    one held): at the end every entry has succeeded at least once and
+    nothing is pending."""
+    rng = random.Random(7)
+    ids = await fill(redis, "jobs", 300)
+    handled: set[str] = set()
+
+    async def handler(delivery: Delivery[str]) -> None:
+        if rng.random() < 0.5:
+            await anyio.sleep(rng.random() / 1000)
+        if rng.random() < 0.05:
+            raise ConnectionError("flaky")
+        handled.add(delivery.id)
+
+    for round_ in range(12):
+        with anyio.move_on_after(rng.uniform(0.001, 0.05)):
+            async with StreamSource(
+                redis, "jobs", "workers", f"c{round_}", max_in_flight=rng.randint(1, 20),
+                min_idle=0.01, block=0.01, stop_when_drained=True,
+            ) as src:  # fmt: skip
+                await drain(src, handler, workers=rng.randint(1, 8))
+    async with StreamSource(
+        redis, "jobs", "workers", "last", min_idle=0.01, block=0.01, stop_when_drained=True
+    ) as last:
+        await drain(last, handler)
+    info = await group_info(redis, "jobs", "workers")
+    assert info["pending"] == 0
+    # an entry whose every delivery so far was cancelled before it was settled
+    # goes to the dead-letter stream once delivered more than 5 times
+    dead = {entry.field_values["corral:id"] for entry in await redis.xrange("jobs:dead")}
+    assert handled | dead == set(ids)
+
+
+async def test_cancellation_still_acknowledges_settled_successes(
+    redis: coredis.Redis[str],
+) -> None:
+    """Successes settled before the block was cancelled are acknowledged on
+    the way out (shielded), so they do not run again."""
+    await fill(redis, "jobs", 50)
+    settled: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        pass
+
+    with anyio.CancelScope() as scope:
+        async with source(redis, max_in_flight=50) as src:
+
+            async def settle(outcome: corral.Outcome[Delivery[str], None]) -> None:
+                await src.settle(outcome)
+                settled.append(outcome.item.id)
+                if len(settled) == 20:
+                    scope.cancel()  # with acknowledgements still queued
+
+            async with corral.apply_to_each(handler, src, on_outcome=settle) as each:
+                async for _ in each:
+                    pass
+    pending = {p.identifier for p in await redis.xpending("jobs", "workers", "-", "+", 100)}
+    assert len(settled) >= 20
+    assert pending  # some were handed out, or read, and not settled
+    assert not pending & set(settled)

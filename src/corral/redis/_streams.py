@@ -38,7 +38,7 @@ from .._errors import PoolClosed
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, _check_on, matches
 from .._validate import check_bool, check_int, check_number
-from ._common import check_name, check_timeout, round_trip
+from ._common import RedisUnavailable, check_name, check_timeout, round_trip
 
 __all__ = ["Delivery", "StreamSink", "StreamSource", "StreamStats"]
 
@@ -188,7 +188,8 @@ class StreamSource(Generic[AnyStr]):
       delivered more than ``max_deliveries`` times without ever being settled
       (it crashed every consumer it reached) goes to the dead-letter stream
       when it is claimed, without being handed out again.
-    * **Leaving the block** sends the acknowledgements of everything settled.
+    * **Leaving the block** sends the acknowledgements of everything settled,
+      also when the block is cancelled (shielded, within ``timeout``).
       Deliveries not settled by then (cancelled, or read but never handed
       out) stay pending and are claimed after ``min_idle``, by any consumer,
       this one included when it comes back.
@@ -343,7 +344,25 @@ class StreamSource(Generic[AnyStr]):
         self._in_flight_count = 0
         exit_stack, self._exit = self._exit, None
         assert exit_stack is not None
-        return await exit_stack.__aexit__(exc_type, exc, tb)
+        try:
+            return await exit_stack.__aexit__(exc_type, exc, tb)
+        finally:
+            await self._ack_leftovers()
+
+    async def _ack_leftovers(self) -> None:
+        """Acknowledge the successes the ack batcher did not send (it does not
+        flush when cancelled): once, shielded, within ``timeout``. Whatever is
+        still not acknowledged stays pending and runs again elsewhere."""
+        leftovers = self._acks.unflushed
+        if not leftovers:
+            return
+        # if Redis is down they stay pending: delivered again (at least once)
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.timeout),
+            contextlib.suppress(RedisUnavailable),
+        ):
+            await self._ack(leftovers)
 
     def stop(self) -> None:
         """End the iteration: the next ``__anext__`` (or the one waiting now,
