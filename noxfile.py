@@ -66,7 +66,7 @@ def chaos(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against hand-written code and the peers; pass arguments after `--`
-    (`-- --quick`: the key ratios in under a minute)."""
+    (`-- --quick`: the key ratios in about a minute)."""
     session.install("-e", ".")
     install_group(session, "bench")
     if sys.version_info < (3, 12):
