@@ -460,3 +460,86 @@ async def test_cancellation_still_acknowledges_settled_successes(
     assert len(settled) >= 20
     assert pending  # some were handed out, or read, and not settled
     assert not pending & set(settled)
+
+
+async def test_entries_read_but_not_handed_out_are_given_back(redis: coredis.Redis[str]) -> None:
+    """Stopping with entries read ahead hands them back with their delivery
+    count as it was and claimable at once: stopping three times does not
+    dead-letter entries no handler ever saw."""
+    await fill(redis, "jobs", 10)
+    for round_ in range(3):
+        async with source(redis, stop_when_drained=False, max_deliveries=2, min_idle=60.0) as src:
+            delivery = await src.__anext__()  # the other entries wait in its buffer
+            [outcome] = await corral.apply_to_all(lambda d: None, [delivery])
+            await src.settle(outcome)
+            src.stop()
+        assert delivery.deliveries == 1, f"round {round_}"
+    assert await redis.xlen("jobs:dead") == 0
+    pending = await redis.xpending("jobs", "workers", "-", "+", 100)
+    assert len(pending) == 7
+    assert {p.delivered for p in pending} == {0}  # given back: their delivery undone
+
+
+async def test_an_idle_entry_behind_many_busy_ones_is_claimed_at_once(
+    redis: coredis.Redis[str],
+) -> None:
+    """XAUTOCLAIM scans 10 pending entries per unit of COUNT: with room for
+    one delivery, an idle entry behind 300 busy ones must still be found
+    without waiting for further claim rounds."""
+    ids = await fill(redis, "jobs", 301)
+    await redis.xgroup_create("jobs", "workers", "0")
+    await redis.xreadgroup("workers", "busy", {"jobs": ">"}, count=300)
+    await redis.xreadgroup("workers", "dead", {"jobs": ">"}, count=1)
+    await redis.xclaim("jobs", "workers", "dead", 0, [ids[-1]], idle=120_000, justid=True)
+    async with source(redis, stop_when_drained=False, min_idle=60.0, max_in_flight=1) as src:
+        with anyio.fail_after(5):  # the next claim round would be 30 s away
+            delivery = await src.__anext__()
+    assert delivery.id == ids[-1]
+
+
+async def test_entries_deleted_while_pending_are_dead_lettered(redis: coredis.Redis[str]) -> None:
+    ids = await fill(redis, "jobs", 5)
+    await redis.xgroup_create("jobs", "workers", "0")
+    await redis.xreadgroup("workers", "dead", {"jobs": ">"}, count=5)
+    await redis.xdel("jobs", [ids[1], ids[3]])
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery[str]) -> None:
+        seen.append(delivery.id)
+
+    async with source(redis, min_idle=0.05) as src:
+        await drain(src, handler)
+    assert sorted(seen) == [ids[0], ids[2], ids[4]]
+    dead = {e.field_values["corral:id"]: e.field_values for e in await redis.xrange("jobs:dead")}
+    assert sorted(dead) == [ids[1], ids[3]]
+    assert {d["corral:error"] for d in dead.values()} == {"deleted from the stream while pending"}
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_settling_a_failure_survives_a_redis_outage(redis: coredis.Redis[str]) -> None:
+    """If Redis cannot be reached to dead-letter a failure or hurry its
+    redelivery, the failure stays pending (claimed after min_idle) and the
+    pool goes on."""
+    await fill(redis, "jobs", 4)
+
+    async def handler(delivery: Delivery[str]) -> None:
+        raise ValueError(delivery.fields["n"])
+
+    def unreachable(**_: Any) -> Any:
+        async def fail() -> None:
+            raise coredis.exceptions.ConnectionError("connection reset")
+
+        return fail()
+
+    async with source(redis, stop_when_drained=False, redeliver_after=0.0, min_idle=60.0) as src:
+        src._settle_failure_script = unreachable  # type: ignore[assignment]
+        src._release_script = unreachable  # type: ignore[assignment]
+        async with corral.apply_to_each(handler, src, on_outcome=src.settle) as each:
+            async for outcome in each:
+                assert not outcome.ok
+                if outcome.item.fields["n"] == "1":
+                    src.dead_letter_on = ValueError  # the other path fails as well
+                if src.stats.failed == 4:
+                    src.stop()
+    assert src.stats.failed == 4
+    assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 4

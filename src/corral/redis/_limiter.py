@@ -168,8 +168,8 @@ class RedisRateLimiter:
 
     async def _acquire_leased(self, cost: int) -> None:
         await checkpoint()
-        if self._take(cost):
-            return
+        if not self._lease_lock.locked() and self._take(cost):
+            return  # nobody is waiting: first come, first served holds
         async with self._lease_lock:  # one round trip at a time for the whole process
             if self._take(cost):
                 return  # someone else's lease arrived while we waited for the lock

@@ -46,77 +46,107 @@ R = TypeVar("R")
 
 _ACK_WAIT = 0.01  # seconds a success's XACK may wait for others to share it
 
-# Fields added to an entry copied to the dead-letter stream.
-_DEAD_FIELDS = ("corral:stream", "corral:id", "corral:group", "corral:consumer",
-                "corral:deliveries", "corral:error")  # fmt: skip
+# Lua shared by the scripts: copy an entry to the dead-letter stream with
+# where it came from and why, and acknowledge it (in the calling script's one
+# atomic step).
+_BURY_FUNCTION = """
+local function bury(stream, dead, group, consumer, id, fields, deliveries, reason)
+  local copy = {}
+  for _, value in ipairs(fields) do table.insert(copy, value) end
+  for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
+                          'corral:consumer', consumer, 'corral:deliveries', deliveries,
+                          'corral:error', reason}) do
+    table.insert(copy, value)
+  end
+  redis.call('XADD', dead, '*', unpack(copy))
+  redis.call('XACK', stream, group, id)
+end
+"""
 
 # KEYS: stream, dead-letter stream.
 # ARGV: group, consumer, min_idle_ms, cursor, count, max_deliveries.
-# Claims entries idle for min_idle_ms from any consumer. One that has already
-# been delivered more than max_deliveries times without being settled (it
-# killed or stalled every consumer it reached) goes to the dead-letter stream.
+# Claims up to count entries idle for min_idle_ms from any consumer, scanning
+# the pending list from cursor (XAUTOCLAIM scans 10 * COUNT entries a call: up
+# to 16 calls here, so a long list of busy entries does not hide an idle one
+# for many rounds). An entry already delivered more than max_deliveries times
+# without being settled (it killed or stalled every consumer it reached) goes
+# to the dead-letter stream, and so does the ID of one deleted from the stream
+# while pending (Redis 7 drops those from the pending list and reports them).
 # Returns {next cursor, {{id, fields, deliveries}, ...}, how many dead-lettered}.
-_CLAIM = """
+_CLAIM = (
+    _BURY_FUNCTION
+    + """
 local stream, dead, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local max_deliveries = tonumber(ARGV[6])
-local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], ARGV[4],
-                           'COUNT', ARGV[5])
+local cursor, count, max_deliveries = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local out, buried = {}, 0
-for _, entry in ipairs(claimed[2]) do
-  local id, fields = entry[1], entry[2]
-  local deliveries = redis.call('XPENDING', stream, group, id, id, 1)[1][4]
-  if deliveries > max_deliveries then
-    local copy = {}
-    for _, value in ipairs(fields) do table.insert(copy, value) end
-    for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
-                            'corral:consumer', consumer, 'corral:deliveries', deliveries,
-                            'corral:error', 'never settled: its consumers died or stalled'}) do
-      table.insert(copy, value)
+for _ = 1, 16 do
+  local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], cursor,
+                             'COUNT', count - #out)
+  cursor = claimed[1]
+  for _, entry in ipairs(claimed[2]) do
+    if entry then  -- Redis 6.2 answers false for an entry deleted while pending
+      local id, fields = entry[1], entry[2]
+      local deliveries = redis.call('XPENDING', stream, group, id, id, 1)[1][4]
+      if deliveries > max_deliveries then
+        bury(stream, dead, group, consumer, id, fields, deliveries,
+             'never settled: its consumers died or stalled')
+        buried = buried + 1
+      else
+        table.insert(out, {id, fields, deliveries})
+      end
     end
-    redis.call('XADD', dead, '*', unpack(copy))
-    redis.call('XACK', stream, group, id)
+  end
+  for _, id in ipairs(claimed[3] or {}) do
+    bury(stream, dead, group, consumer, id, {}, 'unknown',
+         'deleted from the stream while pending')
     buried = buried + 1
-  else
-    table.insert(out, {id, fields, deliveries})
+  end
+  if #out >= count or cursor == '0-0' then break end
+end
+return {cursor, out, buried}
+"""
+)
+
+# KEYS: stream. ARGV: group, consumer, idle_ms, then id, delivery count pairs.
+# Hands entries back to the group: each one still pending to this consumer
+# (and still in the stream) gets the idle time idle_ms and the delivery count
+# given (XCLAIM ... IDLE, RETRYCOUNT, JUSTID), so that any consumer may claim
+# it once idle for min_idle. Used for a failure to come back after
+# redeliver_after, and at exit for entries read but never handed out (which
+# get their delivery back). Returns how many were handed back.
+_RELEASE = """
+local stream, group, consumer, idle = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local released = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local pending = redis.call('XPENDING', stream, group, id, id, 1)
+  if #pending > 0 and pending[1][2] == consumer
+     and #redis.call('XRANGE', stream, id, id) > 0 then
+    redis.call('XCLAIM', stream, group, consumer, 0, id, 'IDLE', idle,
+               'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    released = released + 1
   end
 end
-return {claimed[1], out, buried}
-"""
-
-# KEYS: stream. ARGV: group, consumer, id, idle_ms.
-# Makes a failed entry claimable sooner than min_idle: sets its idle time to
-# idle_ms (XCLAIM ... IDLE, JUSTID: the delivery count is not raised), if it is
-# still pending to this consumer. Returns 1 if it was.
-_REDELIVER = """
-local stream, group, consumer, id = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local pending = redis.call('XPENDING', stream, group, id, id, 1)
-if #pending == 0 or pending[1][2] ~= consumer then return 0 end
-redis.call('XCLAIM', stream, group, consumer, 0, id, 'IDLE', ARGV[4], 'JUSTID')
-return 1
+return released
 """
 
 # KEYS: stream, dead-letter stream. ARGV: group, consumer, id, deliveries, error.
 # Copies the entry to the dead-letter stream and acknowledges it, atomically,
 # if it is still pending to this consumer (else another consumer claimed it
 # meanwhile and owns it now). Returns 1 if it was moved.
-_BURY = """
+_SETTLE_FAILURE = (
+    _BURY_FUNCTION
+    + """
 local stream, dead, group, consumer, id = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
 local pending = redis.call('XPENDING', stream, group, id, id, 1)
 if #pending == 0 or pending[1][2] ~= consumer then return 0 end
-local copy = {}
 local entry = redis.call('XRANGE', stream, id, id)
-if #entry > 0 then
-  for _, value in ipairs(entry[1][2]) do table.insert(copy, value) end
-end
-for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
-                        'corral:consumer', consumer, 'corral:deliveries', ARGV[4],
-                        'corral:error', ARGV[5]}) do
-  table.insert(copy, value)
-end
-redis.call('XADD', dead, '*', unpack(copy))
-redis.call('XACK', stream, group, id)
+local fields = {}
+if #entry > 0 then fields = entry[1][2] end
+bury(stream, dead, group, consumer, id, fields, ARGV[4], ARGV[5])
 return 1
 """
+)
 
 
 def _text(value: str | bytes) -> str:
@@ -276,8 +306,8 @@ class StreamSource(Generic[AnyStr]):
         self.timeout = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
         self._claim_script: Script[AnyStr] = client.register_script(_CLAIM)
-        self._bury_script: Script[AnyStr] = client.register_script(_BURY)
-        self._redeliver_script: Script[AnyStr] = client.register_script(_REDELIVER)
+        self._settle_failure_script: Script[AnyStr] = client.register_script(_SETTLE_FAILURE)
+        self._release_script: Script[AnyStr] = client.register_script(_RELEASE)
         self._what = f"StreamSource(stream={stream!r}, group={group!r}, consumer={consumer!r})"
         self._buffer: deque[Delivery[AnyStr]] = deque()
         self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
@@ -339,7 +369,6 @@ class StreamSource(Generic[AnyStr]):
     ) -> bool | None:
         self._running = False
         self._stopping = True
-        self._buffer.clear()  # read, never handed out: pending, claimed after min_idle
         self._in_flight.clear()
         self._in_flight_count = 0
         exit_stack, self._exit = self._exit, None
@@ -347,22 +376,38 @@ class StreamSource(Generic[AnyStr]):
         try:
             return await exit_stack.__aexit__(exc_type, exc, tb)
         finally:
-            await self._ack_leftovers()
+            await self._clean_up()
 
-    async def _ack_leftovers(self) -> None:
-        """Acknowledge the successes the ack batcher did not send (it does not
-        flush when cancelled): once, shielded, within ``timeout``. Whatever is
-        still not acknowledged stays pending and runs again elsewhere."""
-        leftovers = self._acks.unflushed
-        if not leftovers:
+    async def _clean_up(self) -> None:
+        """Once, shielded, within ``timeout``: acknowledge the successes the
+        ack batcher did not send (it does not flush when cancelled), and hand
+        back the entries read but never handed out, with their delivery count
+        as it was, claimable at once. Whatever fails here stays pending and
+        runs again elsewhere after ``min_idle``: at least once, still."""
+        acks = self._acks.unflushed
+        unread = [(delivery.id, delivery.deliveries - 1) for delivery in self._buffer]
+        self._buffer.clear()
+        if not acks and not unread:
             return
-        # if Redis is down they stay pending: delivered again (at least once)
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(self.timeout),
-            contextlib.suppress(RedisUnavailable),
-        ):
-            await self._ack(leftovers)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+            # not even a Redis error may replace the exception leaving the block
+            with contextlib.suppress(Exception):
+                if acks:
+                    await self._ack(acks)
+            with contextlib.suppress(Exception):
+                if unread:
+                    await self._release(unread, idle=self.min_idle)
+
+    async def _release(self, entries: list[tuple[str, int]], idle: float) -> None:
+        """Hand entries back to the group (see _RELEASE), as (id, delivery count)."""
+        args: list[Any] = [self.group, self.consumer, round(idle * 1000)]
+        for entry_id, deliveries in entries:
+            args += [entry_id, deliveries]
+        await round_trip(
+            self._release_script(keys=[self.stream], args=args),
+            within=self.timeout,
+            what=self._what,
+        )
 
     def stop(self) -> None:
         """End the iteration: the next ``__anext__`` (or the one waiting now,
@@ -403,9 +448,10 @@ class StreamSource(Generic[AnyStr]):
                 continue
             now = anyio.current_time()
             if now >= self._next_claim:
-                self._next_claim = now + self._claim_every
                 if await self._claim(room):
                     continue
+                # scanned to the end of the pending list: rest before the next scan
+                self._next_claim = (now + self._claim_every) if self._claim_cursor == "0-0" else now
             if await self._read(room, min(self.block, self._next_claim - now)):
                 continue
             if self.stop_when_drained and self._in_flight_count == 0 and await self._drained():
@@ -501,36 +547,36 @@ class StreamSource(Generic[AnyStr]):
         error = outcome.error
         if error is None:
             await self._acks.add(delivery.id)
-        elif delivery.deliveries >= self.max_deliveries or (
-            self.dead_letter_on is not None and matches(self.dead_letter_on, error)
-        ):
-            moved: Any = await round_trip(
-                self._bury_script(
-                    keys=[self.stream, self.dead_letter],
-                    args=[
-                        self.group,
-                        self.consumer,
-                        delivery.id,
-                        delivery.deliveries,
-                        repr(error),
-                    ],
-                ),
-                within=self.timeout,
-                what=self._what,
-            )
-            self._buried += int(moved)
-        else:
-            self._failed += 1
-            if self.redeliver_after < self.min_idle:
-                idle_ms = round((self.min_idle - self.redeliver_after) * 1000)
-                await round_trip(
-                    self._redeliver_script(
-                        keys=[self.stream],
-                        args=[self.group, self.consumer, delivery.id, idle_ms],
+            return
+        # A failure. If Redis cannot be reached to dead-letter it or to hurry
+        # its redelivery, it stays pending all the same: claimed after
+        # min_idle, and dead-lettered then if its deliveries are spent.
+        with contextlib.suppress(RedisUnavailable):
+            if delivery.deliveries >= self.max_deliveries or (
+                self.dead_letter_on is not None and matches(self.dead_letter_on, error)
+            ):
+                moved: Any = await round_trip(
+                    self._settle_failure_script(
+                        keys=[self.stream, self.dead_letter],
+                        args=[
+                            self.group,
+                            self.consumer,
+                            delivery.id,
+                            delivery.deliveries,
+                            repr(error),
+                        ],
                     ),
                     within=self.timeout,
                     what=self._what,
                 )
+                if moved:
+                    self._buried += 1
+                    return
+            elif self.redeliver_after < self.min_idle:
+                await self._release(
+                    [(delivery.id, delivery.deliveries)], idle=self.min_idle - self.redeliver_after
+                )
+        self._failed += 1
 
     async def _ack(self, ids: list[str]) -> None:
         acked = await round_trip(
