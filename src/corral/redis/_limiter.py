@@ -68,6 +68,17 @@ class RedisRateLimiter:
     sleeps that long, with no polling. A caller cancelled while it sleeps has
     spent its slot: the limit is never exceeded, but that slot goes unused.
 
+    The bound holds for the slots the server hands out. Each caller starts
+    when its reply has arrived and its wait has passed, so a reply delayed
+    more than the next caller's (network, a busy event loop) can bring two
+    admissions closer than their slots by that delay: measured at the
+    callers, allow for the spread of the round trip. The limit lives in one
+    key: if Redis loses it (a restart without persistence, a failover,
+    ``FLUSHDB``, eviction; with a ``volatile-*`` policy the key, which has a
+    TTL, goes first), the limit starts again from full. Waits are computed
+    from the server's clock (``TIME``), so a clock that steps back delays
+    callers by that much.
+
     **Leasing.** With ``lease=k`` (at most ``burst``), a process reserves
     ``k`` tokens in one round trip and hands them to its own callers for up
     to ``per`` seconds, cutting round trips by up to ``k`` times. The price is

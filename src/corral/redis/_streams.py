@@ -211,7 +211,9 @@ class StreamSource(Generic[AnyStr]):
       ``dead_letter_on`` (an error retrying cannot mend), is copied to the
       ``dead_letter`` stream and acknowledged, in one atomic step, with the
       fields ``corral:stream``, ``corral:id``, ``corral:group``,
-      ``corral:consumer``, ``corral:deliveries`` and ``corral:error`` added.
+      ``corral:consumer`` (the consumer that moved it), ``corral:deliveries``
+      and ``corral:error`` added. An entry deleted from the stream (``XDEL``,
+      trimming) while pending is dead-lettered by its ID alone when claimed.
     * **Dead consumers.** Entries pending to a consumer that died are claimed
       once idle ``min_idle`` seconds, so set it above your longest handling
       time (retries included), or a slow success is delivered twice. An entry
@@ -230,7 +232,12 @@ class StreamSource(Generic[AnyStr]):
 
     Iteration runs until :meth:`stop` is called or, with
     ``stop_when_drained=True``, until the group has nothing left: no entry
-    undelivered and none pending anywhere (all acknowledged or dead-lettered).
+    undelivered and none pending anywhere (all acknowledged or dead-lettered;
+    so an empty stream counts as drained). If Redis cannot be reached while
+    reading, iteration ends with :class:`~corral.redis.RedisUnavailable`;
+    nothing is lost, and a new source picks up where this one stopped.
+
+    Needs Redis 7.0 or newer (``XAUTOCLAIM`` reporting deleted entries).
 
     :param client: an entered ``coredis.Redis`` client.
     :param stream: the stream's key.
@@ -596,6 +603,10 @@ class StreamSink(Generic[AnyStr]):
 
     Leaving the block writes everything added (see :class:`~corral.Batcher`);
     :meth:`submit` waits for its own entry and returns its ID.
+
+    Writes are at least once: a batch whose round trip failed or timed out
+    part way is written again whole, so an entry can appear twice. Readers of
+    the stream should tolerate that (key on a field of the entry).
 
     :param client: an entered ``coredis.Redis`` client.
     :param stream: the stream's key.
