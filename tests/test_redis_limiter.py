@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
 
 # Admission times are read in the admitted task after ``acquire`` returns; a
 # busy machine may read one late (never early), which can make two admissions
-# look closer together than they were. Allow that much.
-READING_SLACK = 0.015
+# look closer together than they were. Allow that much; and where the test
+# does not need burst=1, burst=2 gives a stall of one more interval room.
+READING_SLACK = 0.03
 
 
 def assert_token_bucket(times: list[float], rate: float, per: float, burst: int, extra: int = 0):
@@ -62,14 +63,15 @@ async def test_burst_then_one_per_interval(redis: coredis.Redis[str]) -> None:
     assert_token_bucket(times, 20, 1.0, 3)
     # 3 at once, then 10 more one every 0.05 s: 0.5 s, not much more
     assert 0.5 - READING_SLACK <= elapsed < 0.5 + 0.25
-    assert sum(t - start < 0.03 for t in times) == 3  # the burst came at once
+    times.sort()
+    assert times[2] - times[0] < 0.025  # the burst came at once (the 4th: 0.05 s later)
 
 
 async def test_limiters_with_one_key_share_one_limit(redis: coredis.Redis[str]) -> None:
     """Three limiter objects (three processes, as far as Redis can tell) on
     one key share the limit; another key is independent."""
-    shared = [RedisRateLimiter(redis, "shared", 30, 0.5) for _ in range(3)]
-    other = RedisRateLimiter(redis, "other", 30, 0.5)
+    shared = [RedisRateLimiter(redis, "shared", 20, 0.5, burst=2) for _ in range(3)]
+    other = RedisRateLimiter(redis, "other", 20, 0.5, burst=2)
     times: list[float] = []
     other_times: list[float] = []
     start = time.monotonic()
@@ -78,14 +80,15 @@ async def test_limiters_with_one_key_share_one_limit(redis: coredis.Redis[str]) 
             tg.start_soon(admit, limiter, 10, 3, times)
         tg.start_soon(admit, other, 10, 3, other_times)
     assert len(times) == 30
-    assert_token_bucket(times, 30, 0.5, 1)
-    # 30 on one key at 60/s take 29 intervals; the other key's 10 were not delayed by them
-    assert max(times) - start >= 29 / 60 - READING_SLACK
-    assert max(other_times) - start < 29 / 60
+    assert_token_bucket(times, 20, 0.5, 2)
+    # 30 on one key at 40/s, 2 at once, take 28 intervals; the other key's 10
+    # were not delayed by them
+    assert max(times) - start >= 28 / 40 - READING_SLACK
+    assert max(other_times) - start < 28 / 40
 
 
 async def test_rate_limit_in_a_pool_and_as_middleware(redis: coredis.Redis[str]) -> None:
-    limiter = RedisRateLimiter(redis, "pool", 50, 1.0)
+    limiter = RedisRateLimiter(redis, "pool", 50, 1.0, burst=2)
     seen: list[float] = []
 
     async def handler(item: int) -> int:
@@ -94,14 +97,14 @@ async def test_rate_limit_in_a_pool_and_as_middleware(redis: coredis.Redis[str])
 
     outcomes = await corral.apply_to_all(handler, range(10), workers=10, rate_limit=limiter)
     assert [o.result for o in outcomes] == list(range(10))
-    assert_token_bucket(seen, 50, 1.0, 1)
-    assert max(seen) - min(seen) >= 9 / 50 - READING_SLACK
+    assert_token_bucket(seen, 50, 1.0, 2)
+    assert max(seen) - min(seen) >= 8 / 50 - READING_SLACK
 
     seen.clear()
-    as_middleware = RedisRateLimiter(redis, "middleware", 50, 1.0)
+    as_middleware = RedisRateLimiter(redis, "middleware", 50, 1.0, burst=2)
     outcomes = await corral.apply_to_all(handler, range(10), workers=10, middleware=[as_middleware])
     assert all(o.ok for o in outcomes)
-    assert_token_bucket(seen, 50, 1.0, 1)
+    assert_token_bucket(seen, 50, 1.0, 2)
 
 
 async def test_cost_takes_that_many_tokens(redis: coredis.Redis[str]) -> None:
