@@ -221,10 +221,11 @@ class StreamSource(Generic[AnyStr]):
       (it crashed every consumer it reached) goes to the dead-letter stream
       when it is claimed, without being handed out again.
     * **Leaving the block** sends the acknowledgements of everything settled,
-      also when the block is cancelled (shielded, within ``timeout``).
-      Deliveries not settled by then (cancelled, or read but never handed
-      out) stay pending and are claimed after ``min_idle``, by any consumer,
-      this one included when it comes back.
+      and hands back the entries read but never handed out (claimable at
+      once, their delivery undone), also when the block is cancelled
+      (shielded, within ``timeout``). Deliveries handed out and not settled
+      by then stay pending and are claimed after ``min_idle``, by any
+      consumer, this one included when it comes back.
 
     The group is created (with the stream, if missing) when the block is
     entered; ``group_start`` says where a new group begins: ``"0"``, the whole
