@@ -28,6 +28,18 @@ R = TypeVar("R")
 _TICK = 0.001  # how long to wait again when a timer fired before its deadline
 
 
+def check_cost(cost: int, capacity: int, limiter: object, named: str = "") -> None:
+    """Refuse a ``cost`` that is not a positive int, or more than ``limiter``
+    can ever admit at once (``capacity``, the parameter ``named`` if given)."""
+    if cost != 1:  # the common case needs no checking
+        check_int("cost", cost, minimum=1)
+        if cost > capacity:
+            most = f"{named} ({capacity})" if named else str(capacity)
+            raise ValueError(
+                f"cost must be <= {most} for {limiter!r}, got {cost!r}: it could never be admitted"
+            )
+
+
 class _Waiter:
     __slots__ = ("cost", "event")
 
@@ -74,13 +86,7 @@ class _FairLimiter:
         return False
 
     def _check_cost(self, cost: int) -> None:
-        if cost != 1:  # the common case needs no checking
-            check_int("cost", cost, minimum=1)
-            if cost > self._capacity:
-                raise ValueError(
-                    f"cost must be <= {self._capacity} for {self!r}, got {cost!r}: "
-                    "it could never be admitted"
-                )
+        check_cost(cost, self._capacity, self)
 
     async def acquire(self, cost: int = 1) -> None:
         """Wait for admission of ``cost`` units, first come, first served.

@@ -76,7 +76,7 @@ def _retry_after(error: Exception) -> float | None:
     return seconds
 
 
-def _check_on(value: object, name: str = "on") -> object:
+def check_on(value: object, name: str = "on") -> object:
     """Return ``value`` if it is an exception filter; else raise naming ``name``."""
 
     def is_exception_type(obj: object) -> bool:
@@ -148,7 +148,7 @@ class Retry:
 
     def __attrs_post_init__(self) -> None:
         check_int("attempts", self.attempts, minimum=1)
-        _check_on(self.on)
+        check_on(self.on)
         check_number("wait_initial", self.wait_initial)
         check_number("wait_max", self.wait_max, finite=False)
         check_number("wait_exp_base", self.wait_exp_base)

@@ -22,6 +22,7 @@ import anyio
 import coredis
 from anyio.lowlevel import checkpoint
 
+from .._limits import check_cost
 from .._validate import check_int, check_number
 from ._common import check_name, check_timeout, round_trip
 
@@ -132,8 +133,8 @@ class RedisRateLimiter:
         self._interval_us = self.per / self.rate * 1e6  # microseconds per token
         if not math.isfinite(self._interval_us * self.burst) or self._interval_us < 1e-3:
             raise ValueError(f"rate must be at most 1e9 per second and finite, got {rate!r}")
-        self._client = client
         self._script = client.register_script(_GCRA)
+        self._interval_arg = repr(self._interval_us)  # as the script reads it
         self._what = f"RedisRateLimiter(key={key!r})"
         # leasing: tokens in hand, valid until the local clock reads this
         self._tokens = 0
@@ -155,13 +156,7 @@ class RedisRateLimiter:
         :raises corral.redis.RedisUnavailable: Redis refused the connection or
             did not answer within ``timeout``; nothing was admitted.
         """
-        if cost != 1:
-            check_int("cost", cost, minimum=1)
-            if cost > self.burst:
-                raise ValueError(
-                    f"cost must be <= burst ({self.burst}) for {self!r}, got {cost!r}: "
-                    "it could never be admitted"
-                )
+        check_cost(cost, self.burst, self, named="burst")
         if self.lease > 1:
             await self._acquire_leased(cost)
             return
@@ -172,7 +167,7 @@ class RedisRateLimiter:
     async def _reserve(self, cost: int) -> float:
         """Reserve ``cost`` tokens' slot; the seconds until it comes."""
         request: Awaitable[Any] = self._script(
-            keys=[self.key], args=[repr(self._interval_us), self.burst, cost]
+            keys=[self.key], args=[self._interval_arg, self.burst, cost]
         )
         waited: Any = await round_trip(request, within=self.timeout, what=self._what)
         return int(waited) / 1e6

@@ -36,7 +36,7 @@ from coredis.exceptions import StreamDuplicateConsumerGroupError
 from .._batcher import Batcher, BatcherStats
 from .._errors import PoolClosed
 from .._outcome import Outcome
-from .._retry import ExceptionFilter, Retry, _check_on, matches
+from .._retry import ExceptionFilter, Retry, check_on, matches
 from .._validate import check_bool, check_int, check_number
 from ._common import RedisUnavailable, check_name, check_timeout, round_trip
 
@@ -294,7 +294,7 @@ class StreamSource(Generic[AnyStr]):
         if self.dead_letter == stream:
             raise ValueError(f"dead_letter must differ from stream, got {dead_letter!r}")
         if dead_letter_on is not None:
-            _check_on(dead_letter_on, "dead_letter_on")
+            check_on(dead_letter_on, "dead_letter_on")
         self.dead_letter_on = dead_letter_on
         self.min_idle = check_number("min_idle", min_idle, positive=True)
         self.redeliver_after = (
@@ -308,6 +308,7 @@ class StreamSource(Generic[AnyStr]):
                 "after min_idle any consumer may claim the entry anyway"
             )
         self._claim_every = max(min(self.min_idle, self.redeliver_after) / 2, 0.001)
+        self._min_idle_ms = max(1, round(self.min_idle * 1000))
         self.block = check_number("block", block, positive=True)
         self.group_start = check_name("group_start", group_start)
         self.stop_when_drained = check_bool("stop_when_drained", stop_when_drained)
@@ -334,7 +335,6 @@ class StreamSource(Generic[AnyStr]):
             self._ack, max_size=max(100, self.max_in_flight), max_wait=_ACK_WAIT,
             name=f"acks for {self._what}",
         )  # fmt: skip
-        self._exit: contextlib.AsyncExitStack | None = None
         self._delivered = self._claimed = self._acked = self._failed = self._buried = 0
 
     def __repr__(self) -> str:
@@ -342,6 +342,7 @@ class StreamSource(Generic[AnyStr]):
 
     @property
     def stats(self) -> StreamStats:
+        """A snapshot of this source's counters (:class:`StreamStats`)."""
         return StreamStats(
             delivered=self._delivered,
             claimed=self._claimed,
@@ -362,9 +363,7 @@ class StreamSource(Generic[AnyStr]):
                 within=self.timeout,
                 what=self._what,
             )
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self._acks)
-            self._exit = stack.pop_all()
+        await self._acks.__aenter__()
         self._running, self._stopping = True, False
         self._next_claim = -float("inf")
         return self
@@ -379,10 +378,8 @@ class StreamSource(Generic[AnyStr]):
         self._stopping = True
         self._in_flight.clear()
         self._in_flight_count = 0
-        exit_stack, self._exit = self._exit, None
-        assert exit_stack is not None
         try:
-            return await exit_stack.__aexit__(exc_type, exc, tb)
+            return await self._acks.__aexit__(exc_type, exc, tb)
         finally:
             await self._clean_up()
 
@@ -441,14 +438,14 @@ class StreamSource(Generic[AnyStr]):
 
     async def _next(self) -> Delivery[AnyStr]:
         while True:
-            if self._buffer and not self._stopping:
+            if self._stopping:
+                raise StopAsyncIteration
+            if self._buffer:
                 delivery = self._buffer.popleft()
                 self._in_flight[delivery.id] = self._in_flight.get(delivery.id, 0) + 1
                 self._in_flight_count += 1
                 self._delivered += 1
                 return delivery
-            if self._stopping:
-                raise StopAsyncIteration
             room = self.max_in_flight - self._in_flight_count
             if room <= 0:
                 self._room = anyio.Event()
@@ -483,14 +480,13 @@ class StreamSource(Generic[AnyStr]):
         return bool(self._buffer)
 
     async def _claim(self, count: int) -> bool:
-        min_idle_ms = max(1, round(self.min_idle * 1000))
         reply: Any = await round_trip(
             self._claim_script(
                 keys=[self.stream, self.dead_letter],
                 args=[
                     self.group,
                     self.consumer,
-                    min_idle_ms,
+                    self._min_idle_ms,
                     self._claim_cursor,
                     count,
                     self.max_deliveries,
@@ -515,8 +511,8 @@ class StreamSource(Generic[AnyStr]):
         for raw in groups:
             info = {_text(key): value for key, value in raw.items()}  # bytes keys, or str
             if _text(info["name"]) == self.group:
-                # lag: entries not yet delivered to the group; Redis < 7 has no
-                # such field, and 7 reports None after deletions: then the empty
+                # lag: entries not yet delivered to the group; None after
+                # deletions (or no such field before Redis 7): then the empty
                 # read that preceded this call is the answer
                 return bool(info["pending"] == 0 and info.get("lag") in (0, None))
         return False
@@ -599,8 +595,10 @@ class StreamSink(Generic[AnyStr]):
     batching by default: a batch goes as soon as the last one is written, so
     batches grow under load and latency stays low when idle).
 
-    >>> # async with StreamSink(client, "results") as sink:
-    >>> #     await sink.add({"order": "42", "status": "charged"})
+    ::
+
+        async with StreamSink(client, "results") as sink:
+            await sink.add({"order": "42", "status": "charged"})
 
     Leaving the block writes everything added (see :class:`~corral.Batcher`);
     :meth:`submit` waits for its own entry and returns its ID.
@@ -639,6 +637,13 @@ class StreamSink(Generic[AnyStr]):
         self.maxlen = None if maxlen is None else check_int("maxlen", maxlen, minimum=1)
         self.timeout = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
+        self._trim: dict[str, Any] = {}  # XADD's options, the same for every entry
+        if self.maxlen is not None:
+            self._trim = {
+                "trim_strategy": coredis.PureToken.MAXLEN,
+                "threshold": self.maxlen,
+                "trim_operator": coredis.PureToken.APPROXIMATELY,
+            }
         self._what = f"StreamSink(stream={stream!r})"
         self._batcher: Batcher[Mapping[Any, Any], str] = Batcher(
             self._write, max_size=max_size, max_wait=max_wait, max_pending=max_pending,
@@ -650,6 +655,8 @@ class StreamSink(Generic[AnyStr]):
 
     @property
     def stats(self) -> BatcherStats:
+        """The underlying :class:`~corral.Batcher`'s counters: ``flushes`` are
+        round trips, ``flushed`` entries written."""
         return self._batcher.stats
 
     @property
@@ -691,15 +698,8 @@ class StreamSink(Generic[AnyStr]):
 
     async def _write(self, batch: list[Mapping[Any, Any]]) -> list[str]:
         async def write() -> list[str]:
-            trim: dict[str, Any] = {}
-            if self.maxlen is not None:
-                trim = {
-                    "trim_strategy": coredis.PureToken.MAXLEN,
-                    "threshold": self.maxlen,
-                    "trim_operator": coredis.PureToken.APPROXIMATELY,
-                }
             async with self._client.pipeline(transaction=False) as pipe:
-                requests = [pipe.xadd(self.stream, fields, **trim) for fields in batch]
+                requests = [pipe.xadd(self.stream, fields, **self._trim) for fields in batch]
             ids: list[Any] = [await request for request in requests]
             return [_text(entry_id) for entry_id in ids]
 
