@@ -19,6 +19,7 @@ from ._limits import TokenBucket as TokenBucket
 from ._middleware import Middleware as Middleware
 from ._middleware import RateLimiter as RateLimiter
 from ._middleware import Timeout as Timeout
+from ._observe import ProgressBar as ProgressBar
 from ._outcome import Job as Job
 from ._outcome import Outcome as Outcome
 from ._pool import Pool as Pool
@@ -39,6 +40,7 @@ __all__ = [
     "Pool",
     "PoolClosed",
     "PoolStats",
+    "ProgressBar",
     "QueueFull",
     "RateLimiter",
     "Retry",

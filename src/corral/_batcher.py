@@ -41,6 +41,7 @@ from anyio.lowlevel import checkpoint
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
+from ._observe import Observer, ProgressBar, check_on_stats, check_progress, logger_for
 from ._pool import _clock, _end_task_group, _stray_cancellation, _unwrap_group
 from ._retry import Retry
 from ._validate import check_int, check_number, check_optional_str
@@ -202,7 +203,16 @@ class Batcher(Generic[T, R]):
     :param timeout: seconds (or a :class:`Timeout`) per flush attempt.
     :param middleware: user :class:`Middleware`, outermost first; they see each
         batch (a list) as their item.
-    :param name: a label for repr and task names.
+    :param name: a label for repr, task names, the progress bar and the
+        logger (``corral.batcher.<name>``; ``corral.batcher`` without a name).
+    :param progress: ``True`` draws a tqdm progress bar (``pip install
+        'corral[progress]'``) of items flushed, with batches and failed
+        flushes; or pass your own tqdm-compatible bar. Updated ten times a
+        second from a stats snapshot, never per item.
+    :param on_stats: a plain function called with a :class:`BatcherStats`
+        snapshot every ``stats_interval`` seconds while the batcher runs, and
+        once more at exit. It runs on the event loop: keep it quick. If it
+        raises, the batcher stops and the block re-raises that exception.
     """
 
     @overload
@@ -221,6 +231,9 @@ class Batcher(Generic[T, R]):
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[BatcherStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     @overload
     def __init__(
@@ -238,6 +251,9 @@ class Batcher(Generic[T, R]):
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[BatcherStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     @overload
     def __init__(
@@ -255,6 +271,9 @@ class Batcher(Generic[T, R]):
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[BatcherStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     @overload
     def __init__(
@@ -272,6 +291,9 @@ class Batcher(Generic[T, R]):
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[BatcherStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     def __init__(
         self,
@@ -288,6 +310,9 @@ class Batcher(Generic[T, R]):
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[BatcherStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None:
         check_callable("flush", flush)
         self._flush_fn = flush
@@ -330,7 +355,16 @@ class Batcher(Generic[T, R]):
             if policy is not None and policy.wait_initial > 0 and policy.wait_max > 0
             else _FAILURE_BACKOFF
         )
-        self.name = check_optional_str("name", name)
+        self.name: str | None = check_optional_str("name", name)
+        check_progress(progress)
+        self._observer: Observer[BatcherStats] = Observer(
+            progress=progress,
+            on_stats=on_stats,
+            stats_interval=check_on_stats(on_stats, stats_interval),
+            count=_batcher_progress,
+            unit="item",
+        )
+        self._log = logger_for("batcher", self.name)
 
         self._state = _NEW
         self._tg: anyio.abc.TaskGroup | None = None
@@ -433,9 +467,43 @@ class Batcher(Generic[T, R]):
         self._running = self._concurrency
         for number in range(self._concurrency):
             tg.start_soon(self._flusher, chain, name=f"corral flusher {label}#{number}")
+        if self._observer.active:
+            self._observer.start(tg, lambda: self.stats, self._fail, self.name or "corral")
+        self._log.debug("%r started", self)
         return self
 
     async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            suppress = await self._exit(exc_type, exc, tb)
+        except BaseException:
+            self._after_exit(raising=True)
+            raise
+        self._after_exit(raising=exc is not None and not suppress)
+        return suppress
+
+    def _after_exit(self, *, raising: bool) -> None:
+        """Log the stop; the last progress update and ``on_stats`` call."""
+        stats = self.stats
+        self._log.debug(
+            "%r stopped: %d flushed in %d batches, %d unflushed",
+            self,
+            stats.flushed,
+            stats.flushes,
+            stats.unflushed,
+        )
+        try:
+            self._observer.finish(stats)
+        except Exception:
+            if not raising:
+                raise  # the block ends with on_stats's error
+            self._log.exception("on_stats raised at exit, while the block was raising")
+
+    async def _exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -495,6 +563,7 @@ class Batcher(Generic[T, R]):
 
     def _close(self) -> None:
         self._state = _CLOSED
+        self._observer.stop()
         self._wake_adders()
 
     def _wake_adders(self) -> None:
@@ -903,14 +972,18 @@ class Batcher(Generic[T, R]):
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
             # the flush function raised KeyboardInterrupt/SystemExit (or corral
             # has a bug): stop everything; the block re-raises this exception
-            if self._stop_reason is None:
-                self._stop_reason = error
-                if self._tg is not None:
-                    self._tg.cancel_scope.cancel()
+            self._fail(error)
         finally:
             self._running -= 1
             if not self._running and self._stopped is not None:
                 self._stopped.set()
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop everything (unflushed items stay unflushed); the block re-raises ``error``."""
+        if self._stop_reason is None:
+            self._stop_reason = error
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
 
     async def _next_batch(self) -> list[_Entry[T]] | None:
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
@@ -1025,6 +1098,15 @@ class Batcher(Generic[T, R]):
                 ticket.fail(ValueError(problem))
 
     def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
+        self._log.warning(
+            "%s: a flush of %d item%s failed%s: %r",
+            self.name or "batcher",
+            len(batch),
+            "" if len(batch) == 1 else "s",
+            "; flushing ends" if final else "; the batch goes back in the queue",
+            error,
+            exc_info=error,
+        )
         self._flush_failures += 1
         self._failures += 1
         delay = self._failure_policy._wait(self._failures, error, _equal_jitter)
@@ -1080,6 +1162,12 @@ class Batcher(Generic[T, R]):
             else:
                 still.append(waiter)
         self._flush_waiters = still
+
+
+def _batcher_progress(stats: BatcherStats) -> tuple[int, dict[str, int]]:
+    """What a progress bar shows of a batcher: items done, batches, failed flushes."""
+    done = stats.flushed + stats.deduped + stats.failed
+    return done, {"batches": stats.flushes, "failed flushes": stats.flush_failures}
 
 
 def _dedupe(batch: list[_Entry[T]]) -> tuple[list[T], list[int]]:

@@ -16,6 +16,7 @@ from collections.abc import (
     Callable,
     Iterable,
     Sequence,
+    Sized,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
@@ -26,8 +27,9 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed
 from ._middleware import Middleware, RateLimiter, Timeout
+from ._observe import ProgressBar
 from ._outcome import Outcome
-from ._pool import Pool, _Collected
+from ._pool import Pool, PoolStats, _Collected
 from ._retry import Retry
 from ._validate import check_bool
 
@@ -40,6 +42,12 @@ R = TypeVar("R")
 def _check_items(items: object) -> None:
     if not isinstance(items, (Iterable, AsyncIterable)):
         raise TypeError(f"items must be an iterable or an async iterable, got {items!r}")
+
+
+def _count_for_progress(pool: Pool[Any, Any], items: object) -> None:
+    """A progress bar's total: the input's length, when it has one."""
+    if pool._observer.active and isinstance(items, Sized):
+        pool._observer.total = len(items)
 
 
 async def _feed(
@@ -100,6 +108,9 @@ async def apply_to_all(
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> list[Outcome[T, R]]: ...
 @overload
 async def apply_to_all(
@@ -116,6 +127,9 @@ async def apply_to_all(
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> list[Outcome[T, R]]: ...
 async def apply_to_all(
     handler: Callable[[T], Any],
@@ -138,6 +152,7 @@ async def apply_to_all(
     """
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
+    _count_for_progress(pool, items)
     collected: _Collected[T, Any] = _Collected()
     pool._collected = collected  # the workers record each outcome at its index
     async with pool:
@@ -324,6 +339,9 @@ def apply_to_each(
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> ApplyToEach[T, R]: ...
 @overload
 def apply_to_each(
@@ -341,6 +359,9 @@ def apply_to_each(
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
     fail_fast: bool = False,
     name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> ApplyToEach[T, R]: ...
 def apply_to_each(
     handler: Callable[[T], Any],
@@ -379,4 +400,5 @@ def apply_to_each(
     """
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
+    _count_for_progress(pool, items)
     return ApplyToEach(pool, items, check_bool("ordered", ordered))

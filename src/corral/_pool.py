@@ -37,6 +37,7 @@ from anyio.lowlevel import checkpoint
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
+from ._observe import Observer, ProgressBar, check_on_stats, check_progress, logger_for
 from ._outcome import Job, Outcome, _make_outcome
 from ._retry import Retry
 from ._validate import check_bool, check_int, check_optional_str
@@ -182,7 +183,16 @@ class Pool(Generic[T, R]):
     :param fail_fast: the first final failure cancels the pool and the block's
         own code; the failing item keeps its error outcome and that exception is
         re-raised, unwrapped, when the block exits.
-    :param name: a label for repr, task names and (later) logging.
+    :param name: a label for repr, task names, the progress bar and the
+        logger (``corral.pool.<name>``; ``corral.pool`` without a name).
+    :param progress: ``True`` draws a tqdm progress bar (``pip install
+        'corral[progress]'``) of finished items, with failures and retries;
+        or pass your own tqdm-compatible bar. Updated ten times a second from
+        a stats snapshot, never per item.
+    :param on_stats: a plain function called with a :class:`PoolStats`
+        snapshot every ``stats_interval`` seconds while the pool runs, and once
+        more at exit. It runs on the event loop: keep it quick. If it raises,
+        the pool stops and the block re-raises that exception.
     :param retry: a :class:`Retry` policy: failed calls are retried per item.
     :param rate_limit: a rate limiter (:class:`TokenBucket`,
         :class:`SlidingWindow`, or anything with ``async acquire(cost=1)``),
@@ -214,6 +224,9 @@ class Pool(Generic[T, R]):
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[PoolStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     @overload
     def __init__(
@@ -230,6 +243,9 @@ class Pool(Generic[T, R]):
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[PoolStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None: ...
     def __init__(
         self,
@@ -245,6 +261,9 @@ class Pool(Generic[T, R]):
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
         fail_fast: bool = False,
         name: str | None = None,
+        progress: bool | ProgressBar = False,
+        on_stats: Callable[[PoolStats], object] | None = None,
+        stats_interval: float = 1.0,
     ) -> None:
         check_callable("handler", handler)
         self._handler = handler
@@ -277,7 +296,16 @@ class Pool(Generic[T, R]):
             else:
                 self._on_outcome_sync = on_outcome
         self._fail_fast = check_bool("fail_fast", fail_fast)
-        self.name = check_optional_str("name", name)
+        self.name: str | None = check_optional_str("name", name)
+        check_progress(progress)
+        self._observer: Observer[PoolStats] = Observer(
+            progress=progress,
+            on_stats=on_stats,
+            stats_interval=check_on_stats(on_stats, stats_interval),
+            count=_pool_progress,
+            unit="item",
+        )
+        self._log = logger_for("pool", self.name)
 
         self._state = _NEW
         self._tg: anyio.abc.TaskGroup | None = None
@@ -365,9 +393,43 @@ class Pool(Generic[T, R]):
                 )
             else:
                 tg.start_soon(self._work, call, None, clock, name=f"corral worker {label}#{number}")
+        if self._observer.active:
+            self._observer.start(tg, lambda: self.stats, self._fail, self.name or "corral")
+        self._log.debug("%r started", self)
         return self
 
     async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            suppress = await self._exit(exc_type, exc, tb)
+        except BaseException:
+            self._after_exit(raising=True)
+            raise
+        self._after_exit(raising=exc is not None and not suppress)
+        return suppress
+
+    def _after_exit(self, *, raising: bool) -> None:
+        """Log the stop; the last progress update and ``on_stats`` call."""
+        stats = self.stats
+        self._log.debug(
+            "%r stopped: %d succeeded, %d failed, %d unfinished",
+            self,
+            stats.succeeded,
+            stats.failed,
+            stats.unfinished,
+        )
+        try:
+            self._observer.finish(stats)
+        except Exception:
+            if not raising:
+                raise  # the block ends with on_stats's error
+            self._log.exception("on_stats raised at exit, while the block was raising")
+
+    async def _exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
@@ -402,6 +464,7 @@ class Pool(Generic[T, R]):
         if self._state is _CLOSED:
             return
         self._state = _CLOSED
+        self._observer.stop()
         while self._idle_workers:  # woken with no entry, they find the pool closed
             self._idle_workers.popleft().event.set()
         while self._space_waiters:
@@ -674,11 +737,13 @@ class Pool(Generic[T, R]):
                             item, index, id_, None, error, 1, clock() - start
                         )
                         self._failed += 1
+                        self._log_failure(outcome)
                     except cancelled as exc:
                         outcome = _make_outcome(
                             item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
                         )
                         self._failed += 1
+                        self._log_failure(outcome)
                     else:
                         if defer and job is None:
                             try:
@@ -761,7 +826,22 @@ class Pool(Generic[T, R]):
         end = clock()
         if calls:
             start = attempts[1]  # elapsed runs from the first attempt's start
-        return _make_outcome(item, index, id_, result, error, calls, end - start)
+        outcome = _make_outcome(item, index, id_, result, error, calls, end - start)
+        if error is not None:
+            self._log_failure(outcome)
+        return outcome
+
+    def _log_failure(self, outcome: Outcome[T, R]) -> None:
+        """A final failure, at WARNING, with its traceback."""
+        self._log.warning(
+            "%s: item %r failed after %d attempt%s: %r",
+            self.name or "pool",
+            outcome.id,
+            outcome.attempts,
+            "" if outcome.attempts == 1 else "s",
+            outcome.error,
+            exc_info=outcome.error,
+        )
 
     async def _wait_for_work(self) -> _Entry[T, R] | None:
         """Park until an entry is handed over (None: the pool closed)."""
@@ -825,6 +905,11 @@ class Pool(Generic[T, R]):
                 user(outcome)
 
             self._on_outcome_sync = both
+
+
+def _pool_progress(stats: PoolStats) -> tuple[int, dict[str, int]]:
+    """What a progress bar shows of a pool: outcomes, failures, retries."""
+    return stats.succeeded + stats.failed, {"failed": stats.failed, "retried": stats.retried}
 
 
 def _check_id(id: object) -> None:

@@ -1,0 +1,198 @@
+"""Watching a Pool or Batcher run: progress bars, periodic stats, logging.
+
+None of it touches the per-item path. A progress bar and ``on_stats`` are fed
+by a task in the pool's own task group that takes a stats snapshot every so
+often; logging happens at entry, at exit and on failures only.
+
+Loggers: ``corral`` is the root; a pool logs to ``corral.pool`` (or
+``corral.pool.<name>``), a batcher to ``corral.batcher`` (``.<name>``). The
+root has a :class:`logging.NullHandler`, so nothing is printed unless the
+application configures logging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import anyio.abc
+
+from ._handlers import is_async_callable
+from ._validate import check_number
+
+__all__ = ["Observer", "ProgressBar", "check_progress", "logger_for"]
+
+S = TypeVar("S")
+
+logging.getLogger("corral").addHandler(logging.NullHandler())
+
+# how often a progress bar is moved (tqdm redraws at most every 0.1 s anyway)
+_PROGRESS_INTERVAL = 0.1
+
+
+def logger_for(kind: str, name: str | None) -> logging.Logger:
+    """``corral.<kind>``, or ``corral.<kind>.<name>`` for a named pool or batcher."""
+    return logging.getLogger(f"corral.{kind}.{name}" if name else f"corral.{kind}")
+
+
+@runtime_checkable
+class ProgressBar(Protocol):
+    """What ``progress=`` accepts besides ``True``: a tqdm-compatible bar.
+
+    corral calls ``update(n)`` with the number of items finished since the last
+    call and, when the bar has them, ``set_postfix(dict, refresh=False)`` with
+    the failure and retry counts and ``refresh()`` at the end. It never closes
+    a bar it did not create.
+    """
+
+    def update(self, n: float = 1, /) -> object:
+        """Count ``n`` more finished items (called on the event loop: must not block)."""
+        ...
+
+
+def check_progress(progress: object) -> None:
+    """Reject a ``progress=`` value corral cannot use, naming the parameter.
+
+    ``True`` needs tqdm: without it, the error says how to install it.
+    """
+    if progress is None or progress is False:
+        return
+    if progress is True:
+        try:
+            import tqdm.auto  # noqa: F401 - only checking it is there
+        except ImportError:
+            raise ModuleNotFoundError(
+                "progress=True draws its bar with tqdm, which is not installed: "
+                "pip install 'corral[progress]' (or pass a tqdm-compatible bar object)"
+            ) from None
+        return
+    if not callable(getattr(progress, "update", None)):
+        raise TypeError(
+            f"progress must be True, False or a tqdm-compatible bar with an "
+            f"update(n) method, got {progress!r}"
+        )
+
+
+def check_on_stats(on_stats: object, stats_interval: object) -> float:
+    """Validate ``on_stats`` (a plain callable or None) and ``stats_interval``."""
+    if on_stats is not None:
+        if not callable(on_stats):
+            raise TypeError(f"on_stats must be a callable, got {on_stats!r}")
+        if is_async_callable(on_stats):
+            raise TypeError(
+                f"on_stats must be a plain function, got the async {on_stats!r}: it is "
+                "called on the event loop with a snapshot; hand slow work to a task of yours"
+            )
+    return check_number("stats_interval", stats_interval, positive=True)
+
+
+class Observer(Generic[S]):
+    """The progress bar and ``on_stats`` of one Pool or Batcher.
+
+    ``count`` maps a snapshot to (items finished, postfix fields) for the bar.
+    """
+
+    def __init__(
+        self,
+        *,
+        progress: bool | ProgressBar | None,
+        on_stats: Callable[[S], object] | None,
+        stats_interval: float,
+        count: Callable[[S], tuple[int, dict[str, int]]],
+        unit: str,
+    ) -> None:
+        self._progress = progress
+        self._on_stats = on_stats
+        self._interval = stats_interval
+        self._count = count
+        self._unit = unit
+        self.total: int | None = None  # set by apply_to_all / apply_to_each
+        self._bar: Any = None
+        self._owned = False
+        self._base = self._shown = 0
+        self._broken = False  # the bar or on_stats raised: the pool is stopping
+        self._scopes: list[anyio.CancelScope] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._progress) or self._on_stats is not None
+
+    def start(
+        self,
+        tg: anyio.abc.TaskGroup,
+        snapshot: Callable[[], S],
+        fail: Callable[[BaseException], None],
+        label: str,
+    ) -> None:
+        """Open the bar (``progress=True``) and start sampling in ``tg``."""
+        self._scopes = []
+        self._broken = False
+        # the bar counts this run's items (a pool's stats accumulate over entries)
+        self._base, self._shown = self._count(snapshot())[0], 0
+        if self._progress is True:
+            from tqdm.auto import tqdm
+
+            self._bar, self._owned = tqdm(total=self.total, desc=label, unit=self._unit), True
+        elif self._progress:
+            self._bar, self._owned = self._progress, False
+        if self._bar is not None:
+            tg.start_soon(self._every, _PROGRESS_INTERVAL, lambda: self._draw(snapshot()), fail)
+        on_stats = self._on_stats
+        if on_stats is not None:
+            tg.start_soon(self._every, self._interval, lambda: on_stats(snapshot()), fail)
+
+    async def _every(
+        self,
+        interval: float,
+        action: Callable[[], object],
+        fail: Callable[[BaseException], None],
+    ) -> None:
+        scope = anyio.CancelScope()
+        self._scopes.append(scope)
+        with scope:
+            while True:
+                await anyio.sleep(interval)
+                try:
+                    action()
+                except Exception as error:  # noqa: BLE001 - stops the pool, re-raised by it
+                    self._broken = True  # not called again at exit
+                    fail(error)
+                    return
+
+    def stop(self) -> None:
+        """Stop sampling (the pool is closing; its task group must be able to end)."""
+        for scope in self._scopes:
+            scope.cancel()
+
+    def finish(self, stats: S) -> None:
+        """After the block: last bar update and ``on_stats`` call; close an own bar.
+
+        Raises what ``on_stats`` raised.
+        """
+        self._scopes = []
+        bar, self._bar = self._bar, None
+        try:
+            if bar is not None and not self._broken:
+                self._draw(stats, bar)
+                refresh = getattr(bar, "refresh", None)
+                if not self._owned and callable(refresh):
+                    refresh()  # (closing an own bar draws it a last time)
+        finally:
+            if self._owned:
+                self._owned = False
+                bar.close()
+        if self._on_stats is not None and not self._broken:
+            self._on_stats(stats)
+
+    def _draw(self, stats: S, bar: Any = None) -> None:
+        bar = self._bar if bar is None else bar
+        done, postfix = self._count(stats)
+        done -= self._base
+        set_postfix = getattr(bar, "set_postfix", None)
+        if postfix and callable(set_postfix):
+            set_postfix(postfix, refresh=False)
+        if done != self._shown:
+            bar.update(done - self._shown)
+            self._shown = done

@@ -1,0 +1,359 @@
+"""Progress bars, on_stats sampling and logging, on Pool, Batcher and the helpers."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+from anyio.lowlevel import checkpoint
+
+import corral
+from corral import Batcher, BatcherStats, Pool, PoolStats
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend(timing_anyio_backend: Any) -> Any:
+    return timing_anyio_backend
+
+
+class FakeBar:
+    """A tqdm-compatible bar that records what corral did to it."""
+
+    def __init__(self, total: int | None = None, **options: Any) -> None:
+        self.total = total
+        self.options = options
+        self.n = 0
+        self.updates: list[float] = []
+        self.postfix: dict[str, Any] = {}
+        self.refreshed = 0
+        self.closed = False
+        self.waiters: list[tuple[int, anyio.Event]] = []
+
+    def update(self, n: float = 1) -> None:
+        assert not self.closed
+        self.updates.append(n)
+        self.n += int(n)
+        for count, event in self.waiters:
+            if self.n >= count:
+                event.set()
+
+    async def wait_for(self, count: int) -> None:
+        event = anyio.Event()
+        self.waiters.append((count, event))
+        await event.wait()
+
+    def set_postfix(self, ordered_dict: dict[str, Any], refresh: bool = True) -> None:
+        self.postfix = dict(ordered_dict)
+
+    def refresh(self) -> None:
+        self.refreshed += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def made_bars(monkeypatch: pytest.MonkeyPatch) -> list[FakeBar]:
+    """Make ``progress=True`` build FakeBars (tqdm itself draws on stderr)."""
+    import tqdm.auto
+
+    bars: list[FakeBar] = []
+
+    def make(**options: Any) -> FakeBar:
+        bars.append(FakeBar(**options))
+        return bars[-1]
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", make)
+    return bars
+
+
+async def flaky(n: int) -> int:
+    await checkpoint()
+    if n % 10 == 3:
+        raise ValueError(f"item {n} is bad")
+    return n
+
+
+# ------------------------------------------------------------------ progress
+
+
+async def test_progress_true_counts_every_item_with_total_and_failures(
+    made_bars: list[FakeBar],
+) -> None:
+    """apply_to_all(progress=True) makes one bar whose total is the input's length;
+    at the end it has counted every item and shows the failures, and is closed."""
+    outcomes = await corral.apply_to_all(flaky, list(range(50)), workers=4, progress=True)
+    assert len(outcomes) == 50
+    (bar,) = made_bars
+    assert bar.total == 50
+    assert bar.n == 50
+    assert bar.postfix == {"failed": 5, "retried": 0}
+    assert bar.closed
+
+
+async def test_progress_total_unknown_for_a_generator(made_bars: list[FakeBar]) -> None:
+    """An input without a length gives a bar without a total (a count and a rate)."""
+    async with corral.apply_to_each(flaky, (n for n in range(20)), progress=True) as outcomes:
+        assert len([o async for o in outcomes]) == 20
+    (bar,) = made_bars
+    assert bar.total is None
+    assert bar.n == 20
+
+
+async def test_progress_shows_retries(made_bars: list[FakeBar]) -> None:
+    """Retried attempts appear in the bar's postfix."""
+    calls: dict[int, int] = {}
+
+    async def twice(n: int) -> int:
+        calls[n] = calls.get(n, 0) + 1
+        if calls[n] == 1:
+            raise ConnectionError("first call fails")
+        return n
+
+    retry = corral.Retry(attempts=2, wait_initial=0)
+    await corral.apply_to_all(twice, range(10), retry=retry, progress=True)
+    assert made_bars[0].postfix == {"failed": 0, "retried": 10}
+    assert made_bars[0].n == 10
+
+
+async def test_progress_moves_while_the_pool_runs() -> None:
+    """The bar advances during the run, not only at the end: it is sampled
+    periodically (here, while 5 items wait on a gate and 5 are done)."""
+    bar = FakeBar()
+    gate = anyio.Event()
+
+    async def handler(n: int) -> int:
+        if n >= 5:
+            await gate.wait()
+        return n
+
+    async with Pool(handler, workers=10, progress=bar) as pool:
+        for n in range(10):
+            await pool.submit(n)
+        with anyio.fail_after(10):
+            await bar.wait_for(5)
+        assert bar.n == 5
+        gate.set()
+    assert bar.n == 10
+
+
+async def test_user_bar_is_left_open_and_counts_each_run() -> None:
+    """A bar passed in is updated but never closed; a pool entered twice adds
+    each run's items to it (not the accumulated stats twice)."""
+    bar = FakeBar(total=30)
+    pool = Pool(flaky, progress=bar)
+    for run in (10, 20):
+        async with pool:
+            for n in range(run):
+                await pool.submit(n)
+    assert bar.n == 30
+    assert not bar.closed
+    assert bar.refreshed == 2
+    assert bar.total == 30
+
+
+async def test_batcher_progress_counts_items_and_batches(made_bars: list[FakeBar]) -> None:
+    """A Batcher's bar counts flushed items and shows the batches."""
+
+    async def save(batch: list[int]) -> None:
+        await checkpoint()
+
+    async with Batcher(save, max_size=10, progress=True, name="sink") as batcher:
+        for n in range(95):
+            await batcher.add(n)
+    (bar,) = made_bars
+    assert bar.n == 95
+    assert bar.postfix == {"batches": 10, "failed flushes": 0}
+    assert bar.options["desc"] == "sink"
+    assert bar.closed
+
+
+def test_progress_true_without_tqdm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for a bar without tqdm fails at construction with the install hint."""
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ModuleNotFoundError, match=r"corral\[progress\]"):
+        Pool(flaky, progress=True)
+    with pytest.raises(ModuleNotFoundError, match=r"corral\[progress\]"):
+        Batcher(print, progress=True)
+
+
+def test_progress_rejects_what_is_not_a_bar() -> None:
+    """progress= must be a bool or have update(n); the error names the parameter."""
+    with pytest.raises(TypeError, match="progress must be"):
+        Pool(flaky, progress="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="progress must be"):
+        corral.apply_to_each(flaky, [1], progress=object())  # type: ignore[arg-type]
+
+
+def test_progress_false_needs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without progress=, tqdm is never imported (it is an optional extra)."""
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    Pool(flaky)
+    Batcher(print)
+
+
+# ------------------------------------------------------------------ on_stats
+
+
+async def test_on_stats_is_called_every_interval_and_at_exit(exact: bool) -> None:
+    """on_stats gets a snapshot every stats_interval while the pool runs and a
+    last one at exit, equal to the final stats."""
+    unit = 1.0 if exact else 0.05
+    snapshots: list[tuple[float, PoolStats]] = []
+
+    def record(stats: PoolStats) -> None:
+        snapshots.append((anyio.current_time(), stats))
+
+    async def slow(n: int) -> int:
+        await anyio.sleep(unit)
+        return n
+
+    start = anyio.current_time()
+    async with Pool(slow, workers=1, on_stats=record, stats_interval=2.2 * unit) as pool:
+        for n in range(10):
+            await pool.submit(n)
+    assert snapshots[-1][1] == pool.stats
+    assert snapshots[-1][1].succeeded == 10
+    periodic = snapshots[:-1]
+    if exact:
+        assert [round(t - start, 6) for t, _ in periodic] == [2.2, 4.4, 6.6, 8.8]
+        assert [s.succeeded for _, s in periodic] == [2, 4, 6, 8]
+    else:
+        assert 2 <= len(periodic) <= 5
+    done = [s.succeeded for _, s in snapshots]
+    assert done == sorted(done)
+
+
+async def test_batcher_on_stats_final_snapshot() -> None:
+    """A Batcher's on_stats gets its BatcherStats; the last call is the final one."""
+    seen: list[BatcherStats] = []
+
+    async def save(batch: list[int]) -> None:
+        pass
+
+    async with Batcher(save, max_size=4, on_stats=seen.append) as batcher:
+        for n in range(10):
+            await batcher.add(n)
+    assert seen[-1] == batcher.stats
+    assert seen[-1].flushed == 10
+
+
+async def test_on_stats_that_raises_stops_the_pool_and_is_reraised() -> None:
+    """An on_stats error stops the pool like an on_outcome error: the block
+    re-raises it and the items without outcome are in unfinished."""
+    gate = anyio.Event()
+
+    async def stuck(n: int) -> int:
+        await gate.wait()
+        return n
+
+    def broken(stats: PoolStats) -> None:
+        raise RuntimeError("exporter down")
+
+    pool = Pool(stuck, workers=2, on_stats=broken, stats_interval=0.01)
+    with pytest.raises(RuntimeError, match="exporter down"):
+        async with pool:
+            for n in range(3):
+                await pool.submit(n)
+            await anyio.sleep_forever()
+    assert pool.unfinished == [0, 1, 2]
+
+
+async def test_on_stats_error_at_exit_is_raised() -> None:
+    """If only the final call fails, the otherwise clean block raises it."""
+    calls: list[PoolStats] = []
+
+    def fails_at_end(stats: PoolStats) -> None:
+        calls.append(stats)
+        if stats.succeeded == 3:
+            raise RuntimeError("final export failed")
+
+    with pytest.raises(RuntimeError, match="final export failed"):
+        await corral.apply_to_all(flaky, [0, 1, 2], on_stats=fails_at_end, stats_interval=60)
+    assert len(calls) == 1
+
+
+def test_on_stats_must_be_a_plain_callable_and_interval_positive() -> None:
+    """Bad on_stats / stats_interval get a clear error naming the parameter."""
+
+    async def async_export(stats: PoolStats) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="on_stats must be a plain function"):
+        Pool(flaky, on_stats=async_export)
+    with pytest.raises(TypeError, match="on_stats must be a callable"):
+        Batcher(print, on_stats=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stats_interval must be > 0"):
+        Pool(flaky, on_stats=print, stats_interval=0)
+    with pytest.raises(TypeError, match="stats_interval must be a number"):
+        Batcher(print, stats_interval="1")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- logging
+
+
+async def test_logging_failures_at_warning_and_lifecycle_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A named pool logs to corral.pool.<name>: start and stop at DEBUG, each
+    final failure at WARNING with the item id, attempts and the exception;
+    nothing for successful items."""
+    caplog.set_level(logging.DEBUG, logger="corral")
+    retry = corral.Retry(attempts=2, wait_initial=0)
+    async with Pool(flaky, retry=retry, name="fetch") as pool:
+        for n in range(6):
+            await pool.submit(n, id=f"rec-{n}")
+    records = [r for r in caplog.records if r.name == "corral.pool.fetch"]
+    assert [r.levelno for r in records] == [logging.DEBUG, logging.WARNING, logging.DEBUG]
+    failure = records[1]
+    assert "'rec-3'" in failure.getMessage()
+    assert "after 2 attempts" in failure.getMessage()
+    assert "item 3 is bad" in failure.getMessage()
+    assert failure.exc_info is not None
+    assert isinstance(failure.exc_info[1], ValueError)
+    assert "5 succeeded, 1 failed, 0 unfinished" in records[2].getMessage()
+
+
+async def test_logging_flush_failures(caplog: pytest.LogCaptureFixture) -> None:
+    """A Batcher logs each failed flush at WARNING, saying what happens next."""
+    caplog.set_level(logging.WARNING, logger="corral")
+    failures = iter([True, False])
+    saved = anyio.Event()
+
+    async def save(batch: list[int]) -> None:
+        if next(failures):
+            raise ConnectionError("database restarting")
+        saved.set()
+
+    async with Batcher(save, max_size=5) as batcher:
+        for n in range(5):
+            await batcher.add(n)
+        with anyio.fail_after(10):
+            await saved.wait()  # after the failure's backoff, inside the block
+    (record,) = caplog.records
+    assert record.name == "corral.batcher"
+    assert record.levelno == logging.WARNING
+    assert "a flush of 5 items failed; the batch goes back in the queue" in record.getMessage()
+    assert batcher.stats.flushed == 5
+
+
+def test_no_output_unless_the_application_configures_logging() -> None:
+    """With logging unconfigured, a failing item prints nothing (corral's logger
+    has a NullHandler, so Python's last-resort stderr handler stays quiet)."""
+    code = (
+        "import anyio, corral\n"
+        "async def bad(n):\n"
+        "    raise ValueError(n)\n"
+        "outcomes = anyio.run(corral.apply_to_all, bad, [1, 2])\n"
+        "assert not any(o.ok for o in outcomes)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == result.stderr == ""
