@@ -1,19 +1,31 @@
-"""Static checks of the public types, run by ``nox -s typing`` (mypy --strict).
+"""Static checks of the public types, run by ``nox -s typing``.
 
-Nothing here runs under pytest: each ``assert_type`` is checked by mypy, so a
-change that loses an item or result type in the public API fails the typing
-session.
+Checked by mypy --strict and by pyright in strict mode; nothing here runs under
+pytest. Each ``assert_type`` must hold for both checkers, so a change that loses
+an item or result type in the public API fails the typing session. What misuse
+the types must reject is in ``typecheck_misuse.py``.
 """
 
 from __future__ import annotations
 
-from typing import assert_type
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from typing import Any, assert_type
+
+import anyio
 
 import corral
 
 
 async def fetch(n: int) -> str:
     return str(n)
+
+
+def render(n: int) -> str:
+    return str(n)
+
+
+def fetch_later(n: int) -> Awaitable[str]:
+    return fetch(n)
 
 
 async def save(rows: list[int]) -> None:
@@ -28,25 +40,149 @@ def insert(rows: list[bytes]) -> None:
     pass
 
 
-async def _pool_and_helpers() -> None:
-    outcomes = await corral.apply_to_all(fetch, [1, 2])
-    assert_type(outcomes, list[corral.Outcome[int, str]])
-    async with corral.Pool(fetch) as pool:
+def lengths(rows: list[bytes]) -> list[int]:
+    return [len(row) for row in rows]
+
+
+async def numbers() -> AsyncIterator[int]:
+    for n in range(3):
+        yield n
+
+
+def log(outcome: corral.Outcome[int, str]) -> None:
+    pass
+
+
+async def log_async(outcome: corral.Outcome[int, str]) -> None:
+    pass
+
+
+async def check_apply_to_all() -> None:
+    # an async handler, a plain one and one that returns an awaitable all give
+    # the handler's return type as R
+    assert_type(await corral.apply_to_all(fetch, [1, 2]), list[corral.Outcome[int, str]])
+    assert_type(await corral.apply_to_all(render, [1, 2]), list[corral.Outcome[int, str]])
+    assert_type(await corral.apply_to_all(fetch_later, [1, 2]), list[corral.Outcome[int, str]])
+    # any iterable or async iterable of items; the keyword options keep the types
+    assert_type(
+        await corral.apply_to_all(
+            fetch,
+            numbers(),
+            workers=4,
+            max_pending=8,
+            retry=corral.Retry(attempts=3, on=(ConnectionError, TimeoutError)),
+            rate_limit=corral.TokenBucket(10, per=1.0, burst=2),
+            limiter=anyio.CapacityLimiter(2),
+            timeout=5.0,
+            middleware=[corral.Timeout(1.0)],
+            on_outcome=log,
+            fail_fast=False,
+            name="fetch",
+        ),
+        list[corral.Outcome[int, str]],
+    )
+    assert_type(
+        await corral.apply_to_all(render, range(3), on_outcome=log_async),
+        list[corral.Outcome[int, str]],
+    )
+
+
+async def check_apply_to_each() -> None:
+    async with corral.apply_to_each(fetch, [1, 2], ordered=True) as outcomes:
+        assert_type(outcomes, corral.Outcomes[int, str])
+        async for outcome in outcomes:
+            assert_type(outcome, corral.Outcome[int, str])
+        assert_type(outcomes.unfinished, list[int])
+    async with corral.apply_to_each(render, numbers(), workers=2) as outcomes:
+        async for outcome in outcomes:
+            assert_type(outcome, corral.Outcome[int, str])
+    assert_type(corral.apply_to_each(fetch, [1]), corral.ApplyToEach[int, str])
+
+
+async def check_pool() -> None:
+    async with corral.Pool(fetch, workers=4, on_outcome=log) as pool:
+        assert_type(pool, corral.Pool[int, str])
         job = await pool.submit(1)
+        assert_type(job, corral.Job[int, str])
         assert_type(await job.wait(), corral.Outcome[int, str])
+        assert_type(job.item, int)
+        assert_type(job.index, int)
+        assert_type(job.id, Hashable)
+        assert_type(job.done, bool)
+        assert_type(job.outcome, corral.Outcome[int, str] | None)
+        assert_type(pool.submit_nowait(2, id="two"), corral.Job[int, str])
+        await pool.join()
+    assert_type(pool.unfinished, list[int])
+    assert_type(pool.stats, corral.PoolStats)
+    assert_type(pool.stats.succeeded, int)
+    assert_type(pool.name, str | None)
+    # a plain handler gives the same types
+    async with corral.Pool(render) as plain:
+        assert_type(plain, corral.Pool[int, str])
+        assert_type(await (await plain.submit(1)).wait(), corral.Outcome[int, str])
 
 
-async def _batcher() -> None:
+def check_outcome(outcome: corral.Outcome[int, str]) -> None:
+    assert_type(outcome.unwrap(), str)
+    assert_type(outcome.item, int)
+    assert_type(outcome.result, str | None)  # None when the item failed
+    assert_type(outcome.error, Exception | None)
+    assert_type(outcome.ok, bool)
+    assert_type(outcome.index, int)
+    assert_type(outcome.attempts, int)
+    assert_type(outcome.elapsed, float)
+    if outcome.result is not None:
+        assert_type(outcome.result, str)
+    made = corral.Outcome(item=2, index=0, id=0, result="4")
+    assert_type(made, corral.Outcome[int, str])
+
+
+async def check_batcher() -> None:
     async with corral.Batcher(embed, max_size=32, max_wait=None) as batcher:
         assert_type(batcher, corral.Batcher[str, float])
         assert_type(await batcher.submit("text"), float)
+        await batcher.add("more")
+        batcher.add_nowait("more")
+        await batcher.add_many(["a", "b"])
+        await batcher.flush()
     assert_type(corral.Batcher(save), corral.Batcher[int, None])
     assert_type(corral.Batcher(insert), corral.Batcher[bytes, None])
+    assert_type(corral.Batcher(lengths, concurrency=2), corral.Batcher[bytes, int])
     assert_type(batcher.unflushed, list[str])
     assert_type(batcher.stats, corral.BatcherStats)
+    assert_type(batcher.stats.last_flush_time, float | None)
+    assert_type(batcher.name, str | None)
+    keyed = corral.Batcher(embed, dedupe_key=str.lower)
+    assert_type(keyed, corral.Batcher[str, float])
 
 
-async def _redis() -> None:
+def check_policies() -> None:
+    retry = corral.Retry(3, wait_initial=0.5, deadline=30.0)
+    assert_type(retry.attempts, int)
+    assert_type(retry.deadline, float | None)
+    limiters: list[corral.RateLimiter] = [corral.SlidingWindow(100, per=60.0)]
+    assert_type(limiters, list[corral.RateLimiter])
+    bucket = corral.TokenBucket(5, per=1.0, burst=2)
+    assert_type(bucket.rate, float)
+    assert_type(bucket.burst, int)
+    window = corral.SlidingWindow(10)
+    assert_type(window.limit, int)
+    assert_type(window.per, float)
+    assert_type(corral.Timeout(1.5).seconds, float)
+    assert_type(corral.FlushError("failed", [1, 2]).items, Sequence[Any])
+    layers: list[corral.Middleware] = [retry, corral.Timeout(1.0), PerHost()]
+    assert_type(layers, list[corral.Middleware])
+
+
+class PerHost:
+    """A user middleware may name its parameters as it likes (the protocol's
+    are positional-only)."""
+
+    async def __call__(self, url: str, call_next: Callable[[str], Awaitable[str]]) -> str:
+        return await call_next(url)
+
+
+async def check_redis() -> None:
     import coredis
 
     from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource
@@ -58,6 +194,7 @@ async def _redis() -> None:
         limiter: corral.RateLimiter = RedisRateLimiter(client, "api", 10)
         async with StreamSource(client, "orders", "billing", "w1") as source:
             assert_type(source, StreamSource[str])
+            assert_type(source.stream, str)
             async with corral.apply_to_each(
                 charge, source, rate_limit=limiter, on_outcome=source.settle
             ) as outcomes:
@@ -65,5 +202,6 @@ async def _redis() -> None:
                     assert_type(outcome, corral.Outcome[Delivery[str], int])
         async with StreamSink(client, "receipts") as sink:
             assert_type(await sink.submit({"order": "1"}), str)
+            assert_type(sink.maxlen, int | None)
     async with coredis.Redis() as raw:
         assert_type(StreamSource(raw, "s", "g", "c"), StreamSource[bytes])

@@ -172,8 +172,8 @@ class SlidingWindow(_FairLimiter):
 
     def __init__(self, limit: int, per: float = 1.0) -> None:
         super().__init__()
-        self.limit = check_int("limit", limit, minimum=1)
-        self.per = check_number("per", per, positive=True)
+        self.limit: int = check_int("limit", limit, minimum=1)
+        self.per: float = check_number("per", per, positive=True)
         self._capacity = limit
         self._expiries: deque[tuple[float, int]] = deque()  # (admitted + per, cost)
         self._in_window = 0
@@ -217,9 +217,9 @@ class TokenBucket(_FairLimiter):
 
     def __init__(self, rate: float, per: float = 1.0, *, burst: int = 1) -> None:
         super().__init__()
-        self.rate = check_number("rate", rate, positive=True)
-        self.per = check_number("per", per, positive=True)
-        self.burst = check_int("burst", burst, minimum=1)
+        self.rate: float = check_number("rate", rate, positive=True)
+        self.per: float = check_number("per", per, positive=True)
+        self.burst: int = check_int("burst", burst, minimum=1)
         self._capacity = burst
         self._interval = self.per / self.rate  # seconds per token
         if not math.isfinite(self._interval * self.burst):

@@ -55,7 +55,9 @@ class Middleware(Protocol):
     42
     """
 
-    async def __call__(self, item: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any: ...
+    async def __call__(
+        self, item: Any, call_next: Callable[[Any], Awaitable[Any]], /
+    ) -> Any: ...
 
 
 @runtime_checkable
@@ -70,7 +72,10 @@ class RateLimiter(Protocol):
     :class:`TokenBucket` are both.
     """
 
-    async def acquire(self, cost: int = 1) -> None: ...
+    async def acquire(self, cost: int = 1) -> None:
+        """Wait until ``cost`` units are admitted. Returning means admitted;
+        raising (a cancellation included) means nothing was consumed."""
+        ...
 
 
 @attrs.frozen

@@ -100,9 +100,9 @@ class Job(Generic[T, R]):
     __slots__ = ("_ended", "_event", "_outcome", "id", "index", "item")
 
     def __init__(self, item: T, index: int, id: Hashable) -> None:
-        self.item = item
-        self.index = index
-        self.id = id
+        self.item: T = item
+        self.index: int = index
+        self.id: Hashable = id
         self._outcome: Outcome[T, R] | None = None
         self._event: anyio.Event | None = None
         self._ended = False  # True once the job can no longer get an outcome

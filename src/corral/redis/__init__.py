@@ -18,10 +18,10 @@ from __future__ import annotations
 
 try:
     import coredis as _coredis  # noqa: F401
-except ImportError as error:  # pragma: no cover - depends on the environment
+except ImportError as _error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "corral.redis needs coredis: install the extra with `pip install 'corral[redis]'`"
-    ) from error
+    ) from _error
 
 from ._common import RedisUnavailable as RedisUnavailable
 from ._limiter import RedisRateLimiter as RedisRateLimiter

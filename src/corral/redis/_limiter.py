@@ -120,16 +120,16 @@ class RedisRateLimiter:
     ) -> None:
         if not isinstance(client, (coredis.Redis, coredis.RedisCluster)):
             raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
-        self.key = check_name("key", key)
-        self.rate = check_number("rate", rate, positive=True)
-        self.per = check_number("per", per, positive=True)
-        self.burst = check_int("burst", burst, minimum=1)
-        self.lease = check_int("lease", lease, minimum=1)
+        self.key: str = check_name("key", key)
+        self.rate: float = check_number("rate", rate, positive=True)
+        self.per: float = check_number("per", per, positive=True)
+        self.burst: int = check_int("burst", burst, minimum=1)
+        self.lease: int = check_int("lease", lease, minimum=1)
         if lease > burst:
             raise ValueError(
                 f"lease must be <= burst ({burst}), got {lease!r}: a lease is one admission"
             )
-        self.timeout = check_timeout(timeout)
+        self.timeout: float = check_timeout(timeout)
         self._interval_us = self.per / self.rate * 1e6  # microseconds per token
         if not math.isfinite(self._interval_us * self.burst) or self._interval_us < 1e-3:
             raise ValueError(f"rate must be at most 1e9 per second and finite, got {rate!r}")

@@ -283,12 +283,12 @@ class StreamSource(Generic[AnyStr]):
     ) -> None:
         if not isinstance(client, coredis.Redis):
             raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
-        self.stream = check_name("stream", stream)
-        self.group = check_name("group", group)
-        self.consumer = check_name("consumer", consumer)
-        self.max_in_flight = check_int("max_in_flight", max_in_flight, minimum=1)
-        self.max_deliveries = check_int("max_deliveries", max_deliveries, minimum=1)
-        self.dead_letter = (
+        self.stream: str = check_name("stream", stream)
+        self.group: str = check_name("group", group)
+        self.consumer: str = check_name("consumer", consumer)
+        self.max_in_flight: int = check_int("max_in_flight", max_in_flight, minimum=1)
+        self.max_deliveries: int = check_int("max_deliveries", max_deliveries, minimum=1)
+        self.dead_letter: str = (
             f"{stream}:dead" if dead_letter is None else check_name("dead_letter", dead_letter)
         )
         if self.dead_letter == stream:
@@ -296,8 +296,8 @@ class StreamSource(Generic[AnyStr]):
         if dead_letter_on is not None:
             check_on(dead_letter_on, "dead_letter_on")
         self.dead_letter_on = dead_letter_on
-        self.min_idle = check_number("min_idle", min_idle, positive=True)
-        self.redeliver_after = (
+        self.min_idle: float = check_number("min_idle", min_idle, positive=True)
+        self.redeliver_after: float = (
             self.min_idle
             if redeliver_after is None
             else check_number("redeliver_after", redeliver_after)
@@ -309,10 +309,10 @@ class StreamSource(Generic[AnyStr]):
             )
         self._claim_every = max(min(self.min_idle, self.redeliver_after) / 2, 0.001)
         self._min_idle_ms = max(1, round(self.min_idle * 1000))
-        self.block = check_number("block", block, positive=True)
-        self.group_start = check_name("group_start", group_start)
-        self.stop_when_drained = check_bool("stop_when_drained", stop_when_drained)
-        self.timeout = check_timeout(timeout)
+        self.block: float = check_number("block", block, positive=True)
+        self.group_start: str = check_name("group_start", group_start)
+        self.stop_when_drained: bool = check_bool("stop_when_drained", stop_when_drained)
+        self.timeout: float = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
         self._claim_script: Script[AnyStr] = client.register_script(_CLAIM)
         self._settle_failure_script: Script[AnyStr] = client.register_script(_SETTLE_FAILURE)
@@ -633,9 +633,9 @@ class StreamSink(Generic[AnyStr]):
     ) -> None:
         if not isinstance(client, coredis.Redis):
             raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
-        self.stream = check_name("stream", stream)
-        self.maxlen = None if maxlen is None else check_int("maxlen", maxlen, minimum=1)
-        self.timeout = check_timeout(timeout)
+        self.stream: str = check_name("stream", stream)
+        self.maxlen: int | None = None if maxlen is None else check_int("maxlen", maxlen, minimum=1)
+        self.timeout: float = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
         self._trim: dict[str, Any] = {}  # XADD's options, the same for every entry
         if self.maxlen is not None:
