@@ -1,4 +1,5 @@
-"""Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `chaos`, `bench`.
+"""Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `demo`, `docs`,
+`chaos`, `bench`.
 
 Sessions run on the interpreter nox itself runs on (no pinned versions), so
 they work on a machine that has only one Python.
@@ -11,7 +12,7 @@ import sys
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typing", "examples"]
+nox.options.sessions = ["tests", "lint", "typing", "examples", "demo"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = pathlib.Path(__file__).parent
@@ -69,6 +70,13 @@ def examples(session: nox.Session) -> None:
     session.install("-e", ".[trio]")
     for example in sorted((ROOT / "examples").glob("*.py")):
         session.run("python", str(example))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The README's first command: `python -m corral.demo` (options after `--`)."""
+    session.install("-e", ".[trio,progress]")
+    session.run("python", "-m", "corral.demo", *session.posargs)
 
 
 @nox.session
