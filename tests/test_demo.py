@@ -20,8 +20,13 @@ def test_demo_runs_and_verifies_its_database(backend: str, tmp_path: pathlib.Pat
     exits 0, and leaves one row per record in the SQLite file."""
     db = tmp_path / "demo.sqlite3"
     result = subprocess.run(
-        [sys.executable, "-m", "corral.demo", "--records", "400", "--rate", "2000"]
-        + ["--backend", backend, "--db", str(db)],
+        [
+            sys.executable,
+            "-m",
+            "corral.demo",
+            *("--records", "400", "--rate", "2000"),
+            *("--backend", backend, "--db", str(db)),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

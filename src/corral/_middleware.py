@@ -55,9 +55,7 @@ class Middleware(Protocol):
     42
     """
 
-    async def __call__(
-        self, item: Any, call_next: Callable[[Any], Awaitable[Any]], /
-    ) -> Any: ...
+    async def __call__(self, item: Any, call_next: Callable[[Any], Awaitable[Any]], /) -> Any: ...
 
 
 @runtime_checkable
