@@ -88,3 +88,14 @@ def test_inference_shares_model_calls_between_requests(backend: str) -> None:
     assert 8 <= number(r"256 requests -> (\d+) model calls", out) < 64
     assert number(r"model calls, mean batch [\d.]+, largest (\d+)", out) <= 32
     assert number(r"speed-up ([\d.]+)x", out) > 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_exports_prometheus_text_and_counters(backend: str) -> None:
+    """examples/metrics.py turns on_stats snapshots into Prometheus text whose
+    final values are the pools' own totals, and feeds counters that agree."""
+    out = run_example("metrics.py", backend)
+    assert 'corral_succeeded_total{name="fetch"} 480' in out
+    assert 'corral_flushed_total{name="sink"} 480' in out
+    assert "# TYPE corral_queued gauge" in out
+    assert "totals agree" in out
