@@ -1,4 +1,4 @@
-"""The README's code blocks and the examples run as written."""
+"""The README's and the documentation's code blocks and the examples run as written."""
 
 from __future__ import annotations
 
@@ -6,11 +6,24 @@ import pathlib
 import re
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
+from redis_server import COREDIS_LEAK, coredis_leaks_collected
+
 ROOT = pathlib.Path(__file__).parent.parent
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+BLOCKS = PYTHON_BLOCK.findall((ROOT / "README.md").read_text())
+
+# The documentation's ```python blocks, each run as written; ```py blocks (they
+# need a Redis server, or show another library's code) are not run.
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+DOC_BLOCKS = [
+    pytest.param(code, id=f"docs/{page.name}-block{number}")
+    for page in DOCS
+    for number, code in enumerate(PYTHON_BLOCK.findall(page.read_text()))
+]
 
 
 def test_readme_has_python_examples() -> None:
@@ -18,10 +31,98 @@ def test_readme_has_python_examples() -> None:
     assert len(BLOCKS) >= 3
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def needs_redis(code: str) -> bool:
+    """A block that talks to Redis reads the server's address from REDIS_URL."""
+    return "REDIS_URL" in code
+
+
+def blocks_of(blocks: list[str], *, redis: bool) -> list[Any]:
+    return [
+        pytest.param(code, id=f"block{number}")
+        for number, code in enumerate(blocks)
+        if needs_redis(code) == redis
+    ]
+
+
+@pytest.mark.parametrize("code", blocks_of(BLOCKS, redis=False))
 def test_readme_block_runs(code: str) -> None:
     """Each README block runs without error (its own asserts included)."""
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+@pytest.mark.filterwarnings(COREDIS_LEAK)
+@pytest.mark.parametrize("code", blocks_of(BLOCKS, redis=True))
+def test_readme_redis_block_runs(
+    code: str, redis_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each README block that uses corral.redis runs as written against a real
+    redis-server (an empty database), whose address it reads from REDIS_URL."""
+    run_with_redis(code, "README.md", redis_port, monkeypatch)
+
+
+def run_with_redis(code: str, name: str, port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``code`` with REDIS_URL pointing at the test server, emptied first."""
+    import anyio
+    import coredis
+
+    async def flush() -> None:
+        async with coredis.Redis(port=port) as client:
+            await client.flushdb()
+
+    with coredis_leaks_collected():
+        anyio.run(flush)
+        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}")
+        exec(compile(code, name, "exec"), {"__name__": "docs"})
+
+
+def test_readme_shows_corral_redis_running() -> None:
+    """The Scaling out section's examples are among the blocks that run."""
+    assert len(blocks_of(BLOCKS, redis=True)) >= 2
+
+
+def test_docs_have_python_examples() -> None:
+    """The documentation's examples exist, on every guide page that teaches an
+    API (so the parametrised test below cannot pass vacuously)."""
+    assert len(DOC_BLOCKS) >= 25
+    pages = {block.id.split("-block")[0] for block in DOC_BLOCKS}
+    for page in ("index", "pools-and-helpers", "retries-and-limits", "batching", "guarantees"):
+        assert f"docs/{page}.md" in pages
+    assert "docs/migrating.md" in pages
+    for block in DOC_BLOCKS:  # standalone: each runs its own event loop
+        assert block.values[0].rstrip().endswith("anyio.run(main)"), block.id
+
+
+@pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if not needs_redis(b.values[0])])
+def test_docs_block_runs(code: str, request: pytest.FixtureRequest) -> None:
+    """Each ```python block of docs/*.md runs without error (its own asserts included)."""
+    exec(compile(code, request.node.callspec.id, "exec"), {"__name__": "docs"})
+
+
+@pytest.mark.filterwarnings(COREDIS_LEAK)
+@pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if needs_redis(b.values[0])])
+def test_docs_redis_block_runs(
+    code: str, redis_port: int, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """Each docs block that uses corral.redis runs as written against a real
+    redis-server (an empty database), whose address it reads from REDIS_URL."""
+    run_with_redis(code, request.node.callspec.id, redis_port, monkeypatch)
+
+
+def test_api_reference_lists_every_public_name() -> None:
+    """docs/api.md documents exactly the names in ``corral.__all__`` and
+    ``corral.redis.__all__``, so a new public name cannot be left out of it."""
+    pytest.importorskip("coredis")
+    import corral
+    import corral.redis
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    for module in (corral, corral.redis):
+        directive = re.search(
+            rf"^::: {re.escape(module.__name__)}\n(.*?)(?=^:::|\Z)", text, re.DOTALL | re.MULTILINE
+        )
+        assert directive is not None, f"no `::: {module.__name__}` in docs/api.md"
+        listed = re.findall(r"^ +- (\w+)$", directive.group(1), re.MULTILINE)
+        assert sorted(listed) == sorted(module.__all__)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
