@@ -492,6 +492,35 @@ async def test_fail_fast_cancels_pool_and_block_and_reraises_the_error() -> None
         pool.submit_nowait(9)
 
 
+@pytest.mark.parametrize("stop_by", ["fail_fast", "on_outcome"])
+async def test_no_item_starts_after_the_pool_stopped_itself(stop_by: str) -> None:
+    """Once fail_fast or a raising on_outcome stops the pool, no queued item
+    starts: not even with a handler that never awaits, which cancellation
+    (delivered at a checkpoint) would not interrupt. They end unfinished."""
+    calls: list[int] = []
+
+    async def handler(x: int) -> int:
+        calls.append(x)
+        if x == 10 and stop_by == "fail_fast":
+            raise ValueError("first failure")
+        return x
+
+    def on_outcome(outcome: Outcome[int, int]) -> None:
+        if outcome.item == 10 and stop_by == "on_outcome":
+            raise RuntimeError("callback broke")
+
+    pool = Pool(
+        handler, workers=4, max_pending=500, fail_fast=stop_by == "fail_fast", on_outcome=on_outcome
+    )
+    with pytest.raises((ValueError, RuntimeError)):
+        async with pool:
+            for i in range(500):
+                pool.submit_nowait(i)
+    assert calls[-1] == 10
+    assert pool.unfinished == list(range(11, 500))
+    assert pool.stats.succeeded + pool.stats.failed == 11
+
+
 async def test_fail_fast_while_exit_is_waiting() -> None:
     """fail_fast also works when the block already ended and exit is draining."""
 

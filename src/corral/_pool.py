@@ -887,9 +887,16 @@ class Pool(Generic[T, R]):
             self._stop()
 
     def _stop(self) -> None:
-        """Cancel the workers and the block's own code; take no new items."""
+        """Cancel the workers and the block's own code; take no new items.
+
+        Queued items do not start: cancellation reaches a worker only at its
+        next checkpoint, and a handler that does not await would otherwise
+        let it run on through the queue. They stay in ``live``, so they end
+        unfinished.
+        """
         if self._state is _RUNNING:
             self._state = _STOPPING
+        self._queue.clear()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
