@@ -160,16 +160,20 @@ class Batcher(Generic[T, R]):
     a backoff that grows with consecutive failures and resets on success:
     ``retry``'s waits if its ``wait_initial`` and ``wait_max`` are both
     positive, else 0.1 s doubling up to 10 s, jittered within the upper half of
-    each step; never less than 1 ms, and at least an error's finite
-    ``retry_after``. The ``submit`` callers of that batch get the error
-    instead; their items leave the batcher.
+    each step (not at all under a ``retry`` with ``wait_jitter=False``); never
+    less than 1 ms, and at least an error's finite ``retry_after`` (at most
+    ``wait_max`` under a ``retry`` with ``cap_retry_after=True``). The
+    ``submit`` callers of that batch get the error instead; their items leave
+    the batcher.
 
     Leaving the block, normally or with an exception, flushes everything that
     was added and waits for it. If a flush that started after the block ended
     fails, flushing ends: :class:`FlushError` is raised with every unflushed
     item in ``.items`` (also in :attr:`unflushed`), in the order they were
     added. Cancellation does not flush: queued items and those in a flush that
-    was cancelled are listed in :attr:`unflushed`.
+    was cancelled are listed in :attr:`unflushed`. Entering a batcher that is
+    already running raises ``RuntimeError``; it can be entered again after it
+    exited (its stats accumulate).
 
     >>> import anyio
     >>> async def main() -> list[list[int]]:
@@ -183,9 +187,15 @@ class Batcher(Generic[T, R]):
     >>> anyio.run(main)
     [[0, 1, 2], [3, 4, 5], [6]]
 
-    :param flush: called with each batch (a list). To serve :meth:`submit`, it
-        returns a sequence of one result per item of the batch, in order (or
-        None: every result is None).
+    :param flush: called with each batch (a list, without the duplicates that
+        ``dedupe_key`` dropped), once per attempt. An async callable is awaited
+        in a flusher task; a plain one runs in a worker thread, and an
+        awaitable it returns is awaited on the event loop. To serve
+        :meth:`submit`, it returns a sequence of one result per item of the
+        batch, in order (or None: every result is None). An ``Exception`` it
+        raises fails the flush (see above); a ``BaseException`` that is
+        neither an ``Exception`` nor a cancellation (``KeyboardInterrupt``)
+        stops the batcher, and the block re-raises it.
     :param max_size: the most items in one batch, in every path.
     :param max_wait: seconds the oldest queued item may wait before its batch is
         flushed, counted from when it was added; None for natural batching.
@@ -213,6 +223,7 @@ class Batcher(Generic[T, R]):
         snapshot every ``stats_interval`` seconds while the batcher runs, and
         once more at exit. It runs on the event loop: keep it quick. If it
         raises, the batcher stops and the block re-raises that exception.
+    :param stats_interval: seconds between two ``on_stats`` calls.
     """
 
     @overload
@@ -413,7 +424,8 @@ class Batcher(Generic[T, R]):
 
     @property
     def stats(self) -> BatcherStats:
-        """A frozen snapshot of the counters; cheap, safe to call any time."""
+        """A frozen snapshot of the counters; cheap, never waits, safe to call
+        any time (also before entry and after exit)."""
         return BatcherStats(
             added=self._next_seq,
             queued=len(self._queue),
@@ -616,7 +628,10 @@ class Batcher(Generic[T, R]):
         come, first served). Always a checkpoint. Cancel-safe: if it raises,
         the item was not added; if it returns, it was.
 
-        :raises PoolClosed: the batcher is not running.
+        :raises PoolClosed: the batcher is not running, or it closed while this
+            call waited for room.
+        :raises TypeError: ``dedupe_key`` returned an unhashable key (whatever
+            ``dedupe_key`` raises propagates too).
         """
         await checkpoint()
         if self._state is not _RUNNING:
@@ -638,8 +653,13 @@ class Batcher(Generic[T, R]):
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
 
-        :raises QueueFull: ``max_pending`` items are queued.
+        Never waits and is not a checkpoint. If it raises, the item was not
+        added; if it returns, it was.
+
+        :raises QueueFull: ``max_pending`` items are queued, or adders are
+            waiting for room.
         :raises PoolClosed: the batcher is not running.
+        :raises TypeError: ``dedupe_key`` returned an unhashable key.
         """
         if self._state is not _RUNNING:
             raise self._closed_error()
@@ -671,10 +691,14 @@ class Batcher(Generic[T, R]):
         Waits until there is room for all of them (what is queued meanwhile is
         flushed without waiting for ``max_wait``); no other adder's items come
         in between. More items than ``max_pending`` wait until the queue is
-        empty and then go in whole (they are in memory already). Always a
-        checkpoint. Cancel-safe like :meth:`add`.
+        empty and then go in whole (they are in memory already). A
+        checkpoint once ``items`` is accepted. Cancel-safe like :meth:`add`:
+        if it raises, none of them was added; if it returns, all were.
 
-        :raises PoolClosed: the batcher is not running.
+        :raises PoolClosed: the batcher is not running, or it closed while this
+            call waited for room.
+        :raises TypeError: ``items`` is not an iterable (or is a ``str`` or
+            ``bytes``), or ``dedupe_key`` returned an unhashable key.
         """
         if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
             raise TypeError(f"items must be an iterable of items, got {items!r}")
@@ -698,14 +722,17 @@ class Batcher(Generic[T, R]):
         """Add ``item`` and wait for its result: its element of the sequence that
         ``flush`` returned for its batch (None if ``flush`` returned None).
 
-        Waits for room like :meth:`add`; if it raises while waiting for room,
-        the item was not added. Once added, the item stays in the batcher even
-        if the caller is cancelled: it is flushed with its batch (the result is
-        discarded) or listed in :attr:`unflushed`.
+        Waits for room like :meth:`add`, then until the item's batch was
+        flushed or failed (after its retry policy). Always a checkpoint.
+        If it raises while waiting for room, the item was not added. Once
+        added, the item stays in the batcher even if the caller is cancelled:
+        it is flushed with its batch (the result is discarded) or listed in
+        :attr:`unflushed`.
 
         :raises ValueError: ``flush`` did not return one result per item.
         :raises PoolClosed: the batcher is not running, or it stopped before the
             item was flushed (the item is in :attr:`unflushed`).
+        :raises TypeError: ``dedupe_key`` returned an unhashable key.
         :raises Exception: whatever ``flush`` raised for this item's batch after
             its retry policy gave up (the item then leaves the batcher; the
             ``add`` items of that batch are queued again).
@@ -745,7 +772,9 @@ class Batcher(Generic[T, R]):
         count as done.
 
         Batches keep their order and ``max_size``, and a failure backoff in
-        progress is still waited out. Always a checkpoint.
+        progress is still waited out. Always a checkpoint. Cancelling the wait
+        does not undo the request: those items are still flushed without
+        waiting for ``max_wait``.
 
         :raises Exception: a flush of these items failed after its retry policy
             (its ``add`` items are queued again, as for any failed flush).

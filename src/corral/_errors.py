@@ -50,10 +50,13 @@ class PoolClosed(CorralError, anyio.ClosedResourceError):
     * ``submit`` / ``submit_nowait`` before ``async with pool:`` was entered or
       after the block exited (or while it is shutting down after a failure);
     * ``await job.wait()`` for a job that ended *unfinished* (the pool was
-      cancelled, failed fast, or its block raised before the job ran);
+      cancelled, failed fast, or its block raised before the job ran), and
+      ``await pool.join()`` on a pool that is not running or stopped first;
     * adding to a :class:`Batcher` that is not running, and
       ``await batcher.submit(x)`` when the batcher stopped before ``x`` was
-      flushed (``x`` is then in ``batcher.unflushed``).
+      flushed (``x`` is then in ``batcher.unflushed``); likewise
+      ``await batcher.flush()``;
+    * iterating or settling a ``corral.redis.StreamSource`` outside its block.
 
     It is an :class:`anyio.ClosedResourceError`.
     """

@@ -138,10 +138,16 @@ async def apply_to_all(
 ) -> list[Outcome[T, Any]]:
     """Run ``handler`` on every item and return the outcomes in input order.
 
-    Errors are values (``Outcome.error``); the call raises only for
-    ``fail_fast`` (the first failure), an error raised by ``items`` itself or
-    by ``on_outcome``, or cancellation, in each case after every task stopped.
-    Takes the keyword options of :class:`Pool`.
+    Waits until every item has its outcome (like leaving a :class:`Pool`'s
+    block); always a checkpoint, unless its arguments are refused. Errors are
+    values (``Outcome.error``); the call raises only for ``fail_fast`` (the
+    first failure), an error raised by ``items`` itself or by ``on_outcome``
+    or ``on_stats``, or cancellation, in each case after every task stopped,
+    unwrapped. Cancelling it cancels the handlers still running and drops the
+    outcomes gathered so far: to keep partial results, use
+    :func:`apply_to_each` or a :class:`Pool`. Takes the keyword options of
+    :class:`Pool`; a bad one (or ``items`` that is not iterable) raises
+    ``TypeError`` or ``ValueError`` before any item is taken.
 
     >>> import anyio
     >>> async def square(x: int) -> int:
@@ -149,6 +155,10 @@ async def apply_to_all(
     >>> outcomes = anyio.run(apply_to_all, square, range(4))
     >>> [o.result for o in outcomes]
     [0, 1, 4, 9]
+
+    :param handler: called with each item, as a :class:`Pool`'s handler.
+    :param items: an iterable or an async iterable (an anyio receive stream
+        included), pulled lazily: an item is taken only when the pool has room.
     """
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)
@@ -165,8 +175,10 @@ class Outcomes(Generic[T, R]):
     """The async iterator that ``async with apply_to_each(...)`` gives.
 
     Iterate it with ``async for`` from one task at a time (a second task that
-    waits meanwhile gets :class:`anyio.BusyResourceError`); every ``__anext__``
-    is a checkpoint.
+    waits meanwhile gets :class:`anyio.BusyResourceError`). Every ``__anext__``
+    is a checkpoint and waits until the next outcome is ready; it is
+    cancel-safe: if it raises, no outcome was taken. Iteration stops once
+    every item taken from the input has been yielded.
 
     After leaving the block early, every item taken from the input is in
     exactly one of three places: it was yielded; its outcome was ready but not
@@ -271,7 +283,12 @@ class Outcomes(Generic[T, R]):
 
 
 class ApplyToEach(Generic[T, R]):
-    """What :func:`apply_to_each` returns: use it with ``async with``."""
+    """What :func:`apply_to_each` returns: use it with ``async with``.
+
+    Entering starts the pool and the task that feeds it from ``items``, and
+    gives the :class:`Outcomes` to iterate. It can be entered once (again:
+    ``RuntimeError``); ``async for`` over it directly raises ``TypeError``.
+    """
 
     def __init__(
         self, pool: Pool[T, R], items: Iterable[T] | AsyncIterable[T], ordered: bool
@@ -381,13 +398,13 @@ def apply_to_each(
     outcome, and iterating ``outcomes`` again yields those that were ready but
     not consumed. Leaving it after consuming everything waits for async
     ``on_outcome`` callbacks still running. Takes the keyword options of
-    :class:`Pool`, validated here, at the call.
+    :class:`Pool`, validated here, at the call, which never waits.
 
     The ``async with`` raises, after every task stopped and unwrapped: the
     block's own exception; with ``fail_fast``, the first handler failure; an
-    exception raised by ``items`` or by ``on_outcome``; or the cancellation.
-    A bare ``async for`` over the return value raises ``TypeError``, and
-    entering it twice ``RuntimeError``.
+    exception raised by ``items``, ``on_outcome`` or ``on_stats``; or the
+    cancellation. A bare ``async for`` over the return value raises
+    ``TypeError``, and entering it twice ``RuntimeError``.
 
     >>> import anyio
     >>> async def square(x: int) -> int:
@@ -397,6 +414,11 @@ def apply_to_each(
     ...         return [o.result async for o in outcomes]
     >>> anyio.run(main)
     [0, 1, 4, 9]
+
+    :param handler: called with each item, as a :class:`Pool`'s handler.
+    :param items: an iterable or an async iterable (an anyio receive stream
+        included), pulled lazily by a feeder task.
+    :param ordered: yield outcomes in input order instead of completion order.
     """
     pool: Pool[T, Any] = Pool(handler, **options)
     _check_items(items)

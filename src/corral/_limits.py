@@ -66,10 +66,13 @@ class _FairLimiter:
     def acquire_nowait(self, cost: int = 1) -> None:
         """Admit ``cost`` units now if that needs no waiting, else raise.
 
-        Nobody may be waiting (first come, first served).
+        Never waits and is not a checkpoint. Nobody may be waiting: while a
+        task is in line it raises (first come, first served).
 
         :raises anyio.WouldBlock: admission would have to wait; nothing consumed.
-        :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
+        :raises ValueError: ``cost`` is below 1, or more than the limiter can
+            ever admit at once.
+        :raises TypeError: ``cost`` is not an int.
         """
         self._check_cost(cost)
         if not self._admit_at(cost, anyio.current_time()):
@@ -96,7 +99,9 @@ class _FairLimiter:
         checkpoint. Cancel-safe: if it raises, nothing was consumed and the
         place in line is given up; if it returns, the admission happened.
 
-        :raises ValueError: ``cost`` is more than the limiter can ever admit at once.
+        :raises ValueError: ``cost`` is below 1, or more than the limiter can
+            ever admit at once (raised at once, before any waiting).
+        :raises TypeError: ``cost`` is not an int.
         """
         self._check_cost(cost)
         waiters = self._waiters
@@ -152,7 +157,8 @@ class _FairLimiter:
 
     @property
     def waiting(self) -> int:
-        """How many tasks are waiting for admission."""
+        """How many tasks are in line for admission (the one sleeping at the
+        head of the line included)."""
         return len(self._waiters)
 
 
@@ -166,6 +172,15 @@ class SlidingWindow(_FairLimiter):
     ``SlidingWindow(10, 1.0)`` under load is a burst of 10 at t=0, then
     nothing until t=1.0. ``acquire(cost=k)`` counts as ``k`` admissions at
     the same instant.
+
+    ``await limiter.acquire(cost=1)`` waits for admission, first come, first
+    served: always a checkpoint; if it raises (a cancellation included),
+    nothing was consumed. ``acquire_nowait(cost=1)`` never waits: it admits
+    at once or raises :class:`anyio.WouldBlock`. ``waiting`` counts the
+    tasks in line. A ``cost`` that is not an int from 1 to ``limit`` raises
+    ``TypeError`` or ``ValueError``. The limiter is also a
+    :class:`~corral.Middleware` (one unit per call): as ``rate_limit=`` it
+    sees every attempt, in ``middleware=[...]`` each item once.
 
     >>> limiter = SlidingWindow(100, per=60.0)  # 100 calls a minute, exactly
     """
@@ -211,6 +226,15 @@ class TokenBucket(_FairLimiter):
     admits one call every 0.1 s; ``TokenBucket(10, 1.0, burst=5)`` admits 5
     at once, then one every 0.1 s. Implemented as GCRA: one timestamp, O(1)
     per call, no refill task.
+
+    ``await limiter.acquire(cost=1)`` waits for admission, first come, first
+    served: always a checkpoint; if it raises (a cancellation included),
+    nothing was consumed. ``acquire_nowait(cost=1)`` never waits: it admits
+    at once or raises :class:`anyio.WouldBlock`. ``waiting`` counts the
+    tasks in line. A ``cost`` that is not an int from 1 to ``burst`` raises
+    ``TypeError`` or ``ValueError``. The limiter is also a
+    :class:`~corral.Middleware` (one unit per call): as ``rate_limit=`` it
+    sees every attempt, in ``middleware=[...]`` each item once.
 
     >>> limiter = TokenBucket(5, per=1.0, burst=2)
     """

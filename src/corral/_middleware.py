@@ -81,9 +81,12 @@ class Timeout:
     """A per-attempt deadline: the attempt is cancelled after ``seconds`` and the
     outcome is a ``TimeoutError`` (which a :class:`Retry` may retry).
 
-    ``timeout=2.5`` on a pool is shorthand for ``Timeout(2.5)``. A plain
-    (threaded) handler cannot be interrupted: its timed-out attempt is abandoned,
-    the thread finishes in the background and its result is discarded.
+    ``timeout=2.5`` on a pool is shorthand for ``Timeout(2.5)``. An async
+    handler is interrupted at its next checkpoint (one that reaches none
+    before it returns keeps its result). A plain (threaded) handler cannot be
+    interrupted: its timed-out attempt is abandoned, the thread finishes in
+    the background and its result is discarded. ``seconds`` must be a
+    positive, finite number (else ``TypeError`` or ``ValueError``).
 
     >>> Timeout(2.5).seconds
     2.5

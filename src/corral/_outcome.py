@@ -44,7 +44,10 @@ class Outcome(Generic[T, R]):
         return self.error is None
 
     def unwrap(self) -> R:
-        """Return ``result``, or raise ``error`` if the item failed."""
+        """Return ``result``, or raise ``error`` if the item failed.
+
+        :raises Exception: the item's ``error`` itself, not wrapped.
+        """
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
@@ -92,9 +95,10 @@ def _make_outcome(
 class Job(Generic[T, R]):
     """Handle on one item submitted to a :class:`Pool`.
 
-    Returned by ``Pool.submit`` and ``Pool.submit_nowait``. Creating a job costs
-    no event: one is made only when somebody awaits :meth:`wait` before the
-    outcome exists.
+    Returned by ``Pool.submit`` and ``Pool.submit_nowait``. ``item`` is the
+    item, ``index`` its submission index, ``id`` the id given to ``submit``
+    (default: the index). Creating a job costs no event: one is made only when
+    somebody awaits :meth:`wait` before the outcome exists.
     """
 
     __slots__ = ("_ended", "_event", "_outcome", "id", "index", "item")
@@ -109,7 +113,8 @@ class Job(Generic[T, R]):
 
     @property
     def done(self) -> bool:
-        """True once the item has its outcome."""
+        """True once the item has its outcome (False also for a job that ended
+        unfinished)."""
         return self._outcome is not None
 
     @property
@@ -120,7 +125,9 @@ class Job(Generic[T, R]):
     async def wait(self) -> Outcome[T, R]:
         """Wait for the item's outcome and return it.
 
-        Always a checkpoint. Cancelling the wait does not affect the item.
+        Returns as soon as the outcome is recorded (an async ``on_outcome``
+        may still be running). Always a checkpoint. Cancelling the wait does
+        not affect the item.
 
         :raises PoolClosed: the pool exited without giving this item an outcome
             (it is in ``pool.unfinished``).

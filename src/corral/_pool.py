@@ -69,7 +69,9 @@ _MAX_STREAK = 64
 class PoolStats:
     """A snapshot of a pool's counters (they accumulate over re-entries).
 
-    ``queued``: submitted, waiting for a worker. ``running``: in a worker.
+    ``submitted``: items accepted (by :meth:`Pool.submit` and its twin, or by
+    the helpers from their input). ``queued``: submitted, waiting for a
+    worker. ``running``: in a worker.
     ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts.
     ``backpressure_waits``: submits that had to wait for room.
     ``unfinished``: items left without an outcome at the last exit (not
@@ -173,6 +175,13 @@ class Pool(Generic[T, R]):
     >>> anyio.run(main)
     [0, 2, 4]
 
+    :param handler: called with each item, once per attempt; what it returns
+        is the outcome's ``result``, what it raises (an ``Exception``) the
+        ``error``. An async callable is awaited in a worker task; a plain one
+        runs in a worker thread, and an awaitable it returns is awaited on the
+        event loop. A ``BaseException`` that is neither an ``Exception`` nor a
+        cancellation (``KeyboardInterrupt``) stops the pool, and the block
+        re-raises it.
     :param workers: number of worker tasks (and of threads for a plain handler).
     :param max_pending: how many submitted items may wait for a worker before
         :meth:`submit` blocks; default ``2 * workers``, at least 16.
@@ -193,6 +202,7 @@ class Pool(Generic[T, R]):
         snapshot every ``stats_interval`` seconds while the pool runs, and once
         more at exit. It runs on the event loop: keep it quick. If it raises,
         the pool stops and the block re-raises that exception.
+    :param stats_interval: seconds between two ``on_stats`` calls.
     :param retry: a :class:`Retry` policy: failed calls are retried per item.
     :param rate_limit: a rate limiter (:class:`TokenBucket`,
         :class:`SlidingWindow`, or anything with ``async acquire(cost=1)``),
@@ -340,7 +350,8 @@ class Pool(Generic[T, R]):
 
     @property
     def stats(self) -> PoolStats:
-        """A frozen snapshot of the counters; cheap, safe to call any time."""
+        """A frozen snapshot of the counters; cheap, never waits, safe to call
+        any time (also before entry and after exit)."""
         queued = self._queued - self._reserved
         live = len(self._live)
         return PoolStats(
@@ -508,7 +519,10 @@ class Pool(Generic[T, R]):
         it returns, it was.
 
         :param id: the job's and outcome's ``id``; default the submission index.
-        :raises PoolClosed: the pool is not running.
+        :raises PoolClosed: the pool is not running, or it closed while this
+            call waited for room. A caller inside a pool that is stopping
+            (``fail_fast``, an exception) gets that cancellation instead.
+        :raises TypeError: ``id`` is not hashable.
         """
         await checkpoint()
         if id is not None:
@@ -527,9 +541,15 @@ class Pool(Generic[T, R]):
     def submit_nowait(self, item: T, *, id: Hashable = None) -> Job[T, R]:
         """Enqueue ``item`` without waiting, or raise.
 
-        :raises QueueFull: ``max_pending`` items are waiting (never raised for
-            submits from the pool's own handler).
+        Never waits and is not a checkpoint. If it raises, the item was not
+        enqueued; if it returns, it was.
+
+        :param id: the job's and outcome's ``id``; default the submission index.
+        :raises QueueFull: ``max_pending`` items are waiting, or submitters
+            are waiting for room (never raised for submits from the pool's
+            own handler).
         :raises PoolClosed: the pool is not running.
+        :raises TypeError: ``id`` is not hashable.
         """
         if id is not None:
             _check_id(id)
@@ -642,7 +662,12 @@ class Pool(Generic[T, R]):
     async def join(self) -> None:
         """Wait until every item submitted before this call has its outcome.
 
-        Always a checkpoint. Items submitted meanwhile are not waited for.
+        Returns once their outcomes are recorded (an async ``on_outcome`` may
+        still be running). Always a checkpoint. Items submitted meanwhile are
+        not waited for. Cancelling the wait does not affect the items. Do not
+        call it from the pool's own handler: that handler's item gets its
+        outcome only after the handler returns, so the join would wait for
+        itself.
 
         :raises PoolClosed: the pool is not running, or it stopped before all of
             them had an outcome.

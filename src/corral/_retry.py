@@ -128,10 +128,15 @@ class Retry:
     ``deadline`` bounds one item's total time, waits included: a running
     attempt is cut off at the deadline (a ``TimeoutError``) and no retry is
     made that could not start before it. Cancellation is never retried, nor is
-    any BaseException.
+    any BaseException. When it gives up, the last attempt's error is the
+    item's error.
 
     Used as ``retry=Retry(...)`` on a pool or helper; it is also a
-    :class:`Middleware` and can stand in ``middleware=[...]``.
+    :class:`~corral.Middleware` and can stand in ``middleware=[...]``. It
+    waits between attempts with :func:`anyio.sleep` (as ``retry=`` it wraps
+    ``limiter``, so no capacity slot is held meanwhile); a cancellation
+    during an attempt or a wait propagates at once. Bad arguments raise
+    ``TypeError`` or ``ValueError`` naming the parameter.
 
     >>> Retry(attempts=5, on=ConnectionError, wait_initial=0.5).attempts
     5
@@ -160,11 +165,13 @@ class Retry:
         check_bool("cap_retry_after", self.cap_retry_after)
 
     def should_retry(self, error: Exception) -> bool:
-        """Whether ``error`` matches ``on``."""
+        """Whether ``error`` matches ``on`` (an exception a predicate raises
+        propagates)."""
         return matches(self.on, error)
 
     def wait_before(self, retry: int, error: Exception) -> float:
-        """Seconds to wait before retry number ``retry`` after ``error``."""
+        """Seconds to wait before retry number ``retry`` (1 for the first) after
+        ``error``, jitter drawn; computes, never waits."""
         return self._wait(retry, error, random.uniform)
 
     def _wait(

@@ -151,8 +151,17 @@ class RedisRateLimiter:
     async def acquire(self, cost: int = 1) -> None:
         """Wait until ``cost`` units are admitted.
 
-        :raises ValueError: ``cost`` is more than ``burst``: it could never be
-            admitted at once.
+        One round trip to Redis, then a sleep until the slot it reserved comes
+        (with ``lease > 1``: no round trip while leased tokens last, and one
+        caller of this process at a time fetches the next lease, first come,
+        first served). Always a checkpoint. Returning means admitted. If it
+        raises, the caller was not admitted; slots Redis already reserved for
+        it (it was cancelled in its sleep, or its reply was cut off) stay
+        spent, unused: the limit is never exceeded.
+
+        :raises ValueError: ``cost`` is below 1, or more than ``burst``: it
+            could never be admitted at once.
+        :raises TypeError: ``cost`` is not an int.
         :raises corral.redis.RedisUnavailable: Redis refused the connection or
             did not answer within ``timeout``; nothing was admitted.
         """

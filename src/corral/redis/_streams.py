@@ -228,8 +228,10 @@ class StreamSource(Generic[AnyStr]):
       consumer, this one included when it comes back.
 
     The group is created (with the stream, if missing) when the block is
-    entered; ``group_start`` says where a new group begins: ``"0"``, the whole
-    stream, or ``"$"``, only entries added from now on.
+    entered (:class:`~corral.redis.RedisUnavailable` if Redis cannot be
+    reached; ``RuntimeError`` if the source is running already);
+    ``group_start`` says where a new group begins: ``"0"``, the whole stream,
+    or ``"$"``, only entries added from now on.
 
     Iteration runs until :meth:`stop` is called or, with
     ``stop_when_drained=True``, until the group has nothing left: no entry
@@ -237,6 +239,16 @@ class StreamSource(Generic[AnyStr]):
     so an empty stream counts as drained). If Redis cannot be reached while
     reading, iteration ends with :class:`~corral.redis.RedisUnavailable`;
     nothing is lost, and a new source picks up where this one stopped.
+
+    A step of the iteration that has a delivery read earlier at hand returns
+    it at once, with no checkpoint. Otherwise it waits: for room while
+    ``max_in_flight`` deliveries are unsettled, then for entries (each read
+    waits up to ``block`` seconds, and reads repeat until entries come). It
+    is cancel-safe: entries read but not handed out stay in the source for
+    the next step (or are handed back at exit), and entries whose reply a
+    cancellation cut off stay pending, claimed after ``min_idle``. One task
+    iterates at a time (another gets :class:`anyio.BusyResourceError`);
+    iterating outside the block raises :class:`~corral.PoolClosed`.
 
     Needs Redis 7.0 or newer (``XAUTOCLAIM`` reporting deleted entries).
 
@@ -417,7 +429,8 @@ class StreamSource(Generic[AnyStr]):
     def stop(self) -> None:
         """End the iteration: the next ``__anext__`` (or the one waiting now,
         within ``block`` seconds) raises ``StopAsyncIteration``. Deliveries
-        already handed out can still be settled until the block ends."""
+        already handed out can still be settled until the block ends. Never
+        waits."""
         self._stopping = True
         if self._room is not None:
             self._room.set()
@@ -520,11 +533,23 @@ class StreamSource(Generic[AnyStr]):
     async def settle(self, outcome: Outcome[Delivery[AnyStr], R]) -> None:
         """Settle one delivery by its outcome: pass it as ``on_outcome``.
 
-        A success is acknowledged (batched; it may wait while acknowledgements
-        back up). A failure stays pending for another delivery after
-        ``redeliver_after``; on its ``max_deliveries``-th delivery, or if it
-        matches ``dead_letter_on``, it goes to the dead-letter stream.
+        A success is acknowledged: queued for a batched ``XACK``, a
+        checkpoint that waits only while acknowledgements back up. A failure
+        stays pending for another delivery after ``redeliver_after``; on its
+        ``max_deliveries``-th delivery, or if it matches ``dead_letter_on``,
+        it goes to the dead-letter stream. A failure takes one round trip
+        when it is dead-lettered or ``redeliver_after`` is below
+        ``min_idle``, and none otherwise (then it is not a checkpoint); if
+        Redis cannot be reached, it stays pending all the same, and no error
+        is raised.
 
+        Once the checks pass, the delivery counts as settled here (its room
+        in ``max_in_flight`` is freed) before anything is awaited. If the
+        call is cancelled after that, the entry may stay pending in Redis
+        instead of being acknowledged or dead-lettered: it is delivered again
+        after ``min_idle`` (at least once, still).
+
+        :raises PoolClosed: the source's block is not running.
         :raises TypeError: the outcome's item is not a :class:`Delivery`.
         :raises ValueError: it is not one this source handed out and has not
             settled yet.
@@ -600,8 +625,11 @@ class StreamSink(Generic[AnyStr]):
         async with StreamSink(client, "results") as sink:
             await sink.add({"order": "42", "status": "charged"})
 
-    Leaving the block writes everything added (see :class:`~corral.Batcher`);
-    :meth:`submit` waits for its own entry and returns its ID.
+    Leaving the block writes everything added and waits for it (see
+    :class:`~corral.Batcher`): if a write that starts after the block ended
+    fails, :class:`~corral.FlushError` is raised and the entries not written
+    are in :attr:`unflushed`. :meth:`submit` waits for its own entry and
+    returns its ID.
 
     Writes are at least once: a batch whose round trip failed or timed out
     part way is written again whole, so an entry can appear twice. Readers of
@@ -612,7 +640,8 @@ class StreamSink(Generic[AnyStr]):
     :param max_size: the most entries in one round trip.
     :param max_wait: seconds the oldest entry may wait for its batch to fill;
         None (the default) for natural batching.
-    :param max_pending: how many queued entries make :meth:`add` wait.
+    :param max_pending: how many queued entries make :meth:`add` wait; at
+        least ``max_size``; default ``2 * max_size``.
     :param maxlen: trim the stream to about this many entries (``MAXLEN ~``).
     :param retry: a :class:`~corral.Retry` policy per batch.
     :param timeout: seconds one round trip may take before
@@ -685,15 +714,46 @@ class StreamSink(Generic[AnyStr]):
         return fields
 
     async def add(self, fields: Mapping[Any, Any]) -> None:
-        """Queue one entry; waits while ``max_pending`` entries are queued."""
+        """Queue one entry; waits while ``max_pending`` entries are queued.
+
+        A checkpoint once ``fields`` is accepted. Cancel-safe: if it raises,
+        the entry was not queued; if it returns, it was.
+
+        :raises TypeError: ``fields`` is not a mapping.
+        :raises ValueError: ``fields`` is empty.
+        :raises PoolClosed: the sink's block is not running.
+        """
         await self._batcher.add(self._check(fields))
 
     def add_nowait(self, fields: Mapping[Any, Any]) -> None:
-        """Queue one entry, or raise :class:`~corral.QueueFull`."""
+        """Queue one entry without waiting, or raise. Never waits and is not a
+        checkpoint.
+
+        :raises corral.QueueFull: ``max_pending`` entries are queued.
+        :raises TypeError: ``fields`` is not a mapping.
+        :raises ValueError: ``fields`` is empty.
+        :raises PoolClosed: the sink's block is not running.
+        """
         self._batcher.add_nowait(self._check(fields))
 
     async def submit(self, fields: Mapping[Any, Any]) -> str:
-        """Queue one entry and wait until it is written; its stream ID."""
+        """Queue one entry and wait until it is written; its stream ID.
+
+        Waits for room like :meth:`add`, then for its batch's round trip.
+        Always a checkpoint once ``fields`` is accepted. If it raises while
+        waiting for room, the entry was not queued; once queued, it is
+        written even if the caller is cancelled (or listed in
+        :attr:`unflushed`).
+
+        :raises corral.redis.RedisUnavailable: its batch's write failed
+            (after ``retry``) because Redis could not be reached; any other
+            error of the write is raised as it is. The entry may have been
+            written or not; it is not written again.
+        :raises TypeError: ``fields`` is not a mapping.
+        :raises ValueError: ``fields`` is empty.
+        :raises PoolClosed: the sink's block is not running, or it stopped
+            before the entry was written.
+        """
         return await self._batcher.submit(self._check(fields))
 
     async def _write(self, batch: list[Mapping[Any, Any]]) -> list[str]:
