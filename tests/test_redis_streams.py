@@ -543,3 +543,60 @@ async def test_settling_a_failure_survives_a_redis_outage(redis: coredis.Redis[s
                     src.stop()
     assert src.stats.failed == 4
     assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 4
+
+
+class AcksFail:
+    """A client whose XACK fails as if Redis were unreachable; all else passes."""
+
+    def __init__(self, client: coredis.Redis[str]) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def xack(self, *args: Any) -> int:
+        raise coredis.exceptions.ConnectionError("connection reset")
+
+
+async def test_an_ack_outage_at_exit_does_not_replace_the_blocks_exception(
+    redis: coredis.Redis[str],
+) -> None:
+    """If the acknowledgements cannot be sent when the block leaves with an
+    exception, that exception comes out (not a FlushError about the acks), and
+    the unacknowledged successes stay pending, to run again: at least once."""
+    await fill(redis, "jobs", 3)
+
+    async def handler(delivery: Delivery[str]) -> str:
+        return delivery.fields["n"]
+
+    done = 0
+    with pytest.raises(KeyError, match="the block's own"):
+        async with source(redis, stop_when_drained=False) as src:
+            src._client = AcksFail(redis)  # type: ignore[assignment]
+            async with corral.apply_to_each(handler, src, on_outcome=src.settle) as each:
+                async for outcome in each:
+                    assert outcome.ok
+                    done += 1
+                    if done == 3:
+                        raise KeyError("the block's own")
+    assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 3
+
+
+async def test_an_ack_outage_at_a_clean_exit_is_reported(redis: coredis.Redis[str]) -> None:
+    """After a clean block, acknowledgements that could not be sent are an
+    error (RedisUnavailable saying how many), not silence; the entries stay
+    pending."""
+    await fill(redis, "jobs", 2)
+
+    async def handler(delivery: Delivery[str]) -> str:
+        return delivery.fields["n"]
+
+    with pytest.raises(RedisUnavailable, match="2 successful entries could not be acknowledged"):
+        async with source(redis, stop_when_drained=False) as src:
+            src._client = AcksFail(redis)  # type: ignore[assignment]
+            async with corral.apply_to_each(handler, src, on_outcome=src.settle) as each:
+                async for outcome in each:
+                    assert outcome.ok
+                    if src.stats.delivered == 2:
+                        src.stop()
+    assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 2

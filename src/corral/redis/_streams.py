@@ -34,7 +34,7 @@ from coredis.commands.script import Script
 from coredis.exceptions import StreamDuplicateConsumerGroupError
 
 from .._batcher import Batcher, BatcherStats
-from .._errors import PoolClosed
+from .._errors import FlushError, PoolClosed
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, check_on, matches
 from .._validate import check_bool, check_int, check_number
@@ -225,7 +225,11 @@ class StreamSource(Generic[AnyStr]):
       once, their delivery undone), also when the block is cancelled
       (shielded, within ``timeout``). Deliveries handed out and not settled
       by then stay pending and are claimed after ``min_idle``, by any
-      consumer, this one included when it comes back.
+      consumer, this one included when it comes back. If the
+      acknowledgements cannot be sent, those successes stay pending too (and
+      run again): a block that ends with an exception raises that exception
+      all the same; a block that ends cleanly raises
+      :class:`~corral.redis.RedisUnavailable` saying how many.
 
     The group is created (with the stream, if missing) when the block is
     entered (:class:`~corral.redis.RedisUnavailable` if Redis cannot be
@@ -392,6 +396,17 @@ class StreamSource(Generic[AnyStr]):
         self._in_flight_count = 0
         try:
             return await self._acks.__aexit__(exc_type, exc, tb)
+        except FlushError as error:
+            if exc is not None:
+                # The block's own exception goes on, not one about the acks: the
+                # successes stay pending and run again elsewhere (at least once).
+                return None
+            count = len(error.items)
+            raise RedisUnavailable(
+                f"{self._what}: {count} successful entr{'y' if count == 1 else 'ies'} could "
+                f"not be acknowledged ({error.__cause__!r}); they stay pending and run "
+                f"again after min_idle"
+            ) from error
         finally:
             await self._clean_up()
 
