@@ -600,3 +600,19 @@ async def test_an_ack_outage_at_a_clean_exit_is_reported(redis: coredis.Redis[st
                     if src.stats.delivered == 2:
                         src.stop()
     assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 2
+
+
+async def test_every_step_of_the_iteration_is_a_checkpoint(redis: coredis.Redis[str]) -> None:
+    """A step that has a delivery at hand is still a checkpoint: inside a
+    cancelled scope it raises and takes nothing; the delivery comes next time."""
+    await fill(redis, "jobs", 3)
+    async with source(redis) as src:
+        first = await src.__anext__()  # one read fetched all three
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await src.__anext__()
+        assert scope.cancelled_caught
+        assert src.stats.delivered == 1
+        second = await src.__anext__()
+        assert (first.fields["n"], second.fields["n"]) == ("0", "1")
+        src.stop()

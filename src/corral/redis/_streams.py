@@ -30,6 +30,7 @@ from typing import Any, AnyStr, Generic, TypeVar
 import anyio
 import attrs
 import coredis
+from anyio.lowlevel import checkpoint
 from coredis.commands.script import Script
 from coredis.exceptions import StreamDuplicateConsumerGroupError
 
@@ -244,8 +245,8 @@ class StreamSource(Generic[AnyStr]):
     reading, iteration ends with :class:`~corral.redis.RedisUnavailable`;
     nothing is lost, and a new source picks up where this one stopped.
 
-    A step of the iteration that has a delivery read earlier at hand returns
-    it at once, with no checkpoint. Otherwise it waits: for room while
+    Every step of the iteration is a checkpoint. One that has a delivery
+    read earlier at hand returns it at once. Otherwise it waits: for room while
     ``max_in_flight`` deliveries are unsettled, then for entries (each read
     waits up to ``block`` seconds, and reads repeat until entries come). It
     is cancel-safe: entries read but not handed out stay in the source for
@@ -469,6 +470,9 @@ class StreamSource(Generic[AnyStr]):
             if self._stopping:
                 raise StopAsyncIteration
             if self._buffer:
+                await checkpoint()  # a checkpoint on the fast path too, before taking it
+                if self._stopping or not self._buffer:
+                    continue
                 delivery = self._buffer.popleft()
                 self._in_flight[delivery.id] = self._in_flight.get(delivery.id, 0) + 1
                 self._in_flight_count += 1
@@ -554,9 +558,8 @@ class StreamSource(Generic[AnyStr]):
         ``max_deliveries``-th delivery, or if it matches ``dead_letter_on``,
         it goes to the dead-letter stream. A failure takes one round trip
         when it is dead-lettered or ``redeliver_after`` is below
-        ``min_idle``, and none otherwise (then it is not a checkpoint); if
-        Redis cannot be reached, it stays pending all the same, and no error
-        is raised.
+        ``min_idle``, and none otherwise; if Redis cannot be reached, it stays
+        pending all the same, and no error is raised. Always a checkpoint.
 
         Once the checks pass, the delivery counts as settled here (its room
         in ``max_in_flight`` is freed) before anything is awaited. If the
@@ -621,6 +624,7 @@ class StreamSource(Generic[AnyStr]):
                     [(delivery.id, delivery.deliveries)], idle=self.min_idle - self.redeliver_after
                 )
         self._failed += 1
+        await checkpoint()  # also when it left the failure pending without a round trip
 
     async def _ack(self, ids: list[str]) -> None:
         acked = await round_trip(
