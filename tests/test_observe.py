@@ -339,8 +339,41 @@ async def test_logging_flush_failures(caplog: pytest.LogCaptureFixture) -> None:
     (record,) = caplog.records
     assert record.name == "corral.batcher"
     assert record.levelno == logging.WARNING
-    assert "a flush of 5 items failed; the batch goes back in the queue" in record.getMessage()
+    assert "a flush of 5 items failed (5 back in the queue)" in record.getMessage()
     assert batcher.stats.flushed == 5
+
+
+async def test_logging_says_what_becomes_of_a_failed_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The WARNING for a failed flush says which items go to their submit
+    callers and, for a final flush, that the rest is left unflushed."""
+    caplog.set_level(logging.WARNING, logger="corral")
+
+    async def save(batch: list[int]) -> None:
+        raise ConnectionError("database gone")
+
+    errors: list[BaseException] = []
+
+    async def submit(batcher: Batcher[int, None], n: int) -> None:
+        try:
+            await batcher.submit(n)
+        except ConnectionError as error:
+            errors.append(error)
+
+    with pytest.raises(corral.FlushError):
+        async with (
+            Batcher(save, max_size=3, max_wait=0.01, name="db") as batcher,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(submit, batcher, 0)
+            await anyio.wait_all_tasks_blocked()
+            batcher.add_nowait(1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "corral.batcher.db"]
+    assert "1 handed back to their submit callers" in messages[0]
+    assert "1 left unflushed" in messages[-1]
+    assert messages[-1].count("flushing ends") == 1
+    assert len(errors) == 1
 
 
 def test_no_output_unless_the_application_configures_logging() -> None:
@@ -357,3 +390,107 @@ def test_no_output_unless_the_application_configures_logging() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout == result.stderr == ""
+
+
+# ------------------------------------------------------- found in review
+
+
+async def test_an_empty_job_with_observers_ends() -> None:
+    """With nothing to do, a pool with progress and on_stats still ends at once:
+    its samplers are stopped even if they had not started yet (trio runs new
+    tasks in random order, so this is tried many times)."""
+    for _ in range(30):
+        with anyio.fail_after(5):
+            outcomes = await corral.apply_to_all(
+                flaky, [], progress=FakeBar(), on_stats=lambda stats: None
+            )
+        assert outcomes == []
+
+
+class FalsyBar(FakeBar):
+    """Like tqdm(total=0), which is falsy."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class NoTruthBar(FakeBar):
+    """Like tqdm() without a total, whose bool() raises."""
+
+    def __bool__(self) -> bool:
+        raise TypeError("bool() undefined when iterable == total == None")
+
+
+@pytest.mark.parametrize("bar_class", [FalsyBar, NoTruthBar])
+async def test_a_bar_whose_truth_is_odd_is_still_used(bar_class: type[FakeBar]) -> None:
+    """corral never asks a bar for its truth value: tqdm bars are falsy or
+    refuse bool() depending on their total."""
+    bar = bar_class()
+    async with Pool(flaky, progress=bar) as pool:
+        for n in range(5):
+            await pool.submit(n)
+    assert bar.n == 5
+
+
+async def test_a_bar_that_cannot_be_made_leaves_nothing_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If making the bar fails, entering the pool fails before any task
+    starts: the pool is not left running and can be entered again."""
+    import tqdm.auto
+
+    def broken(**options: Any) -> Any:
+        raise OSError("no terminal")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", broken)
+    pool = Pool(flaky, progress=True)
+    with pytest.raises(OSError, match="no terminal"):
+        async with pool:
+            pass
+    monkeypatch.undo()
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    async with pool:  # the same pool: it was not left running
+        await pool.submit(1)
+    assert pool.stats.succeeded == 1
+
+
+async def test_a_huge_or_lazy_input_length_is_not_asked_for_without_a_bar() -> None:
+    """Only a bar of corral's own asks the input for its length; a length
+    beyond len() (range(10**20)) gives a bar without a total."""
+
+    class Lazy:
+        def __len__(self) -> int:
+            raise AssertionError("len() must not be called")
+
+        def __iter__(self) -> Any:
+            return iter(range(3))
+
+    assert len(await corral.apply_to_all(flaky, Lazy(), on_stats=lambda stats: None)) == 3
+    async with corral.apply_to_each(flaky, range(10**20), progress=FakeBar()) as outcomes:
+        async for _ in outcomes:
+            break
+
+
+class Abort(BaseException):
+    """Neither an Exception nor a cancellation, like KeyboardInterrupt."""
+
+
+async def test_on_stats_raising_a_base_exception_stops_the_pool() -> None:
+    """A BaseException from on_stats stops the pool and comes out of the block
+    unwrapped, as one from on_outcome does."""
+
+    def abort(stats: PoolStats) -> None:
+        raise Abort
+
+    gate = anyio.Event()
+
+    async def stuck(n: int) -> int:
+        await gate.wait()
+        return n
+
+    pool = Pool(stuck, on_stats=abort, stats_interval=0.01)
+    with pytest.raises(Abort):
+        async with pool:
+            await pool.submit(1)
+            await anyio.sleep_forever()
+    assert pool.unfinished == [1]

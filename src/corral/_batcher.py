@@ -462,6 +462,8 @@ class Batcher(Generic[T, R]):
             middleware=self._middleware,
             clock=clock,
         )
+        if self._observer.active:  # before the task group: it may raise
+            self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -480,7 +482,7 @@ class Batcher(Generic[T, R]):
         for number in range(self._concurrency):
             tg.start_soon(self._flusher, chain, name=f"corral flusher {label}#{number}")
         if self._observer.active:
-            self._observer.start(tg, lambda: self.stats, self._fail, self.name or "corral")
+            self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
         return self
 
@@ -1127,15 +1129,6 @@ class Batcher(Generic[T, R]):
                 ticket.fail(ValueError(problem))
 
     def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
-        self._log.warning(
-            "%s: a flush of %d item%s failed%s: %r",
-            self.name or "batcher",
-            len(batch),
-            "" if len(batch) == 1 else "s",
-            "; flushing ends" if final else "; the batch goes back in the queue",
-            error,
-            exc_info=error,
-        )
         self._flush_failures += 1
         self._failures += 1
         delay = self._failure_policy._wait(self._failures, error, _equal_jitter)
@@ -1154,6 +1147,7 @@ class Batcher(Generic[T, R]):
                 self._handed_back.add(entry[0])
                 ticket.fail(error)
         self._requeue(keep)
+        self._log_flush_failure(len(batch), len(keep), error, final)
         if self._flush_waiters:
             self._settle_flush_waiters(batch, error)
         if final and self._halt_error is None:
@@ -1161,6 +1155,24 @@ class Batcher(Generic[T, R]):
             self._wake_all_parked()
             for scope in self._sleepers:
                 scope.cancel()
+
+    def _log_flush_failure(self, size: int, kept: int, error: Exception, final: bool) -> None:
+        """A failed flush, at WARNING, with what becomes of its items."""
+        fates = []
+        if kept:
+            fates.append(f"{kept} back in the queue" if not final else f"{kept} left unflushed")
+        if size - kept:
+            fates.append(f"{size - kept} handed back to their submit callers")
+        self._log.warning(
+            "%s: a flush of %d item%s failed (%s)%s: %r",
+            self.name or "batcher",
+            size,
+            "" if size == 1 else "s",
+            ", ".join(fates),
+            "; flushing ends" if final else "",
+            error,
+            exc_info=error,
+        )
 
     def _oldest_pending(self) -> float:
         """The lowest seq of an item not flushed yet: queued, in flight, or handed

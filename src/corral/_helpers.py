@@ -46,8 +46,11 @@ def _check_items(items: object) -> None:
 
 def _count_for_progress(pool: Pool[Any, Any], items: object) -> None:
     """A progress bar's total: the input's length, when it has one."""
-    if pool._observer.active and isinstance(items, Sized):
-        pool._observer.total = len(items)
+    if pool._observer.wants_total and isinstance(items, Sized):
+        try:
+            pool._observer.total = len(items)
+        except (TypeError, OverflowError):  # a length beyond what len() can say
+            pool._observer.total = None
 
 
 async def _feed(

@@ -103,7 +103,9 @@ class Observer(Generic[S]):
         count: Callable[[S], tuple[int, dict[str, int]]],
         unit: str,
     ) -> None:
-        self._progress = progress
+        # identity tests only: a tqdm bar has a __bool__ (False for total=0, an
+        # error without a total)
+        self._progress = None if progress is False else progress
         self._on_stats = on_stats
         self._interval = stats_interval
         self._count = count
@@ -112,69 +114,87 @@ class Observer(Generic[S]):
         self._bar: Any = None
         self._owned = False
         self._base = self._shown = 0
-        self._broken = False  # the bar or on_stats raised: the pool is stopping
-        self._scopes: list[anyio.CancelScope] = []
+        # the bar's drawing or on_stats raised: the pool is stopping, and that
+        # one is not called again at exit
+        self._bar_broken = self._stats_broken = False
+        self._bar_scope: anyio.CancelScope | None = None
+        self._stats_scope: anyio.CancelScope | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self._progress) or self._on_stats is not None
+        return self._progress is not None or self._on_stats is not None
+
+    @property
+    def wants_total(self) -> bool:
+        """A bar of corral's own, which shows the input's length as its total."""
+        return self._progress is True
+
+    def open(self, snapshot: S, label: str) -> None:
+        """Before the task group: open the bar (``progress=True``) and take the
+        baseline, so that nothing that can fail happens after the pool started."""
+        self._bar_broken = self._stats_broken = False
+        self._bar_scope, self._stats_scope = anyio.CancelScope(), anyio.CancelScope()
+        # the bar counts this run's items (a pool's stats accumulate over entries)
+        self._base, self._shown = self._count(snapshot)[0], 0
+        if self._progress is True:
+            from tqdm.auto import tqdm
+
+            self._bar, self._owned = tqdm(total=self.total, desc=label, unit=self._unit), True
+        elif self._progress is not None:
+            self._bar, self._owned = self._progress, False
 
     def start(
         self,
         tg: anyio.abc.TaskGroup,
         snapshot: Callable[[], S],
         fail: Callable[[BaseException], None],
-        label: str,
     ) -> None:
-        """Open the bar (``progress=True``) and start sampling in ``tg``."""
-        self._scopes = []
-        self._broken = False
-        # the bar counts this run's items (a pool's stats accumulate over entries)
-        self._base, self._shown = self._count(snapshot())[0], 0
-        if self._progress is True:
-            from tqdm.auto import tqdm
-
-            self._bar, self._owned = tqdm(total=self.total, desc=label, unit=self._unit), True
-        elif self._progress:
-            self._bar, self._owned = self._progress, False
-        if self._bar is not None:
-            tg.start_soon(self._every, _PROGRESS_INTERVAL, lambda: self._draw(snapshot()), fail)
-        on_stats = self._on_stats
-        if on_stats is not None:
-            tg.start_soon(self._every, self._interval, lambda: on_stats(snapshot()), fail)
+        """Start sampling in ``tg``; :meth:`stop` ends it even before it ran."""
+        if self._bar is not None and self._bar_scope is not None:
+            tg.start_soon(self._every, self._bar_scope, _PROGRESS_INTERVAL, snapshot, fail)
+        if self._on_stats is not None and self._stats_scope is not None:
+            tg.start_soon(self._every, self._stats_scope, self._interval, snapshot, fail)
 
     async def _every(
         self,
+        scope: anyio.CancelScope,
         interval: float,
-        action: Callable[[], object],
+        snapshot: Callable[[], S],
         fail: Callable[[BaseException], None],
     ) -> None:
-        scope = anyio.CancelScope()
-        self._scopes.append(scope)
+        on_stats = self._on_stats if scope is self._stats_scope else None
         with scope:
             while True:
                 await anyio.sleep(interval)
                 try:
-                    action()
-                except Exception as error:  # noqa: BLE001 - stops the pool, re-raised by it
-                    self._broken = True  # not called again at exit
+                    if on_stats is None:
+                        self._draw(snapshot())
+                    else:
+                        on_stats(snapshot())
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as error:  # noqa: BLE001 - stops the pool, re-raised by it
+                    if on_stats is None:
+                        self._bar_broken = True
+                    else:
+                        self._stats_broken = True
                     fail(error)
                     return
 
     def stop(self) -> None:
         """Stop sampling (the pool is closing; its task group must be able to end)."""
-        for scope in self._scopes:
-            scope.cancel()
+        for scope in (self._bar_scope, self._stats_scope):
+            if scope is not None:
+                scope.cancel()
 
     def finish(self, stats: S) -> None:
         """After the block: last bar update and ``on_stats`` call; close an own bar.
 
         Raises what ``on_stats`` raised.
         """
-        self._scopes = []
         bar, self._bar = self._bar, None
         try:
-            if bar is not None and not self._broken:
+            if bar is not None and not self._bar_broken:
                 self._draw(stats, bar)
                 refresh = getattr(bar, "refresh", None)
                 if not self._owned and callable(refresh):
@@ -183,7 +203,7 @@ class Observer(Generic[S]):
             if self._owned:
                 self._owned = False
                 bar.close()
-        if self._on_stats is not None and not self._broken:
+        if self._on_stats is not None and not self._stats_broken:
             self._on_stats(stats)
 
     def _draw(self, stats: S, bar: Any = None) -> None:

@@ -379,6 +379,8 @@ class Pool(Generic[T, R]):
         thread_limiter = anyio.CapacityLimiter(self._workers)
         call = make_async(self._handler, thread_limiter)
         clock = _clock()
+        if self._observer.active:  # before the task group: it may raise
+            self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -405,7 +407,7 @@ class Pool(Generic[T, R]):
             else:
                 tg.start_soon(self._work, call, None, clock, name=f"corral worker {label}#{number}")
         if self._observer.active:
-            self._observer.start(tg, lambda: self.stats, self._fail, self.name or "corral")
+            self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
         return self
 

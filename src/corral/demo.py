@@ -32,11 +32,13 @@ import random
 import sqlite3
 import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import attrs
 
 from ._batcher import Batcher
@@ -218,6 +220,7 @@ class Report:
     records: int
     succeeded: int = 0
     failed: int = 0
+    failures: dict[str, int] = attrs.Factory(dict)  # exception name -> count
     calls: int = 0
     retries: int = 0
     batches: int = 0
@@ -257,11 +260,18 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
         wait_max=2.0,
     )
     connection = open_database(db)
+    # one writer at a time; held by a write that cancellation abandoned (its
+    # thread runs on), so that the connection is not closed under it
+    writing = threading.Lock()
 
     def write_rows(rows: list[tuple[int, str, str, int]]) -> None:
         # a plain function: corral runs it in a worker thread, off the event loop
-        with connection:
+        with writing, connection:
             connection.executemany(f"INSERT INTO {TABLE} VALUES (?, ?, ?, ?)", rows)
+
+    def close() -> None:
+        with writing:
+            connection.close()
 
     show_bar = _has_tqdm()
     report = Report(records)
@@ -287,9 +297,12 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
                     report.succeeded += 1
                 else:
                     report.failed += 1
+                    kind = type(outcome.error).__name__
+                    report.failures[kind] = report.failures.get(kind, 0) + 1
                 report.retries += outcome.attempts - 1
     finally:
-        connection.close()
+        with anyio.CancelScope(shield=True):  # bounded: at most one batch's write
+            await anyio.to_thread.run_sync(close)
     report.seconds = anyio.current_time() - start
     report.calls = api.counts.requests
     report.server = api.counts
@@ -305,9 +318,11 @@ def format_report(report: Report, db: pathlib.Path) -> str:
     server = report.server
     honoured = server.throttled + server.over_limit
     mean_batch = report.rows / max(report.batches, 1)
+    kinds = ", ".join(f"{count} {name}" for name, count in sorted(report.failures.items()))
+    kinds = f" ({kinds})" if kinds else ""
     lines = [
         ("records", f"{report.records}"),
-        ("succeeded / failed", f"{report.succeeded} / {report.failed} (404s, not retried)"),
+        ("succeeded / failed", f"{report.succeeded} / {report.failed}{kinds}"),
         ("API calls", f"{report.calls} ({report.retries} retries)"),
         ("  503s retried", f"{server.unavailable}"),
         ("  slow answers timed out", f"{server.slow} (after 0.5 s)"),
@@ -360,15 +375,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{options.rate:g} calls/s into {db}, on {options.backend}",
             flush=True,
         )
-        report = anyio.run(
-            run,
-            options.records,
-            options.rate,
-            db,
-            options.seed,
-            backend=backend,
-            backend_options=backend_options,
-        )
+        try:
+            report = anyio.run(
+                run,
+                options.records,
+                options.rate,
+                db,
+                options.seed,
+                backend=backend,
+                backend_options=backend_options,
+            )
+        except KeyboardInterrupt:
+            print("\ninterrupted: the rows written so far are in the database", file=sys.stderr)
+            return 130
         print(format_report(report, db if options.db else pathlib.Path("(temporary file)")))
     return 1 if report.problems else 0
 
