@@ -503,19 +503,8 @@ class Batcher(Generic[T, R]):
     def _after_exit(self, *, raising: bool) -> None:
         """Log the stop; the last progress update and ``on_stats`` call."""
         stats = self.stats
-        self._log.debug(
-            "%r stopped: %d flushed in %d batches, %d unflushed",
-            self,
-            stats.flushed,
-            stats.flushes,
-            stats.unflushed,
-        )
-        try:
-            self._observer.finish(stats)
-        except Exception:
-            if not raising:
-                raise  # the block ends with on_stats's error
-            self._log.exception("on_stats raised at exit, while the block was raising")
+        summary = f"{stats.flushed} flushed in {stats.flushes} batches, {stats.unflushed} unflushed"
+        self._observer.after_exit(self, stats, self._log, summary, raising=raising)
 
     async def _exit(
         self,

@@ -187,6 +187,22 @@ class Observer(Generic[S]):
             if scope is not None:
                 scope.cancel()
 
+    def after_exit(
+        self, owner: object, stats: S, log: logging.Logger, summary: str, *, raising: bool
+    ) -> None:
+        """After the block: log the stop (``summary``), then :meth:`finish`.
+
+        What ``on_stats`` raises comes out, unless the block is raising an
+        exception already (``raising``): then it is logged instead.
+        """
+        log.debug("%r stopped: %s", owner, summary)
+        try:
+            self.finish(stats)
+        except Exception:
+            if not raising:
+                raise  # the block ends with on_stats's error
+            log.exception("on_stats raised at exit, while the block was raising")
+
     def finish(self, stats: S) -> None:
         """After the block: last bar update and ``on_stats`` call; close an own bar.
 

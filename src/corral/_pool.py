@@ -428,19 +428,10 @@ class Pool(Generic[T, R]):
     def _after_exit(self, *, raising: bool) -> None:
         """Log the stop; the last progress update and ``on_stats`` call."""
         stats = self.stats
-        self._log.debug(
-            "%r stopped: %d succeeded, %d failed, %d unfinished",
-            self,
-            stats.succeeded,
-            stats.failed,
-            stats.unfinished,
+        summary = (
+            f"{stats.succeeded} succeeded, {stats.failed} failed, {stats.unfinished} unfinished"
         )
-        try:
-            self._observer.finish(stats)
-        except Exception:
-            if not raising:
-                raise  # the block ends with on_stats's error
-            self._log.exception("on_stats raised at exit, while the block was raising")
+        self._observer.after_exit(self, stats, self._log, summary, raising=raising)
 
     async def _exit(
         self,
