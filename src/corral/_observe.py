@@ -22,7 +22,7 @@ import anyio.abc
 from ._handlers import is_async_callable
 from ._validate import check_number
 
-__all__ = ["Observer", "ProgressBar", "check_progress", "logger_for"]
+__all__ = ["Observer", "ProgressBar", "check_on_stats", "check_progress", "logger_for"]
 
 S = TypeVar("S")
 
