@@ -103,8 +103,8 @@ class FakeAPI:
 
     ``enrich(record_id)`` returns a small dict, or raises an :class:`APIError`.
     The server checks its rate limit (``rate`` requests in any second, give or
-    take 5 ms) when a request arrives and remembers every ``Retry-After`` it sent, so that it can
-    count clients that retry too early.
+    take 5 ms) when a request arrives, and remembers every ``Retry-After`` it
+    sent, so that it can count clients that retry too early.
     """
 
     def __init__(self, rate: int, *, seed: int) -> None:
