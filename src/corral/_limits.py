@@ -173,14 +173,10 @@ class SlidingWindow(_FairLimiter):
     nothing until t=1.0. ``acquire(cost=k)`` counts as ``k`` admissions at
     the same instant.
 
-    ``await limiter.acquire(cost=1)`` waits for admission, first come, first
-    served: always a checkpoint; if it raises (a cancellation included),
-    nothing was consumed. ``acquire_nowait(cost=1)`` never waits: it admits
-    at once or raises :class:`anyio.WouldBlock`. ``waiting`` counts the
-    tasks in line. A ``cost`` that is not an int from 1 to ``limit`` raises
-    ``TypeError`` or ``ValueError``. The limiter is also a
-    :class:`~corral.Middleware` (one unit per call): as ``rate_limit=`` it
-    sees every attempt, in ``middleware=[...]`` each item once.
+    Use it with :meth:`acquire` (first come, first served; a ``cost`` of at
+    most ``limit``), :meth:`acquire_nowait` and :attr:`waiting`, or as a
+    :class:`~corral.Middleware`: as ``rate_limit=`` it sees every attempt, in
+    ``middleware=[...]`` each item once.
 
     >>> limiter = SlidingWindow(100, per=60.0)  # 100 calls a minute, exactly
     """
@@ -227,14 +223,10 @@ class TokenBucket(_FairLimiter):
     at once, then one every 0.1 s. Implemented as GCRA: one timestamp, O(1)
     per call, no refill task.
 
-    ``await limiter.acquire(cost=1)`` waits for admission, first come, first
-    served: always a checkpoint; if it raises (a cancellation included),
-    nothing was consumed. ``acquire_nowait(cost=1)`` never waits: it admits
-    at once or raises :class:`anyio.WouldBlock`. ``waiting`` counts the
-    tasks in line. A ``cost`` that is not an int from 1 to ``burst`` raises
-    ``TypeError`` or ``ValueError``. The limiter is also a
-    :class:`~corral.Middleware` (one unit per call): as ``rate_limit=`` it
-    sees every attempt, in ``middleware=[...]`` each item once.
+    Use it with :meth:`acquire` (first come, first served; a ``cost`` of at
+    most ``burst``), :meth:`acquire_nowait` and :attr:`waiting`, or as a
+    :class:`~corral.Middleware`: as ``rate_limit=`` it sees every attempt, in
+    ``middleware=[...]`` each item once.
 
     >>> limiter = TokenBucket(5, per=1.0, burst=2)
     """
