@@ -41,7 +41,14 @@ from anyio.lowlevel import checkpoint
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
-from ._observe import Observer, ProgressBar, check_on_stats, check_progress, logger_for
+from ._observe import (
+    ObservedBlock,
+    Observer,
+    ProgressBar,
+    check_on_stats,
+    check_progress,
+    logger_for,
+)
 from ._pool import _clock, _end_task_group, _stray_cancellation, _unwrap_group
 from ._retry import Retry
 from ._validate import check_int, check_number, check_optional_str
@@ -142,7 +149,7 @@ class BatcherStats:
     last_flush_time: float | None
 
 
-class Batcher(Generic[T, R]):
+class Batcher(ObservedBlock, Generic[T, R]):
     """A batching stage scoped to an ``async with`` block.
 
     Items added with :meth:`add`, :meth:`add_many` or :meth:`submit` are
@@ -486,25 +493,10 @@ class Batcher(Generic[T, R]):
         self._log.debug("%r started", self)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            suppress = await self._exit(exc_type, exc, tb)
-        except BaseException:
-            self._after_exit(raising=True)
-            raise
-        self._after_exit(raising=exc is not None and not suppress)
-        return suppress
-
-    def _after_exit(self, *, raising: bool) -> None:
-        """Log the stop; the last progress update and ``on_stats`` call."""
+    def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
         summary = f"{stats.flushed} flushed in {stats.flushes} batches, {stats.unflushed} unflushed"
-        self._observer.after_exit(self, stats, self._log, summary, raising=raising)
+        return stats, summary
 
     async def _exit(
         self,

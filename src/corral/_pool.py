@@ -37,7 +37,14 @@ from anyio.lowlevel import checkpoint
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable, make_async
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
-from ._observe import Observer, ProgressBar, check_on_stats, check_progress, logger_for
+from ._observe import (
+    ObservedBlock,
+    Observer,
+    ProgressBar,
+    check_on_stats,
+    check_progress,
+    logger_for,
+)
 from ._outcome import Job, Outcome, _make_outcome
 from ._retry import Retry
 from ._validate import check_bool, check_int, check_optional_str
@@ -151,7 +158,7 @@ def _unwrap_group(exc: BaseException) -> BaseException:
     return exc
 
 
-class Pool(Generic[T, R]):
+class Pool(ObservedBlock, Generic[T, R]):
     """A worker pool scoped to an ``async with`` block.
 
     ``handler`` is called once per item (async, or plain in a worker thread).
@@ -411,27 +418,12 @@ class Pool(Generic[T, R]):
         self._log.debug("%r started", self)
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            suppress = await self._exit(exc_type, exc, tb)
-        except BaseException:
-            self._after_exit(raising=True)
-            raise
-        self._after_exit(raising=exc is not None and not suppress)
-        return suppress
-
-    def _after_exit(self, *, raising: bool) -> None:
-        """Log the stop; the last progress update and ``on_stats`` call."""
+    def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
         summary = (
             f"{stats.succeeded} succeeded, {stats.failed} failed, {stats.unfinished} unfinished"
         )
-        self._observer.after_exit(self, stats, self._log, summary, raising=raising)
+        return stats, summary
 
     async def _exit(
         self,
