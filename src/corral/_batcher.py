@@ -45,8 +45,6 @@ from ._observe import (
     ObservedBlock,
     Observer,
     ProgressBar,
-    check_on_stats,
-    check_progress,
     logger_for,
 )
 from ._pool import _clock, _end_task_group, _stray_cancellation, _unwrap_group
@@ -374,13 +372,11 @@ class Batcher(ObservedBlock, Generic[T, R]):
             else _FAILURE_BACKOFF
         )
         self.name: str | None = check_optional_str("name", name)
-        check_progress(progress)
         self._observer: Observer[BatcherStats] = Observer(
             progress=progress,
             on_stats=on_stats,
-            stats_interval=check_on_stats(on_stats, stats_interval),
+            stats_interval=stats_interval,
             count=_batcher_progress,
-            unit="item",
         )
         self._log = logger_for("batcher", self.name)
 

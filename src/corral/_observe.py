@@ -109,15 +109,15 @@ class Observer(Generic[S]):
         on_stats: Callable[[S], object] | None,
         stats_interval: float,
         count: Callable[[S], tuple[int, dict[str, int]]],
-        unit: str,
     ) -> None:
+        """Check the user's ``progress``, ``on_stats`` and ``stats_interval``."""
+        check_progress(progress)
+        self._interval = check_on_stats(on_stats, stats_interval)
         # identity tests only: a tqdm bar has a __bool__ (False for total=0, an
         # error without a total)
         self._progress = None if progress is False else progress
         self._on_stats = on_stats
-        self._interval = stats_interval
         self._count = count
-        self._unit = unit
         self.total: int | None = None  # set by apply_to_all / apply_to_each
         self._bar: Any = None
         self._owned = False
@@ -147,7 +147,7 @@ class Observer(Generic[S]):
         if self._progress is True:
             from tqdm.auto import tqdm
 
-            self._bar, self._owned = tqdm(total=self.total, desc=label, unit=self._unit), True
+            self._bar, self._owned = tqdm(total=self.total, desc=label, unit="item"), True
         elif self._progress is not None:
             self._bar, self._owned = self._progress, False
 

@@ -41,8 +41,6 @@ from ._observe import (
     ObservedBlock,
     Observer,
     ProgressBar,
-    check_on_stats,
-    check_progress,
     logger_for,
 )
 from ._outcome import Job, Outcome, _make_outcome
@@ -314,13 +312,11 @@ class Pool(ObservedBlock, Generic[T, R]):
                 self._on_outcome_sync = on_outcome
         self._fail_fast = check_bool("fail_fast", fail_fast)
         self.name: str | None = check_optional_str("name", name)
-        check_progress(progress)
         self._observer: Observer[PoolStats] = Observer(
             progress=progress,
             on_stats=on_stats,
-            stats_interval=check_on_stats(on_stats, stats_interval),
+            stats_interval=stats_interval,
             count=_pool_progress,
-            unit="item",
         )
         self._log = logger_for("pool", self.name)
 
