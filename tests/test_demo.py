@@ -52,7 +52,7 @@ def test_demo_report_adds_up(backend: str, tmp_path: pathlib.Path) -> None:
     assert report.problems == []
     assert report.succeeded + report.failed == 600
     assert report.rows == 600
-    assert report.calls == 600 + report.retries
+    assert report.server.requests == 600 + report.retries
     server = report.server
     assert server.throttled > 0
     assert server.early_retries == 0
