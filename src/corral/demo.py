@@ -217,7 +217,6 @@ class Report:
 
     records: int
     succeeded: int = 0
-    failed: int = 0
     failures: dict[str, int] = attrs.Factory(dict)  # exception name -> count
     retries: int = 0
     batches: int = 0
@@ -226,6 +225,10 @@ class Report:
     seconds: float = 0.0
     server: ServerCounts = attrs.Factory(ServerCounts)
     problems: list[str] = attrs.Factory(list)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
 
 
 def _row(outcome: Outcome[int, dict[str, Any]]) -> tuple[int, str, str, int]:
@@ -293,7 +296,6 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
                 if outcome.ok:
                     report.succeeded += 1
                 else:
-                    report.failed += 1
                     kind = type(outcome.error).__name__
                     report.failures[kind] = report.failures.get(kind, 0) + 1
                 report.retries += outcome.attempts - 1
