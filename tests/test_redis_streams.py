@@ -546,16 +546,21 @@ async def test_settling_a_failure_survives_a_redis_outage(redis: coredis.Redis[s
 
 
 class AcksFail:
-    """A client whose XACK fails as if Redis were unreachable; all else passes."""
+    """A client whose XACK fails as if Redis were unreachable (the first
+    ``times`` calls; by default all of them); all else passes."""
 
-    def __init__(self, client: coredis.Redis[str]) -> None:
+    def __init__(self, client: coredis.Redis[str], times: int = 1_000_000) -> None:
         self._client = client
+        self.times = times
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     async def xack(self, *args: Any) -> int:
-        raise coredis.exceptions.ConnectionError("connection reset")
+        if self.times:
+            self.times -= 1
+            raise coredis.exceptions.ConnectionError("connection reset")
+        return int(await self._client.xack(*args))
 
 
 async def test_an_ack_outage_at_exit_does_not_replace_the_blocks_exception(
@@ -616,3 +621,41 @@ async def test_every_step_of_the_iteration_is_a_checkpoint(redis: coredis.Redis[
         second = await src.__anext__()
         assert (first.fields["n"], second.fields["n"]) == ("0", "1")
         src.stop()
+
+
+async def test_acks_that_go_through_on_the_last_try_are_not_reported(
+    redis: coredis.Redis[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the acknowledgements fail as the block ends but the source's last,
+    shielded try sends them, nothing is pending and no error is raised."""
+    import corral.redis._streams
+
+    # acknowledgements wait for the exit (not 10 ms), where the first XACK fails
+    monkeypatch.setattr(corral.redis._streams, "_ACK_WAIT", 60.0)
+    await fill(redis, "jobs", 2)
+
+    async def handler(delivery: Delivery[str]) -> str:
+        return delivery.fields["n"]
+
+    async with source(redis, stop_when_drained=False) as src:
+        client = src._client = AcksFail(redis, times=1)  # type: ignore[assignment]
+        async with corral.apply_to_each(handler, src, on_outcome=src.settle) as each:
+            async for outcome in each:
+                assert outcome.ok
+                if src.stats.delivered == 2:
+                    src.stop()
+    assert client.times == 0  # the first XACK did fail
+    assert len(await redis.xpending("jobs", "workers", "-", "+", 10)) == 0
+
+
+async def test_the_end_of_the_iteration_is_a_checkpoint(redis: coredis.Redis[str]) -> None:
+    """After stop(), the step that ends the iteration is a checkpoint too: in a
+    cancelled scope it raises the cancellation."""
+    async with source(redis) as src:
+        src.stop()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await src.__anext__()
+        assert scope.cancelled_caught
+        with pytest.raises(StopAsyncIteration):
+            await src.__anext__()

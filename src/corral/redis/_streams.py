@@ -227,9 +227,9 @@ class StreamSource(Generic[AnyStr]):
       (shielded, within ``timeout``). Deliveries handed out and not settled
       by then stay pending and are claimed after ``min_idle``, by any
       consumer, this one included when it comes back. If the
-      acknowledgements cannot be sent, those successes stay pending too (and
-      run again): a block that ends with an exception raises that exception
-      all the same; a block that ends cleanly raises
+      acknowledgements cannot be sent even on a last try, those successes
+      stay pending too (and run again): a block that ends with an exception
+      raises that exception all the same; a block that ends cleanly raises
       :class:`~corral.redis.RedisUnavailable` saying how many.
 
     The group is created (with the stream, if missing) when the block is
@@ -395,41 +395,46 @@ class StreamSource(Generic[AnyStr]):
         self._stopping = True
         self._in_flight.clear()
         self._in_flight_count = 0
+        failed: FlushError | None = None
         try:
-            return await self._acks.__aexit__(exc_type, exc, tb)
+            suppress = await self._acks.__aexit__(exc_type, exc, tb)
         except FlushError as error:
-            if exc is not None:
-                # The block's own exception goes on, not one about the acks: the
-                # successes stay pending and run again elsewhere (at least once).
-                return None
-            count = len(error.items)
-            raise RedisUnavailable(
-                f"{self._what}: {count} successful entr{'y' if count == 1 else 'ies'} could "
-                f"not be acknowledged ({error.__cause__!r}); they stay pending and run "
-                f"again after min_idle"
-            ) from error
+            # _clean_up tries these acknowledgements once more; whether or not
+            # that works, the block's own exception goes on, not one about them
+            failed, suppress = error, None
         finally:
-            await self._clean_up()
+            unacked = await self._clean_up()
+        if failed is not None and exc is None and unacked:
+            raise RedisUnavailable(
+                f"{self._what}: {unacked} successful entr{'y' if unacked == 1 else 'ies'} could "
+                f"not be acknowledged ({failed.__cause__!r}); they stay pending and run "
+                f"again after min_idle"
+            ) from failed
+        return suppress
 
-    async def _clean_up(self) -> None:
+    async def _clean_up(self) -> int:
         """Once, shielded, within ``timeout``: acknowledge the successes the
         ack batcher did not send (it does not flush when cancelled), and hand
         back the entries read but never handed out, with their delivery count
         as it was, claimable at once. Whatever fails here stays pending and
-        runs again elsewhere after ``min_idle``: at least once, still."""
+        runs again elsewhere after ``min_idle``: at least once, still. Returns
+        how many acknowledgements could not be sent."""
         acks = self._acks.unflushed
         unread = [(delivery.id, delivery.deliveries - 1) for delivery in self._buffer]
         self._buffer.clear()
+        unacked = len(acks)
         if not acks and not unread:
-            return
+            return unacked
         with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
             # not even a Redis error may replace the exception leaving the block
             with contextlib.suppress(Exception):
                 if acks:
                     await self._ack(acks)
+                    unacked = 0
             with contextlib.suppress(Exception):
                 if unread:
                     await self._release(unread, idle=self.min_idle)
+        return unacked
 
     async def _release(self, entries: list[tuple[str, int]], idle: float) -> None:
         """Hand entries back to the group (see _RELEASE), as (id, delivery count)."""
@@ -468,6 +473,7 @@ class StreamSource(Generic[AnyStr]):
     async def _next(self) -> Delivery[AnyStr]:
         while True:
             if self._stopping:
+                await checkpoint()  # the last step is a checkpoint too
                 raise StopAsyncIteration
             if self._buffer:
                 await checkpoint()  # a checkpoint on the fast path too, before taking it
