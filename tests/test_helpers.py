@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from corral import Outcome, apply_to_all, apply_to_each
+from corral import ApplyToEach, Outcome, Outcomes, apply_to_all, apply_to_each
 
 pytestmark = pytest.mark.anyio
 
@@ -372,3 +372,17 @@ async def test_apply_to_all_fail_fast_is_reraised_whatever_the_timing() -> None:
             with pytest.raises(LookupError) as info:
                 await apply_to_all(handler, range(100), workers=workers, fail_fast=True)
             assert info.value.args == (failing,)
+
+
+async def test_apply_to_each_gives_its_public_types() -> None:
+    """apply_to_each returns an ApplyToEach, whose block gives an Outcomes (the
+    names exported for annotations)."""
+
+    async def double(x: int) -> int:
+        return 2 * x
+
+    each = apply_to_each(double, [1, 2])
+    assert isinstance(each, ApplyToEach)
+    async with each as outcomes:
+        assert isinstance(outcomes, Outcomes)
+        assert sorted([o.result async for o in outcomes]) == [2, 4]

@@ -494,3 +494,14 @@ async def test_on_stats_raising_a_base_exception_stops_the_pool() -> None:
             await pool.submit(1)
             await anyio.sleep_forever()
     assert pool.unfinished == [1]
+
+
+def test_progress_bar_protocol_matches_tqdm_and_look_alikes() -> None:
+    """corral.ProgressBar (runtime-checkable) matches a tqdm bar and any object
+    with update(n), and not one without: the shape progress= accepts."""
+    import tqdm
+
+    with tqdm.tqdm(total=1, disable=True) as bar:
+        assert isinstance(bar, corral.ProgressBar)
+    assert isinstance(FakeBar(), corral.ProgressBar)
+    assert not isinstance(object(), corral.ProgressBar)
