@@ -9,6 +9,13 @@ import pytest
 
 _HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
+if importlib.util.find_spec("tqdm") is not None:
+    import tqdm
+
+    # tqdm's first bar starts a monitor thread that lives as long as the
+    # process; it would count as a thread left behind in tests/test_leaks.py
+    tqdm.tqdm.monitor_interval = 0
+
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(
