@@ -1011,3 +1011,25 @@ def test_flush_must_be_a_function() -> None:
 
 def test_repr_names_the_batcher() -> None:
     assert "'events'" in repr(Batcher(Sink(), name="events"))
+
+
+async def test_outer_cancellation_racing_a_stop_wins(caplog: pytest.LogCaptureFixture) -> None:
+    """on_stats raises in the same step as an outer scope is cancelled: the
+    cancellation propagates (the scope catches it) instead of the callback's
+    error, which is logged at ERROR rather than lost."""
+
+    async def save(batch: list[int]) -> None:
+        await checkpoint()
+
+    with anyio.CancelScope() as outer:
+
+        def on_stats(stats: BatcherStats) -> None:
+            outer.cancel()
+            raise LookupError("on_stats broke")
+
+        async with Batcher(save, on_stats=on_stats, stats_interval=0.001) as batcher:
+            await batcher.add(1)
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert batcher.unflushed == [1]
+    assert any("on_stats broke" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")

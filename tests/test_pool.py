@@ -648,3 +648,75 @@ async def test_idle_pool_uses_no_cpu() -> None:
         await anyio.sleep(1.0)
         used = time.process_time() - start
     assert used < 0.05, f"{used:.3f} s of CPU in an idle second"
+
+
+async def test_outer_cancellation_racing_fail_fast_wins() -> None:
+    """The handler fails in the same step as an outer scope is cancelled: the
+    cancellation propagates (the scope catches it), the failing item keeps its
+    error outcome, and the failure does not escape in its place."""
+    with anyio.CancelScope() as outer:
+
+        async def handler(item: int) -> int:
+            outer.cancel()
+            raise ValueError(item)
+
+        async with Pool(handler, workers=1, fail_fast=True) as pool:
+            job = await pool.submit(7)
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert job.outcome is not None
+    assert isinstance(job.outcome.error, ValueError)
+
+
+async def test_native_cancellation_racing_fail_fast_wins(backend_name: str) -> None:
+    """asyncio.timeout expiring as a fail_fast handler fails (the case that lost the
+    cancellation): the block raises CancelledError, which asyncio.timeout turns into
+    TimeoutError; the item keeps its error outcome."""
+    if backend_name != "asyncio":
+        pytest.skip("native task cancellation is an asyncio notion")
+    import asyncio
+
+    jobs: list[Job[int, int]] = []
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(60) as deadline:
+
+            async def handler(item: int) -> int:
+                # the deadline expires at the loop's next step, before the
+                # pool's own cancellation reaches the block
+                deadline.reschedule(asyncio.get_running_loop().time())
+                raise ValueError(item)
+
+            async with Pool(handler, workers=1, fail_fast=True) as pool:
+                jobs.append(await pool.submit(3))
+                await anyio.sleep_forever()
+    assert isinstance(jobs[0].outcome and jobs[0].outcome.error, ValueError)
+
+
+async def test_native_cancel_racing_on_outcome_error_ends_the_task_cancelled(
+    backend_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """task.cancel() in the same step as on_outcome raises: the task ends cancelled
+    (the cancellation is not swallowed), and the callback's error is logged at
+    ERROR rather than lost."""
+    if backend_name != "asyncio":
+        pytest.skip("native task cancellation is an asyncio notion")
+    import asyncio
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_outcome(outcome: Outcome[int, int]) -> None:
+            task.cancel()
+            raise LookupError("on_outcome broke")
+
+        async with Pool(double, workers=1, on_outcome=on_outcome) as pool:
+            await pool.submit(1)
+            await anyio.sleep_forever()
+
+    task = asyncio.ensure_future(run())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "on_outcome broke" in record.getMessage()

@@ -47,7 +47,13 @@ from ._observe import (
     ProgressBar,
     logger_for,
 )
-from ._pool import _clock, _end_task_group, _stray_cancellation, _unwrap_group
+from ._pool import (
+    _clock,
+    _drop_stop_reason,
+    _end_task_group,
+    _stray_cancellation,
+    _unwrap_group,
+)
 from ._retry import Retry
 from ._validate import check_int, check_number, check_optional_str
 
@@ -517,13 +523,16 @@ class Batcher(ObservedBlock, Generic[T, R]):
             close=self._close,
             finalize=self._finalize,
         )
-        if self._stop_reason is not None:
-            # what broke a flusher (KeyboardInterrupt, ...); a block exception
-            # is its __context__
-            raise self._stop_reason
         block_failed = body_exc is not None and not isinstance(body_exc, cancelled)
         if not block_failed and raised is not None and isinstance(_unwrap_group(raised), cancelled):
-            raise _unwrap_group(raised)  # cancelled: never swallowed, not even by FlushError
+            # cancelled from outside: never swallowed, not by FlushError nor by
+            # why the batcher stopped itself (that is logged)
+            _drop_stop_reason(self._log, self, self._stop_reason)
+            raise _unwrap_group(raised)
+        if self._stop_reason is not None:
+            # what broke a flusher (KeyboardInterrupt, on_stats, ...); a block
+            # exception is its __context__
+            raise self._stop_reason
         if self._halt_error is not None:
             count = len(self._unflushed)
             raise FlushError(

@@ -23,6 +23,7 @@ the submit side exact and wakes parked workers in a chain (see ``_enqueue``).
 from __future__ import annotations
 
 import contextvars
+import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
@@ -143,6 +144,19 @@ async def _end_task_group(
         return False, error
     finally:
         finalize()
+
+
+def _drop_stop_reason(log: logging.Logger, block: object, reason: BaseException | None) -> None:
+    """The block is cancelled from outside while it stopped itself because of
+    ``reason``: the cancellation propagates, and ``reason`` is logged, not lost
+    (fail_fast's failure is also its item's outcome)."""
+    if reason is not None:
+        log.error(
+            "%r stopped because of %r and was cancelled meanwhile; the cancellation propagates",
+            block,
+            reason,
+            exc_info=reason,
+        )
 
 
 def _unwrap_group(exc: BaseException) -> BaseException:
@@ -445,10 +459,14 @@ class Pool(ObservedBlock, Generic[T, R]):
         )
         if body_exc is not None and not isinstance(body_exc, cancelled):
             return False  # the block's own exception, re-raised exactly as it was
+        if raised is not None:
+            # a cancellation from outside (an outer scope, a native asyncio
+            # cancellation): it wins over why the pool stopped itself, as in
+            # asyncio.TaskGroup, or asyncio.timeout would never see it
+            _drop_stop_reason(self._log, self, self._stop_reason)
+            raise _unwrap_group(raised)
         if self._stop_reason is not None:
             raise self._stop_reason  # fail_fast's failure, or what broke a worker
-        if raised is not None:
-            raise _unwrap_group(raised)
         return suppress
 
     def _close(self) -> None:
