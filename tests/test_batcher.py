@@ -1033,3 +1033,34 @@ async def test_outer_cancellation_racing_a_stop_wins(caplog: pytest.LogCaptureFi
     assert outer.cancelled_caught
     assert batcher.unflushed == [1]
     assert any("on_stats broke" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def _flusher_tasks() -> int:
+    return sum(1 for t in anyio.get_running_tasks() if (t.name or "").startswith("corral flusher"))
+
+
+async def test_flushers_start_on_demand_so_a_huge_concurrency_costs_nothing() -> None:
+    """concurrency=10**100 is accepted and entering is instant; flushers start as
+    batches are flushed, one spare ahead (3 batches stuck in flight: 4 flushers),
+    and concurrent flushes still happen."""
+    release = anyio.Event()
+    flushing = 0
+    peak = 0
+
+    async def save(batch: list[int]) -> None:
+        nonlocal flushing, peak
+        flushing += 1
+        peak = max(peak, flushing)
+        await release.wait()
+        flushing -= 1
+
+    with anyio.fail_after(5):
+        async with Batcher(save, max_size=2, concurrency=10**100) as batcher:
+            assert _flusher_tasks() == 1
+            for i in range(6):
+                await batcher.add(i)
+            await anyio.wait_all_tasks_blocked()
+            assert peak == 3
+            assert _flusher_tasks() == 4
+            release.set()
+    assert batcher.stats.flushed == 6

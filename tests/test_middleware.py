@@ -156,7 +156,8 @@ async def test_timeout_abandons_a_plain_function() -> None:
 async def test_chain_is_built_once_per_worker_not_per_item(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Building the chain happens when the pool starts: once per worker."""
+    """Building the chain happens when a worker starts: once per worker, not per
+    item (all four start: the handler awaits, so one worker cannot keep up)."""
     built = 0
     real = corral._pool.build_chain
 
@@ -168,6 +169,7 @@ async def test_chain_is_built_once_per_worker_not_per_item(
     monkeypatch.setattr(corral._pool, "build_chain", counting)
 
     async def handler(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
         return x
 
     await apply_to_all(handler, range(500), workers=4, timeout=5)

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from corral import Job, Outcome, Pool, PoolClosed, QueueFull
+from corral import Job, Outcome, Pool, PoolClosed, QueueFull, apply_to_all
 
 pytestmark = pytest.mark.anyio
 
@@ -720,3 +720,55 @@ async def test_native_cancel_racing_on_outcome_error_ends_the_task_cancelled(
     assert task.cancelled()
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "on_outcome broke" in record.getMessage()
+
+
+def _corral_tasks(prefix: str) -> int:
+    return sum(1 for task in anyio.get_running_tasks() if (task.name or "").startswith(prefix))
+
+
+async def test_workers_start_on_demand_so_a_huge_bound_costs_nothing() -> None:
+    """workers=10**100 is accepted, entering is instant (no worker runs before an
+    item arrives), and only as many workers start as the items need (plus at
+    most one spare): a generous bound costs nothing."""
+    gate = Gate()
+    with anyio.fail_after(5):
+        async with Pool(gate, workers=10**100) as pool:
+            assert _corral_tasks("corral worker") == 0
+            for i in range(5):
+                await pool.submit(i)
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(gate.started) == [0, 1, 2, 3, 4]  # all five run at once
+            assert 5 <= _corral_tasks("corral worker") <= 6
+            gate.open.set()
+    assert pool.stats.succeeded == 5
+
+
+async def test_apply_to_all_with_100_000_workers_starts_only_what_it_needs() -> None:
+    """apply_to_all over 10 items with workers=100_000 starts at most 11 workers
+    (before: 100,000 tasks, 5 s)."""
+    peak = 0
+
+    async def handler(x: int) -> int:
+        nonlocal peak
+        await anyio.lowlevel.checkpoint()
+        peak = max(peak, _corral_tasks("corral worker"))
+        return x
+
+    with anyio.fail_after(5):
+        outcomes = await apply_to_all(handler, range(10), workers=100_000)
+    assert [o.result for o in outcomes] == list(range(10))
+    assert 1 <= peak <= 11
+
+
+async def test_on_demand_workers_still_reach_the_bound() -> None:
+    """Starting workers on demand does not cap concurrency below ``workers``: 20
+    blocked items with workers=8 run 8 at once, and no more."""
+    gate = Gate()
+    async with Pool(gate, workers=8, max_pending=20) as pool:
+        for i in range(20):
+            await pool.submit(i)
+        await anyio.wait_all_tasks_blocked()
+        assert len(gate.started) == 8
+        assert _corral_tasks("corral worker") == 8
+        gate.open.set()
+    assert pool.stats.succeeded == 20

@@ -404,7 +404,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._resume_at = -math.inf  # no flush starts before (failure backoff)
         self._failures = 0  # consecutive failed flushes
         self._sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
-        self._running = 0  # flusher tasks alive
+        self._running = 0  # flusher tasks alive (at most concurrency, on demand)
+        self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn  # per run
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
         self._halt_error: BaseException | None = None  # a final flush that failed
         self._stop_reason: BaseException | None = None  # what broke a flusher
@@ -462,7 +463,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         self._clock = clock = _clock()
         call = make_async(self._flush_fn, anyio.CapacityLimiter(self._concurrency))
-        chain = build_chain(
+        self._chain = build_chain(
             call,
             retry=self._retry,
             limiter=self._limiter,
@@ -486,10 +487,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._handed_back = set()
         self._run += 1
         self._state = _RUNNING
-        label = self.name or hex(id(self))
-        self._running = self._concurrency
-        for number in range(self._concurrency):
-            tg.start_soon(self._flusher, chain, name=f"corral flusher {label}#{number}")
+        self._running = 0
+        self._start_flusher()  # more start as batches are flushed (see _flusher)
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
@@ -928,6 +927,14 @@ class Batcher(ObservedBlock, Generic[T, R]):
             self._kicked = True
             self._parked.popleft().set()
 
+    def _start_flusher(self) -> None:
+        """Start one more flusher; it parks until a batch is due."""
+        assert self._tg is not None
+        number = self._running
+        self._running = number + 1
+        name = f"corral flusher {self.name or hex(id(self))}#{number}"
+        self._tg.start_soon(self._flusher, self._chain, name=name)
+
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
         queue = self._queue
         in_flight = self._in_flight
@@ -939,6 +946,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         try:
             batch = await self._next_batch()
             while batch is not None:
+                if not self._parked and self._running < self._concurrency:
+                    # flushers start on demand: one spare stays parked, for the
+                    # next batch that is due while this one is flushed
+                    self._start_flusher()
                 # -- flush the batch --
                 final = self._state is not _RUNNING  # started after the block ended
                 positions: list[int] | None = None

@@ -341,6 +341,11 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._live: dict[int, _Entry[T, R]] = {}
         self._space_waiters: deque[anyio.Event] = deque()
         self._idle_event: anyio.Event | None = None
+        # per run: the handler as an async callable, the loop's clock, and how
+        # many workers have been started (at most ``workers``, on demand)
+        self._call: Callable[[T], Awaitable[R]] | None = None
+        self._clock: Callable[[], float] = anyio.current_time
+        self._started = 0
         self._watched = False  # someone waits for idle or join: workers notify
         self._in_callbacks = 0  # workers awaiting an async on_outcome
         self._waking = False  # a parked worker was handed an entry, has not run yet
@@ -394,8 +399,8 @@ class Pool(ObservedBlock, Generic[T, R]):
         if self._state in (_RUNNING, _STOPPING):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         thread_limiter = anyio.CapacityLimiter(self._workers)
-        call = make_async(self._handler, thread_limiter)
-        clock = _clock()
+        self._call = make_async(self._handler, thread_limiter)
+        self._clock = _clock()
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
@@ -403,30 +408,38 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._tg = tg
         self._unfinished = []
         self._stop_reason = None
+        self._started = 0  # workers start as items arrive (see _enqueue)
         self._state = _RUNNING
-        label = self.name or hex(id(self))
-        for number in range(self._workers):
-            if self._layered:
-                # each worker its own chain, around a counter of handler calls
-                attempts: list[float] = [0, 0.0]
-                chain = build_chain(
-                    _counting(call, attempts, clock),
-                    retry=self._retry,
-                    limiter=self._limiter,
-                    rate_limit=self._rate_limit,
-                    timeout=self._timeout,
-                    middleware=self._middleware,
-                    clock=clock,
-                )
-                tg.start_soon(
-                    self._work, chain, attempts, clock, name=f"corral worker {label}#{number}"
-                )
-            else:
-                tg.start_soon(self._work, call, None, clock, name=f"corral worker {label}#{number}")
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
         return self
+
+    def _start_worker(self) -> None:
+        """Start one more worker (the caller checked the bound); it takes the
+        entry at the head of the queue when it runs."""
+        assert self._tg is not None
+        assert self._call is not None
+        number = self._started
+        self._started = number + 1
+        self._waking = True  # cleared by the new worker's _wake_next
+        name = f"corral worker {self.name or hex(id(self))}#{number}"
+        call, clock = self._call, self._clock
+        if not self._layered:
+            self._tg.start_soon(self._work, call, None, clock, name=name)
+            return
+        # each worker its own chain, around a counter of handler calls
+        attempts: list[float] = [0, 0.0]
+        chain = build_chain(
+            _counting(call, attempts, clock),
+            retry=self._retry,
+            limiter=self._limiter,
+            rate_limit=self._rate_limit,
+            timeout=self._timeout,
+            middleware=self._middleware,
+            clock=clock,
+        )
+        self._tg.start_soon(self._work, chain, attempts, clock, name=name)
 
     def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
@@ -598,7 +611,7 @@ class Pool(ObservedBlock, Generic[T, R]):
             index = self._next_index
             self._next_index = index + 1
             live[index] = entry = (index, item, index, None)
-            if idle_workers and not self._waking:
+            if not self._waking and (idle_workers or self._started < self._workers):
                 self._enqueue(entry)
             else:
                 queue.append(entry)
@@ -607,22 +620,28 @@ class Pool(ObservedBlock, Generic[T, R]):
         return True
 
     def _enqueue(self, entry: _Entry[T, R]) -> None:
-        """Hand ``entry`` to an idle worker, or queue it.
+        """Hand ``entry`` to an idle worker, or queue it (starting a new worker
+        for it while there are fewer than ``workers``).
 
-        Wake-ups are chained: at most one parked worker is being woken at a
-        time, and each woken worker, once it runs, hands the next queued entry
-        to the next parked worker. A burst of items thus wakes only as many
-        workers as are needed to keep up (one, for a handler that never
-        awaits; all of them, one loop step apart, for one that does), and every
-        wake-up carries an entry, so no worker wakes to find the queue empty.
+        Wake-ups are chained: at most one parked worker is being woken (or one
+        new worker started) at a time, and each, once it runs, passes the
+        next queued entry on to the next parked worker (or a new one). A burst
+        of items thus wakes or starts only as many workers as are needed to
+        keep up (one, for a handler that never awaits; all of them, one loop
+        step apart, for one that does), so a generous ``workers`` costs
+        nothing until the work needs it.
         """
-        if self._idle_workers and not self._waking:
+        if self._waking:
+            self._queue.append(entry)
+        elif self._idle_workers:
             self._waking = True
             idle = self._idle_workers.popleft()
             idle.entry = entry
             idle.event.set()
         else:
             self._queue.append(entry)
+            if self._started < self._workers:
+                self._start_worker()
 
     async def _wait_for_space(self) -> None:
         """Wait until a queue slot is handed to us (then counted in ``_reserved``)."""
@@ -708,6 +727,7 @@ class Pool(ObservedBlock, Generic[T, R]):
         # Everything the loop touches is bound to a local once: the per-item path
         # is the engine's hot path (see benchmarks/bench_apply.py).
         _worker_of.set(self)
+        self._wake_next()  # a new worker: the chain of wake-ups goes on
         queue = self._queue
         live = self._live
         space_waiters = self._space_waiters
@@ -885,10 +905,19 @@ class Pool(ObservedBlock, Generic[T, R]):
         return idle.entry
 
     def _wake_next(self) -> None:
-        """The woken worker runs: pass the wake-up on if work is still queued."""
+        """A woken or new worker runs: pass the wake-up on if work is still queued.
+
+        (A new worker calls this before it takes an entry: if the queue then
+        holds only the one it takes, the worker started for it finds nothing
+        and parks, a spare.)
+        """
         self._waking = False
-        if self._queue and self._idle_workers:
+        if not self._queue:
+            return
+        if self._idle_workers:
             self._enqueue(self._queue.popleft())
+        elif self._started < self._workers and self._state is _RUNNING:
+            self._start_worker()
 
     def _notify(self, index: int | None) -> None:
         """Wake ``join`` and idle waiters an outcome (or a callback's end) concerns."""
