@@ -158,3 +158,22 @@ async def test_failure_backoff_reads_retry_after_like_retry(
     (first, _), (second, batch) = sink.calls
     assert batch == ["a"]
     assert late_by(second - first, 0.3, exact)
+
+
+async def test_flush_timeout_says_which_limit_fired() -> None:
+    """A flush cut off by timeout=0.05 gives its submit callers a TimeoutError
+    naming the limit; a TimeoutError the flush raises itself reaches them as it is."""
+    own = TimeoutError("the database's own timeout")
+
+    async def flush(batch: list[str]) -> list[str]:
+        if "mine" in batch:
+            raise own
+        await anyio.sleep(10)
+        return batch
+
+    async with Batcher(flush, max_size=1, max_wait=None, timeout=0.05) as batcher:
+        with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+            await batcher.submit("slow")
+        with pytest.raises(TimeoutError) as caught:
+            await batcher.submit("mine")
+        assert caught.value is own

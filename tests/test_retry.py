@@ -538,3 +538,95 @@ async def test_unreadable_retry_after_is_ignored_and_logged_at_debug(
     assert f"retry_after={retry_after!r}" in message
     assert "ignoring" in message
     assert "Throttled" in message
+
+
+# ------------------------------------------- which limit a TimeoutError names
+
+
+async def test_per_attempt_timeout_says_which_limit_fired() -> None:
+    """timeout=0.05 (a number or a Timeout) names itself in the TimeoutError, on
+    a helper and a pool; a TimeoutError the handler raises is its own, untouched."""
+    own = TimeoutError("the upstream's own timeout")
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    for timeout in (0.05, Timeout(0.05)):
+        slow, mine = await apply_to_all(handler, [0, 1], timeout=timeout)
+        assert isinstance(slow.error, TimeoutError)
+        assert str(slow.error) == "attempt timed out after timeout=0.05 s"
+        assert mine.error is own
+        assert str(mine.error) == "the upstream's own timeout"
+
+    async with Pool(handler, timeout=0.05) as pool:
+        slow_job = await pool.submit(0)
+        mine_job = await pool.submit(1)
+    assert slow_job.outcome is not None
+    assert mine_job.outcome is not None
+    with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+        slow_job.outcome.unwrap()
+    assert mine_job.outcome.error is own
+
+
+async def test_timeout_as_middleware_says_so() -> None:
+    """Timeout(0.05) in middleware=[...] names itself as Timeout(0.05); a bare
+    TimeoutError() from the handler stays bare."""
+    own = TimeoutError()
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    slow, mine = await apply_to_all(handler, [0, 1], middleware=[Timeout(0.05)])
+    assert isinstance(slow.error, TimeoutError)
+    assert str(slow.error) == "timed out after Timeout(0.05)"
+    assert mine.error is own
+    assert str(mine.error) == ""
+
+
+async def test_retry_deadline_says_which_limit_fired(exact: bool) -> None:
+    """An attempt cut off by Retry(deadline=0.2) is a TimeoutError naming the
+    deadline; one the handler raises itself is left alone."""
+    own = TimeoutError("handler's own")
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    retry = Retry(3, deadline=0.2, on=ConnectionError)
+    slow, mine = await apply_to_all(handler, [0, 1], retry=retry)
+    assert isinstance(slow.error, TimeoutError)
+    assert str(slow.error) == (
+        "Retry deadline=0.2 s passed (this item's total time, waits included)"
+    )
+    assert slow.attempts == 1
+    if exact:
+        assert slow.elapsed == pytest.approx(0.2, abs=1e-9)
+    assert mine.error is own
+    assert mine.attempts == 1
+
+
+async def test_per_attempt_timeout_message_survives_the_retry_deadline() -> None:
+    """When the last attempt's own timeout is the error, Retry passes it on with
+    its message; the deadline's message is only for a cut-off by the deadline."""
+    calls = 0
+
+    async def handler(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(10)
+        return x
+
+    retry = Retry(2, wait_initial=0, deadline=5.0)
+    [outcome] = await apply_to_all(handler, [1], retry=retry, timeout=0.05)
+    assert calls == 2
+    assert outcome.attempts == 2
+    with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+        outcome.unwrap()

@@ -209,10 +209,10 @@ class Retry:
     ``corral.retry``; an infinite one ends the retrying.
 
     ``deadline`` bounds one item's total time, waits included: a running
-    attempt is cut off at the deadline (a ``TimeoutError``) and no retry is
-    made that could not start before it. Cancellation is never retried, nor is
-    any BaseException. When it gives up, the last attempt's error is the
-    item's error.
+    attempt is cut off at the deadline, a ``TimeoutError`` saying
+    ``Retry deadline=... s passed``, and no retry is made that could not start
+    before it. Cancellation is never retried, nor is any BaseException. When
+    it gives up, the last attempt's error is the item's error.
 
     Used as ``retry=Retry(...)`` on a pool or helper; it is also a
     :class:`~corral.Middleware` and can stand in ``middleware=[...]``. It
@@ -276,8 +276,13 @@ class Retry:
         if self.deadline is None:
             return await self._loop(item, call_next, math.inf)
         ends_at = anyio.current_time() + self.deadline
-        with anyio.fail_after(self.deadline):
+        with anyio.CancelScope(deadline=ends_at):
             return await self._loop(item, call_next, ends_at)
+        # reached only when the deadline cancelled the loop (an error the loop
+        # raises, a per-attempt TimeoutError included, passes through as it is)
+        raise TimeoutError(
+            f"Retry deadline={self.deadline!r} s passed (this item's total time, waits included)"
+        )
 
     async def _loop(self, item: T, call_next: Callable[[T], Awaitable[R]], ends_at: float) -> R:
         retry = 0
