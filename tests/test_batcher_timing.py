@@ -6,6 +6,7 @@ Exact on trio's MockClock; on asyncio and uvloop in real time with tolerances.
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -131,3 +132,48 @@ async def test_default_failure_backoff_is_never_a_hot_loop() -> None:
     for number, gap in enumerate(gaps, start=1):
         assert gap >= 0.1 * 2 ** (number - 1) / 2 - 0.002
     assert batcher.unflushed == ["a"]
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["0.3", b"0.3", timedelta(milliseconds=300)],
+    ids=["str", "bytes", "timedelta"],
+)
+async def test_failure_backoff_reads_retry_after_like_retry(
+    retry_after: object, exact: bool
+) -> None:
+    """The backoff after a failed flush honours a Retry-After header's seconds
+    copied as text (str or bytes) or a timedelta, as Retry does."""
+
+    class TooMany(Exception):
+        pass
+
+    error = TooMany()
+    error.retry_after = retry_after  # type: ignore[attr-defined]
+    sink = TimedSink(fail=1, error=error)
+    async with Batcher(sink, max_size=10, max_wait=None) as batcher:
+        await batcher.add("a")
+        await anyio.wait_all_tasks_blocked()
+        assert len(sink.calls) == 1  # failed; the retry waits for the backoff
+    (first, _), (second, batch) = sink.calls
+    assert batch == ["a"]
+    assert late_by(second - first, 0.3, exact)
+
+
+async def test_flush_timeout_says_which_limit_fired() -> None:
+    """A flush cut off by timeout=0.05 gives its submit callers a TimeoutError
+    naming the limit; a TimeoutError the flush raises itself reaches them as it is."""
+    own = TimeoutError("the database's own timeout")
+
+    async def flush(batch: list[str]) -> list[str]:
+        if "mine" in batch:
+            raise own
+        await anyio.sleep(10)
+        return batch
+
+    async with Batcher(flush, max_size=1, max_wait=None, timeout=0.05) as batcher:
+        with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+            await batcher.submit("slow")
+        with pytest.raises(TimeoutError) as caught:
+            await batcher.submit("mine")
+        assert caught.value is own

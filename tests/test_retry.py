@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import math
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from email.utils import format_datetime
+from fractions import Fraction
 from typing import Any
 
 import anyio
 import pytest
 
 from corral import Outcome, Pool, Retry, Timeout, apply_to_all, backoff
+from corral._retry import _parse_retry_after
 
 pytestmark = pytest.mark.anyio
 
@@ -298,8 +306,6 @@ async def test_retry_after_too_large_for_a_float_means_no_retry() -> None:
 
 async def test_retry_after_as_a_fraction_is_honoured(exact: bool) -> None:
     """Any real number works as retry_after."""
-    from fractions import Fraction
-
     times: list[float] = []
 
     async def handler(x: int) -> int:
@@ -367,3 +373,260 @@ async def test_capacity_is_not_held_during_a_retry_backoff(exact: bool) -> None:
     assert order == ["flaky", "steady", "flaky"]
     if exact:
         assert anyio.current_time() - started == pytest.approx(0.2, abs=1e-9)
+
+
+# ------------------------------------------------- retry_after as a header
+
+
+# 2026-10-21 07:28:00 UTC, the moment the table's dates are read at
+TABLE_NOW = 1_792_567_680.0
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (2, 2.0),
+        (0.25, 0.25),
+        (Fraction(1, 4), 0.25),
+        (Decimal("1.5"), 1.5),
+        (10**400, math.inf),
+        (math.inf, math.inf),
+        ("120", 120.0),
+        (" 1.5\t", 1.5),
+        ("0", 0.0),
+        ("9" * 400, math.inf),
+        (b"120", 120.0),
+        (b" 0.3\r\n", 0.3),
+        (bytearray(b"7"), 7.0),
+        (timedelta(minutes=2), 120.0),
+        (timedelta(0), 0.0),
+        # IMF-fixdate, obsolete RFC 850 and asctime: all 30 s after TABLE_NOW
+        ("Wed, 21 Oct 2026 07:28:30 GMT", 30.0),
+        ("Wednesday, 21-Oct-26 07:28:30 GMT", 30.0),
+        ("Wed Oct 21 07:28:30 2026", 30.0),  # no zone: UTC
+        (b"Wed, 21 Oct 2026 07:28:30 GMT", 30.0),
+        ("Wed, 21 Oct 2026 09:28:30 +0200", 30.0),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", 0.0),
+        ("Sun, 06 Nov 1994 08:49:37 GMT", 0.0),  # passed: no wait
+    ],
+)
+def test_parse_retry_after_reads_every_form(value: object, seconds: float) -> None:
+    """Numbers, header text (str or bytes) in seconds or as an HTTP-date in any
+    of RFC 9110's formats, and timedeltas give the wait in seconds; a date is
+    read against the wall clock passed in, and one that has passed is 0."""
+    assert _parse_retry_after(value, now=lambda: TABLE_NOW) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (-1, ValueError),
+        (math.nan, ValueError),
+        (timedelta(seconds=-1), ValueError),
+        ("-1", ValueError),
+        ("soon", ValueError),
+        ("", ValueError),
+        ("inf", ValueError),
+        ("1e3", ValueError),
+        ("120 s", ValueError),
+        ("Wed, 32 Oct 2026 07:28:00 GMT", ValueError),
+        (b"\xff", ValueError),
+        (True, TypeError),
+        (complex(1, 1), TypeError),
+        ([120], TypeError),
+        (object(), TypeError),
+    ],
+)
+def test_parse_retry_after_refuses_what_it_cannot_read(
+    value: object, error: type[Exception]
+) -> None:
+    """Negative, NaN, junk text and other types are refused, not guessed at."""
+    with pytest.raises(error):
+        _parse_retry_after(value, now=lambda: TABLE_NOW)
+
+
+class Throttled(Exception):
+    """A 429 whose Retry-After header value was copied as it came."""
+
+    def __init__(self, retry_after: object) -> None:
+        super().__init__(f"429, Retry-After: {retry_after!r}")
+        self.retry_after = retry_after
+
+
+async def first_gap(retry_after: object, retry: Retry) -> tuple[Outcome[int, int], float]:
+    """Run one item that fails once with ``retry_after``: its outcome and the
+    time between its two calls."""
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        if len(times) == 1:
+            raise Throttled(retry_after)
+        return x
+
+    [outcome] = await apply_to_all(handler, [1], retry=retry)
+    assert outcome.ok
+    assert outcome.attempts == 2
+    return outcome, times[1] - times[0]
+
+
+@pytest.mark.parametrize(
+    "retry_after",
+    ["0.3", " 0.3 ", b"0.3", b" 0.3\r\n", timedelta(milliseconds=300)],
+    ids=["str", "str-spaces", "bytes", "bytes-crlf", "timedelta"],
+)
+async def test_retry_after_header_text_and_timedelta_are_waited(
+    retry_after: object, exact: bool
+) -> None:
+    """A Retry-After header's seconds as str or bytes, or a timedelta, make the
+    retry wait that long, past wait_max."""
+    _, gap = await first_gap(retry_after, Retry(2, wait_initial=0.001, wait_max=0.01))
+    if exact:
+        assert gap == pytest.approx(0.3, abs=1e-9)
+    else:
+        assert 0.3 - CLOCK_GRAIN <= gap < 0.4
+
+
+async def test_retry_after_http_date_waits_until_that_time(exact: bool) -> None:
+    """An HTTP-date ahead by the wall clock makes the retry wait until then; one
+    that has passed asks for no wait, and the backoff alone decides."""
+    # a whole second, so the header's 1-second resolution loses nothing
+    target = math.ceil(time.time() + 0.2)
+    header = format_datetime(datetime.fromtimestamp(target, UTC), usegmt=True)
+    assert header.endswith(" GMT")
+    raised_at: list[float] = []
+    times: list[float] = []
+
+    async def handler(x: int) -> int:
+        times.append(anyio.current_time())
+        if len(times) == 1:
+            raised_at.append(time.time())
+            raise Throttled(header)
+        return x
+
+    [outcome] = await apply_to_all(handler, [1], retry=Retry(2, wait_initial=0, wait_max=0))
+    assert outcome.ok
+    assert outcome.attempts == 2
+    wanted = target - raised_at[0]  # the wait, read a moment after the raise
+    gap = times[1] - times[0]
+    assert gap >= 0.15  # the header, not the backoff (0)
+    assert wanted - 0.05 <= gap <= wanted + (1e-9 if exact else 0.05)
+
+    retry = Retry(2, wait_initial=0.02, wait_jitter=False)
+    _, gap = await first_gap("Sun, 06 Nov 1994 08:49:37 GMT", retry)
+    if exact:
+        assert gap == pytest.approx(0.02, abs=1e-9)
+    else:
+        assert 0.02 - CLOCK_GRAIN <= gap < 0.1
+
+
+@pytest.mark.parametrize("retry_after", ["soon", "-5", -5, math.nan, True])
+async def test_unreadable_retry_after_is_ignored_and_logged_at_debug(
+    retry_after: object, exact: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry_after that cannot be read leaves the backoff alone, and a DEBUG
+    record on corral.retry names the value and says it is ignored."""
+    caplog.set_level(logging.DEBUG, logger="corral.retry")
+    _, gap = await first_gap(retry_after, Retry(2, wait_initial=0.02, wait_jitter=False))
+    if exact:
+        assert gap == pytest.approx(0.02, abs=1e-9)
+    else:
+        assert 0.02 - CLOCK_GRAIN <= gap < 0.1
+    [record] = [r for r in caplog.records if r.name == "corral.retry"]
+    assert record.levelno == logging.DEBUG
+    message = record.getMessage()
+    assert f"retry_after={retry_after!r}" in message
+    assert "ignoring" in message
+    assert "Throttled" in message
+
+
+# ------------------------------------------- which limit a TimeoutError names
+
+
+async def test_per_attempt_timeout_says_which_limit_fired() -> None:
+    """timeout=0.05 (a number or a Timeout) names itself in the TimeoutError, on
+    a helper and a pool; a TimeoutError the handler raises is its own, untouched."""
+    own = TimeoutError("the upstream's own timeout")
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    for timeout in (0.05, Timeout(0.05)):
+        slow, mine = await apply_to_all(handler, [0, 1], timeout=timeout)
+        assert isinstance(slow.error, TimeoutError)
+        assert str(slow.error) == "attempt timed out after timeout=0.05 s"
+        assert mine.error is own
+        assert str(mine.error) == "the upstream's own timeout"
+
+    async with Pool(handler, timeout=0.05) as pool:
+        slow_job = await pool.submit(0)
+        mine_job = await pool.submit(1)
+    assert slow_job.outcome is not None
+    assert mine_job.outcome is not None
+    with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+        slow_job.outcome.unwrap()
+    assert mine_job.outcome.error is own
+
+
+async def test_timeout_as_middleware_says_so() -> None:
+    """Timeout(0.05) in middleware=[...] names itself as Timeout(0.05); a bare
+    TimeoutError() from the handler stays bare."""
+    own = TimeoutError()
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    slow, mine = await apply_to_all(handler, [0, 1], middleware=[Timeout(0.05)])
+    assert isinstance(slow.error, TimeoutError)
+    assert str(slow.error) == "timed out after Timeout(0.05)"
+    assert mine.error is own
+    assert str(mine.error) == ""
+
+
+async def test_retry_deadline_says_which_limit_fired(exact: bool) -> None:
+    """An attempt cut off by Retry(deadline=0.2) is a TimeoutError naming the
+    deadline; one the handler raises itself is left alone."""
+    own = TimeoutError("handler's own")
+
+    async def handler(x: int) -> int:
+        if x == 1:
+            raise own
+        await anyio.sleep(10)
+        return x
+
+    retry = Retry(3, deadline=0.2, on=ConnectionError)
+    slow, mine = await apply_to_all(handler, [0, 1], retry=retry)
+    assert isinstance(slow.error, TimeoutError)
+    assert str(slow.error) == (
+        "Retry deadline=0.2 s passed (this item's total time, waits included)"
+    )
+    assert slow.attempts == 1
+    if exact:
+        assert slow.elapsed == pytest.approx(0.2, abs=1e-9)
+    assert mine.error is own
+    assert mine.attempts == 1
+
+
+async def test_per_attempt_timeout_message_survives_the_retry_deadline() -> None:
+    """When the last attempt's own timeout is the error, Retry passes it on with
+    its message; the deadline's message is only for a cut-off by the deadline."""
+    calls = 0
+
+    async def handler(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        await anyio.sleep(10)
+        return x
+
+    retry = Retry(2, wait_initial=0, deadline=5.0)
+    [outcome] = await apply_to_all(handler, [1], retry=retry, timeout=0.05)
+    assert calls == 2
+    assert outcome.attempts == 2
+    with pytest.raises(TimeoutError, match=r"^attempt timed out after timeout=0\.05 s$"):
+        outcome.unwrap()

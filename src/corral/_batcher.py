@@ -172,8 +172,9 @@ class Batcher(ObservedBlock, Generic[T, R]):
     ``retry``'s waits if its ``wait_initial`` and ``wait_max`` are both
     positive, else 0.1 s doubling up to 10 s, jittered within the upper half of
     each step (not at all under a ``retry`` with ``wait_jitter=False``); never
-    less than 1 ms, and at least an error's finite ``retry_after`` (at most
-    ``wait_max`` under a ``retry`` with ``cap_retry_after=True``). The
+    less than 1 ms, and at least an error's finite ``retry_after``, read as
+    :class:`Retry` reads it (at most ``wait_max`` under a ``retry`` with
+    ``cap_retry_after=True``). The
     ``submit`` callers of that batch get the error instead; their items leave
     the batcher.
 

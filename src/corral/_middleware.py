@@ -79,7 +79,11 @@ class RateLimiter(Protocol):
 @attrs.frozen
 class Timeout:
     """A per-attempt deadline: the attempt is cancelled after ``seconds`` and the
-    outcome is a ``TimeoutError`` (which a :class:`Retry` may retry).
+    outcome is a ``TimeoutError`` (which a :class:`Retry` may retry) saying
+    ``attempt timed out after timeout=2.5 s`` (``timed out after
+    Timeout(2.5)`` when the ``Timeout`` stands in ``middleware=[...]``, where it
+    bounds what it wraps). A ``TimeoutError`` the handler raises itself is
+    passed on as it is.
 
     ``timeout=2.5`` on a pool is shorthand for ``Timeout(2.5)``. An async
     handler is interrupted at its next checkpoint (one that reaches none
@@ -100,7 +104,8 @@ class Timeout:
     async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
         with anyio.CancelScope(deadline=anyio.current_time() + self.seconds):
             return await call_next(item)
-        raise TimeoutError  # reached only when the deadline cancelled the call
+        # reached only when the deadline cancelled the call
+        raise TimeoutError(f"timed out after Timeout({self.seconds!r})")
 
 
 def check_middleware(
@@ -189,7 +194,9 @@ def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -
         # a bare cancel scope: anyio.fail_after costs a generator on top
         with anyio.CancelScope(deadline=clock() + seconds):
             return await call_next(item)
-        raise TimeoutError  # reached only when the deadline cancelled the call
+        # reached only when the deadline cancelled the call; a TimeoutError the
+        # handler raised itself propagated above, untouched
+        raise TimeoutError(f"attempt timed out after timeout={seconds!r} s")
 
     return timed
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import random
+import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -58,22 +61,95 @@ def backoff(
     return delay
 
 
-def _retry_after(error: Exception) -> float | None:
-    """The error's numeric ``retry_after`` attribute in seconds, if it has one.
+_log = logging.getLogger("corral.retry")
 
-    Any real number counts (int, float, Fraction); one too large for a float is
-    infinite, which no deadline or wait can honour: the item is not retried.
+# delay-seconds (RFC 9110, section 10.2.3) is whole digits; "1.5" is taken too
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
+
+
+def _parse_retry_after(value: object, now: Callable[[], float] = time.time) -> float:
+    """Seconds to wait for a ``retry_after`` value, as a server or a client meant it.
+
+    ``value`` may be a real number of seconds (any ``numbers.Number`` that
+    converts to a float, bool excepted), a ``datetime.timedelta``, or the text of
+    an HTTP ``Retry-After`` header as ``str`` or ``bytes``: decimal seconds
+    (``"120"``, ``"1.5"``, surrounding whitespace allowed) or an HTTP-date in
+    any of RFC 9110's three formats (a date without a zone is UTC), meaning the
+    date minus ``now()`` (seconds since the epoch), or 0 when it has passed. A
+    value too large for a float is ``math.inf``. Raises ``ValueError`` saying
+    why for a negative or NaN value or text that is neither, ``TypeError`` for
+    any other type (bool included).
+    """
+    if isinstance(value, bool):
+        raise TypeError("a bool, not a number of seconds")
+    if isinstance(value, numbers.Number):
+        try:
+            seconds = float(value)  # type: ignore[arg-type]
+        except OverflowError:
+            seconds = math.inf
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"not a real number of seconds ({error})") from None
+    elif isinstance(value, (str, bytes, bytearray)):
+        text = value.strip() if isinstance(value, str) else bytes(value).strip().decode("latin-1")
+        if _SECONDS.fullmatch(text):
+            seconds = float(text)  # a string of 400 digits is inf, never an error
+        else:
+            return _seconds_until(text, now)
+    else:
+        # imported here: datetime is only needed when a hint is not a number
+        from datetime import timedelta
+
+        if not isinstance(value, timedelta):
+            raise TypeError(
+                "wanted seconds, a timedelta, or a Retry-After header's seconds or "
+                "HTTP-date as str or bytes"
+            )
+        seconds = value.total_seconds()
+    if math.isnan(seconds):
+        raise ValueError("not a number (NaN)")
+    if seconds < 0:
+        raise ValueError("negative")
+    return seconds
+
+
+def _seconds_until(text: str, now: Callable[[], float]) -> float:
+    """Seconds from ``now()`` to the HTTP-date ``text``, 0 if it has passed."""
+    # imported here: parsing a date happens only after a failure, and email.utils
+    # costs tens of milliseconds at import
+    from datetime import UTC
+    from email.utils import parsedate_to_datetime
+
+    try:
+        date = parsedate_to_datetime(text)
+        if date.tzinfo is None:  # asctime and "-0000" carry no zone: UTC (RFC 9110)
+            date = date.replace(tzinfo=UTC)
+        at = date.timestamp()
+    except (TypeError, ValueError, OverflowError) as error:
+        why = str(error)
+        detail = "" if why.startswith("Invalid date value") else f" ({why})"
+        raise ValueError(f"neither decimal seconds nor an HTTP-date{detail}") from None
+    # The one wall-clock reading in corral: an HTTP-date names a moment of the
+    # wall clock, which anyio.current_time() (a monotonic clock, or a test's
+    # mock clock) cannot be compared with. The difference becomes a duration.
+    return max(0.0, at - now())
+
+
+def _retry_after(error: Exception) -> float | None:
+    """Seconds the error's ``retry_after`` attribute asks to wait, if it has one.
+
+    Read by :func:`_parse_retry_after`, only after a failure. A value that
+    cannot be read is logged at DEBUG to ``corral.retry`` and ignored (None).
+    One too large for a float is infinite, which no deadline or wait can
+    honour: the item is not retried.
     """
     value = getattr(error, "retry_after", None)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if value is None:
         return None
     try:
-        seconds = float(value)
-    except OverflowError:
-        seconds = math.inf
-    if math.isnan(seconds) or seconds < 0:
+        return _parse_retry_after(value)
+    except (TypeError, ValueError) as why:
+        _log.debug("ignoring retry_after=%r of %s: %s", value, type(error).__name__, why)
         return None
-    return seconds
 
 
 def check_on(value: object, name: str = "on") -> object:
@@ -120,16 +196,23 @@ class Retry:
     calls per item. A failure is retried when it matches ``on`` (an exception
     type, a tuple of them, or a predicate ``on(exc) -> bool``). The wait before
     retry *k* is ``min(wait_max, wait_initial * wait_exp_base ** (k - 1))``,
-    drawn uniformly from ``[0, that]`` unless ``wait_jitter=False``. An error
-    with a numeric ``retry_after`` attribute (seconds, e.g. from an HTTP 429's
-    ``Retry-After``) waits at least that long, even beyond ``wait_max``; pass
-    ``cap_retry_after=True`` to cap such waits at ``wait_max`` too.
+    drawn uniformly from ``[0, that]`` unless ``wait_jitter=False``.
+
+    An error with a ``retry_after`` attribute waits at least that long, even
+    beyond ``wait_max`` (pass ``cap_retry_after=True`` to cap such waits at
+    ``wait_max`` too). It may be a number of seconds, a
+    ``datetime.timedelta``, or an HTTP ``Retry-After`` header's value copied
+    as it came, ``str`` or ``bytes``: seconds (``"120"``, also ``"1.5"``) or an
+    HTTP-date (``"Wed, 21 Oct 2026 07:28:00 GMT"``, any of RFC 9110's three
+    formats; the wait lasts until that time by the wall clock, none if it has
+    passed). A value that cannot be read is ignored and logged at DEBUG to
+    ``corral.retry``; an infinite one ends the retrying.
 
     ``deadline`` bounds one item's total time, waits included: a running
-    attempt is cut off at the deadline (a ``TimeoutError``) and no retry is
-    made that could not start before it. Cancellation is never retried, nor is
-    any BaseException. When it gives up, the last attempt's error is the
-    item's error.
+    attempt is cut off at the deadline, a ``TimeoutError`` saying
+    ``Retry deadline=... s passed``, and no retry is made that could not start
+    before it. Cancellation is never retried, nor is any BaseException. When
+    it gives up, the last attempt's error is the item's error.
 
     Used as ``retry=Retry(...)`` on a pool or helper; it is also a
     :class:`~corral.Middleware` and can stand in ``middleware=[...]``. It
@@ -193,8 +276,13 @@ class Retry:
         if self.deadline is None:
             return await self._loop(item, call_next, math.inf)
         ends_at = anyio.current_time() + self.deadline
-        with anyio.fail_after(self.deadline):
+        with anyio.CancelScope(deadline=ends_at):
             return await self._loop(item, call_next, ends_at)
+        # reached only when the deadline cancelled the loop (an error the loop
+        # raises, a per-attempt TimeoutError included, passes through as it is)
+        raise TimeoutError(
+            f"Retry deadline={self.deadline!r} s passed (this item's total time, waits included)"
+        )
 
     async def _loop(self, item: T, call_next: Callable[[T], Awaitable[R]], ends_at: float) -> R:
         retry = 0
