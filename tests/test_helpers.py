@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import pydoc
 import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from corral import ApplyToEach, Outcome, Outcomes, apply_to_all, apply_to_each
+from corral import ApplyToEach, Outcome, Outcomes, Pool, apply_to_all, apply_to_each
 
 pytestmark = pytest.mark.anyio
 
@@ -386,3 +388,56 @@ async def test_apply_to_each_gives_its_public_types() -> None:
     async with each as outcomes:
         assert isinstance(outcomes, Outcomes)
         assert sorted([o.result async for o in outcomes]) == [2, 4]
+
+
+def _keyword_options(function: Any) -> list[tuple[str, Any, Any]]:
+    """(name, kind, default) of each keyword-only parameter, in order."""
+    return [
+        (parameter.name, parameter.kind, parameter.default)
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+
+def test_helpers_take_exactly_the_options_of_pool() -> None:
+    """The helpers' keyword parameters are Pool's (names, order, defaults, all
+    keyword-only), plus apply_to_each's ordered: an option added to Pool
+    without the helpers fails here."""
+    pool_options = _keyword_options(Pool.__init__)
+    assert pool_options
+    assert all(kind is inspect.Parameter.KEYWORD_ONLY for _, kind, _ in pool_options)
+    assert _keyword_options(apply_to_all) == pool_options
+    ordered, *each_options = _keyword_options(apply_to_each)
+    assert ordered == ("ordered", inspect.Parameter.KEYWORD_ONLY, False)
+    assert each_options == pool_options
+
+
+def test_help_shows_the_helpers_options() -> None:
+    """help() (and so IDEs and the API reference) shows each helper's real
+    keyword options with their defaults, not ``**options``."""
+    for helper in (apply_to_all, apply_to_each):
+        text = pydoc.render_doc(helper, renderer=pydoc.plaintext)
+        assert "**options" not in text
+        assert "workers: 'int' = 10" in text
+        assert "fail_fast: 'bool' = False" in text
+        assert "stats_interval: 'float' = 1.0" in text
+    assert "ordered: 'bool' = False" in pydoc.render_doc(apply_to_each, renderer=pydoc.plaintext)
+
+
+async def test_a_misspelt_option_is_refused_naming_the_helper() -> None:
+    """A wrong keyword raises Python's own TypeError naming the helper the
+    caller called (not Pool), at the call."""
+
+    async def handler(x: int) -> int:
+        return x
+
+    with pytest.raises(
+        TypeError, match=r"^apply_to_all\(\) got an unexpected keyword argument 'rate'"
+    ):
+        await apply_to_all(handler, [1], rate=50)  # type: ignore[call-overload]
+    with pytest.raises(
+        TypeError, match=r"^apply_to_each\(\) got an unexpected keyword argument 'rate'"
+    ):
+        async with apply_to_each(handler, [1], rate=50) as outcomes:  # type: ignore[call-overload]
+            async for _ in outcomes:
+                pass

@@ -137,7 +137,20 @@ async def apply_to_all(
 async def apply_to_all(
     handler: Callable[[T], Any],
     items: Iterable[T] | AsyncIterable[T],
-    **options: Any,
+    *,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Middleware] = (),
+    on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> list[Outcome[T, Any]]:
     """Run ``handler`` on every item and return the outcomes in input order.
 
@@ -163,7 +176,22 @@ async def apply_to_all(
     :param items: an iterable or an async iterable (an anyio receive stream
         included), pulled lazily: an item is taken only when the pool has room.
     """
-    pool: Pool[T, Any] = Pool(handler, **options)
+    pool: Pool[T, Any] = Pool(
+        handler,
+        workers=workers,
+        max_pending=max_pending,
+        retry=retry,
+        rate_limit=rate_limit,
+        limiter=limiter,
+        timeout=timeout,
+        middleware=middleware,
+        on_outcome=on_outcome,
+        fail_fast=fail_fast,
+        name=name,
+        progress=progress,
+        on_stats=on_stats,
+        stats_interval=stats_interval,
+    )
     _check_items(items)
     _count_for_progress(pool, items)
     collected: _Collected[T, Any] = _Collected()
@@ -388,7 +416,19 @@ def apply_to_each(
     items: Iterable[T] | AsyncIterable[T],
     *,
     ordered: bool = False,
-    **options: Any,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,
+    middleware: Sequence[Middleware] = (),
+    on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> ApplyToEach[T, Any]:
     """Run ``handler`` on every item; iterate the outcomes as they complete.
 
@@ -423,7 +463,22 @@ def apply_to_each(
         included), pulled lazily by a feeder task.
     :param ordered: yield outcomes in input order instead of completion order.
     """
-    pool: Pool[T, Any] = Pool(handler, **options)
+    pool: Pool[T, Any] = Pool(
+        handler,
+        workers=workers,
+        max_pending=max_pending,
+        retry=retry,
+        rate_limit=rate_limit,
+        limiter=limiter,
+        timeout=timeout,
+        middleware=middleware,
+        on_outcome=on_outcome,
+        fail_fast=fail_fast,
+        name=name,
+        progress=progress,
+        on_stats=on_stats,
+        stats_interval=stats_interval,
+    )
     _check_items(items)
     _count_for_progress(pool, items)
     return ApplyToEach(pool, items, check_bool("ordered", ordered))
