@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import pydoc
 import random
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -326,6 +328,30 @@ async def test_bare_async_for_over_apply_to_each_explains_itself() -> None:
     with pytest.raises(TypeError, match="async with apply_to_each"):
         async for _ in apply_to_each(handler, range(3)):  # type: ignore[attr-defined]
             pass
+
+
+async def test_await_on_apply_to_each_explains_itself() -> None:
+    """Awaiting apply_to_each(...) instead of entering it gives the same TypeError
+    as a bare async for, showing the right usage; nothing is left behind that
+    warns later (no coroutine never awaited, no pool started)."""
+    started: list[int] = []
+
+    async def handler(x: int) -> int:
+        started.append(x)
+        return x
+
+    with pytest.raises(TypeError, match="async with apply_to_each") as awaited:
+        await apply_to_each(handler, range(3))  # type: ignore[misc]
+    with pytest.raises(TypeError) as iterated:
+        async for _ in apply_to_each(handler, range(3)):  # type: ignore[attr-defined]
+            pass
+    assert str(awaited.value) == str(iterated.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert caught == []
+    await anyio.wait_all_tasks_blocked()
+    assert started == []
 
 
 async def test_apply_to_each_input_error_propagates() -> None:

@@ -20,7 +20,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -313,12 +313,20 @@ class Outcomes(Generic[T, R]):
                 self._consumer = None
 
 
+_NOT_AN_ITERATOR = (
+    "apply_to_each(...) is an async context manager, not an iterator or an awaitable; "
+    "use `async with apply_to_each(handler, items) as outcomes:` and then "
+    "`async for outcome in outcomes:` inside the block"
+)
+
+
 class ApplyToEach(Generic[T, R]):
     """What :func:`apply_to_each` returns: use it with ``async with``.
 
     Entering starts the pool and the task that feeds it from ``items``, and
     gives the :class:`Outcomes` to iterate. It can be entered once (again:
-    ``RuntimeError``); ``async for`` over it directly raises ``TypeError``.
+    ``RuntimeError``); ``async for`` over it directly, or ``await`` on it,
+    raises ``TypeError`` saying how to use it.
     """
 
     def __init__(
@@ -330,11 +338,12 @@ class ApplyToEach(Generic[T, R]):
         self._cm: AbstractAsyncContextManager[Outcomes[T, R]] | None = None
 
     def __aiter__(self) -> NoReturn:
-        raise TypeError(
-            "apply_to_each(...) is an async context manager, not an iterator; use "
-            "`async with apply_to_each(handler, items) as outcomes:` and then "
-            "`async for outcome in outcomes:` inside the block"
-        )
+        raise TypeError(_NOT_AN_ITERATOR)
+
+    if not TYPE_CHECKING:  # for type checkers, awaiting it stays an error
+
+        def __await__(self) -> NoReturn:
+            raise TypeError(_NOT_AN_ITERATOR)
 
     async def __aenter__(self) -> Outcomes[T, R]:
         if self._cm is not None:
@@ -446,8 +455,8 @@ def apply_to_each(
     The ``async with`` raises, after every task stopped and unwrapped: the
     block's own exception; with ``fail_fast``, the first handler failure; an
     exception raised by ``items``, ``on_outcome`` or ``on_stats``; or the
-    cancellation. A bare ``async for`` over the return value raises
-    ``TypeError``, and entering it twice ``RuntimeError``.
+    cancellation. A bare ``async for`` over the return value, or ``await`` on
+    it, raises ``TypeError``, and entering it twice ``RuntimeError``.
 
     >>> import anyio
     >>> async def square(x: int) -> int:
