@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import itertools
 import pydoc
 import random
 import warnings
@@ -11,8 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
+import corral._helpers
 from corral import ApplyToEach, Outcome, Outcomes, Pool, apply_to_all, apply_to_each
 
 pytestmark = pytest.mark.anyio
@@ -467,3 +470,240 @@ async def test_a_misspelt_option_is_refused_naming_the_helper() -> None:
         async with apply_to_each(handler, [1], rate=50) as outcomes:  # type: ignore[call-overload]
             async for _ in outcomes:
                 pass
+
+
+# -- a generator given as input is closed when corral stops reading it early --
+
+
+class _Input:
+    """An endless input that records when its generator's cleanup has run.
+
+    ``kind`` is an async generator (its ``finally`` awaits, so it completes
+    only if the close is shielded from the cancellation that stopped the
+    feeding), a sync generator, or an async iterable whose ``__aiter__`` makes
+    an async generator (the iterator corral itself made). The generators do
+    not await between items, so whenever the feeding waits they are suspended
+    at their ``yield``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.closed = False
+        # the generator stays referenced, as by a caller's variable: reference
+        # counting cannot close it when corral drops it
+        self.generator: Any = None
+
+    async def _agen(self) -> AsyncIterator[int]:
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            await anyio.lowlevel.checkpoint()
+            self.closed = True
+
+    def _gen(self) -> Iterator[int]:
+        try:
+            yield from itertools.count()
+        finally:
+            self.closed = True
+
+    def items(self) -> Any:
+        if self.kind == "async generator":
+            self.generator = self._agen()
+            return self.generator
+        if self.kind == "sync generator":
+            self.generator = self._gen()
+            return self.generator
+        outer = self
+
+        class Numbers:
+            def __aiter__(self) -> AsyncIterator[int]:
+                outer.generator = outer._agen()
+                return outer.generator
+
+        return Numbers()
+
+
+INPUT_KINDS = ["async generator", "sync generator", "async iterable of an async generator"]
+
+
+async def _first_returns_others_hang(x: int) -> int:
+    if x:
+        await anyio.sleep_forever()
+    return x
+
+
+async def _first_fails_others_hang(x: int) -> int:
+    if x:
+        await anyio.sleep_forever()
+    raise LookupError(x)
+
+
+def _raise_lookup_error(outcome: Outcome[int, int]) -> None:
+    raise LookupError(outcome.item)
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+async def test_apply_to_each_break_closes_a_generator_input(kind: str) -> None:
+    """break out of apply_to_each: the generator's finally has run when the
+    block ends (not later, in a garbage collector finalizer)."""
+    source = _Input(kind)
+    async with apply_to_each(
+        _first_returns_others_hang, source.items(), workers=2, max_pending=2
+    ) as outcomes:
+        async for _ in outcomes:
+            break
+    assert source.closed
+    assert outcomes.unfinished
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("stop", ["fail_fast", "on_outcome raises", "the block raises"])
+async def test_apply_to_each_error_closes_a_generator_input(kind: str, stop: str) -> None:
+    """fail_fast, an on_outcome that raises or the block's own exception: the
+    block raises that exception, and the generator's finally has run (also
+    when it awaits, under the cancellation that stopped the pool)."""
+    source = _Input(kind)
+    handler = _first_fails_others_hang if stop == "fail_fast" else _first_returns_others_hang
+    options: dict[str, Any] = {"workers": 2, "max_pending": 2}
+    if stop == "fail_fast":
+        options["fail_fast"] = True
+    elif stop == "on_outcome raises":
+        options["on_outcome"] = _raise_lookup_error
+    with pytest.raises(LookupError):
+        async with apply_to_each(handler, source.items(), **options) as outcomes:
+            async for outcome in outcomes:
+                if stop == "the block raises":
+                    raise LookupError(outcome.item)
+    assert source.closed
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+async def test_apply_to_each_cancelled_closes_a_generator_input(kind: str) -> None:
+    """Cancelled from outside: the generator's finally has run, awaits
+    included, when the block ends."""
+    source = _Input(kind)
+    with anyio.CancelScope() as scope:
+        async with apply_to_each(
+            _first_returns_others_hang, source.items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert source.closed
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("stop", ["fail_fast", "on_outcome raises", "cancelled"])
+async def test_apply_to_all_closes_a_generator_input(kind: str, stop: str) -> None:
+    """apply_to_all stopped by fail_fast, an on_outcome that raises or a
+    cancellation: the generator's finally has run, awaits included, when the
+    call ends."""
+    source = _Input(kind)
+    if stop == "cancelled":
+        with anyio.CancelScope() as scope:
+
+            def cancel(outcome: Outcome[int, int]) -> None:
+                scope.cancel()
+
+            await apply_to_all(
+                _first_returns_others_hang,
+                source.items(),
+                workers=2,
+                max_pending=2,
+                on_outcome=cancel,
+            )
+        assert scope.cancelled_caught
+    else:
+        with pytest.raises(LookupError):
+            if stop == "fail_fast":
+                await apply_to_all(
+                    _first_fails_others_hang,
+                    source.items(),
+                    workers=2,
+                    max_pending=2,
+                    fail_fast=True,
+                )
+            else:
+                await apply_to_all(
+                    _first_returns_others_hang,
+                    source.items(),
+                    workers=2,
+                    max_pending=2,
+                    on_outcome=_raise_lookup_error,
+                )
+    assert source.closed
+
+
+async def test_a_generator_cleanup_that_raises_does_not_replace_the_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A generator whose cleanup raises: the block still raises its own
+    exception; the cleanup's error is logged at ERROR on corral.pool."""
+
+    async def items() -> AsyncIterator[int]:
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            raise OSError("cleanup broke")
+
+    with pytest.raises(LookupError, match="the block's"):
+        async with apply_to_each(
+            _first_returns_others_hang, items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                raise LookupError("the block's")
+    [record] = [r for r in caplog.records if r.name.startswith("corral.pool")]
+    assert record.levelname == "ERROR"
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], OSError)
+
+
+async def test_a_generator_cleanup_that_hangs_is_cut_off_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator whose cleanup never ends cannot hold the block: its cleanup
+    is cancelled after the bound, and that is logged at WARNING on corral.pool."""
+    monkeypatch.setattr(corral._helpers, "_CLOSE_INPUT_TIMEOUT", 0.05)
+    cut_off = False
+
+    async def items() -> AsyncIterator[int]:
+        nonlocal cut_off
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cut_off = True
+
+    with anyio.fail_after(10):
+        async with apply_to_each(
+            _first_returns_others_hang, items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                break
+    assert cut_off
+    [record] = [r for r in caplog.records if r.name.startswith("corral.pool")]
+    assert record.levelname == "WARNING"
+    assert "cancelled" in record.getMessage()
+
+
+async def test_a_receive_stream_given_as_input_is_not_closed() -> None:
+    """Only generators are closed: a receive stream passed as items is the
+    caller's, and stays open after breaking out of apply_to_each."""
+    send, receive = anyio.create_memory_object_stream[int](100)
+    async with send, receive:
+        for i in range(100):
+            send.send_nowait(i)
+        async with apply_to_each(
+            _first_returns_others_hang, receive, workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                break
+        left = receive.statistics().current_buffer_used
+        assert left > 0
+        assert receive.receive_nowait() == 100 - left
+        send.send_nowait(100)
