@@ -254,16 +254,16 @@ async def apply_to_all(
 
     :param handler: called with each item, as a :class:`Pool`'s handler.
     :param items: an iterable or an async iterable (an anyio receive stream
-        included), pulled lazily: an item is taken only when the pool has room.
-        If the call ends before ``items`` is exhausted (``fail_fast``, an
-        error, cancellation), the generator it was reading (``items`` itself,
-        or what its ``__iter__`` / ``__aiter__`` returned) is closed before the
-        call ends, so its ``finally`` blocks run then: an async generator is
-        ``aclose()``-d shielded from the cancellation, for up to 5 seconds
-        (then its cleanup is cancelled, logged at WARNING on ``corral.pool``).
-        An exception its cleanup raises is logged at ERROR on ``corral.pool``
-        and does not replace the call's exception. Any other iterator (an anyio
-        receive stream) is left open: closing it is the caller's.
+        included), pulled lazily: an item is taken only when the pool has room. If
+        the call ends before ``items`` is exhausted (``fail_fast``, an error,
+        cancellation), the generator it was reading (``items`` itself, or what its
+        ``__iter__`` / ``__aiter__`` returned) is closed before the call ends, so
+        its ``finally`` blocks run then: an async generator is ``aclose()``-d
+        shielded from the cancellation, for up to 5 seconds (then its cleanup is
+        cancelled, logged at WARNING on the pool's logger,
+        ``corral.pool[.<name>]``). An exception its cleanup raises is logged at
+        ERROR there and does not replace the call's exception. Any other iterator
+        (an anyio receive stream) is left open: closing it is the caller's.
     """
     pool: Pool[T, Any] = Pool(
         handler,
@@ -559,16 +559,15 @@ def apply_to_each(
     :param handler: called with each item, as a :class:`Pool`'s handler.
     :param items: an iterable or an async iterable (an anyio receive stream
         included), pulled lazily by a feeder task. If the block ends before
-        ``items`` is exhausted (``break``, ``fail_fast``, an error,
-        cancellation), the generator it was reading (``items`` itself, or what
-        its ``__iter__`` / ``__aiter__`` returned) is closed before the
-        ``async with`` ends, so its ``finally`` blocks run then: an async
-        generator is ``aclose()``-d shielded from the cancellation, for up to 5
-        seconds (then its cleanup is cancelled, logged at WARNING on
-        ``corral.pool``). An exception its cleanup raises is logged at ERROR on
-        ``corral.pool`` and does not replace the block's exception. Any other
-        iterator (an anyio receive stream) is left open: closing it is the
-        caller's.
+        ``items`` is exhausted (``break``, ``fail_fast``, an error, cancellation),
+        the generator it was reading (``items`` itself, or what its ``__iter__`` /
+        ``__aiter__`` returned) is closed before the ``async with`` ends, so its
+        ``finally`` blocks run then: an async generator is ``aclose()``-d shielded
+        from the cancellation, for up to 5 seconds (then its cleanup is cancelled,
+        logged at WARNING on the pool's logger, ``corral.pool[.<name>]``). An
+        exception its cleanup raises is logged at ERROR there and does not replace
+        the block's exception. Any other iterator (an anyio receive stream) is left
+        open: closing it is the caller's.
     :param ordered: yield outcomes in input order instead of completion order.
     """
     pool: Pool[T, Any] = Pool(
