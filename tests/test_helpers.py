@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import inspect
+import itertools
+import pydoc
 import random
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from corral import ApplyToEach, Outcome, Outcomes, apply_to_all, apply_to_each
+import corral._helpers
+from corral import ApplyToEach, Outcome, Outcomes, Pool, apply_to_all, apply_to_each
 
 pytestmark = pytest.mark.anyio
 
@@ -326,6 +333,30 @@ async def test_bare_async_for_over_apply_to_each_explains_itself() -> None:
             pass
 
 
+async def test_await_on_apply_to_each_explains_itself() -> None:
+    """Awaiting apply_to_each(...) instead of entering it gives the same TypeError
+    as a bare async for, showing the right usage; nothing is left behind that
+    warns later (no coroutine never awaited, no pool started)."""
+    started: list[int] = []
+
+    async def handler(x: int) -> int:
+        started.append(x)
+        return x
+
+    with pytest.raises(TypeError, match="async with apply_to_each") as awaited:
+        await apply_to_each(handler, range(3))  # type: ignore[misc]
+    with pytest.raises(TypeError) as iterated:
+        async for _ in apply_to_each(handler, range(3)):  # type: ignore[attr-defined]
+            pass
+    assert str(awaited.value) == str(iterated.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert caught == []
+    await anyio.wait_all_tasks_blocked()
+    assert started == []
+
+
 async def test_apply_to_each_input_error_propagates() -> None:
     """An async input that raises midway: the error comes out of the block."""
 
@@ -386,3 +417,293 @@ async def test_apply_to_each_gives_its_public_types() -> None:
     async with each as outcomes:
         assert isinstance(outcomes, Outcomes)
         assert sorted([o.result async for o in outcomes]) == [2, 4]
+
+
+def _keyword_options(function: Any) -> list[tuple[str, Any, Any]]:
+    """(name, kind, default) of each keyword-only parameter, in order."""
+    return [
+        (parameter.name, parameter.kind, parameter.default)
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+
+def test_helpers_take_exactly_the_options_of_pool() -> None:
+    """The helpers' keyword parameters are Pool's (names, order, defaults, all
+    keyword-only), plus apply_to_each's ordered: an option added to Pool
+    without the helpers fails here."""
+    pool_options = _keyword_options(Pool.__init__)
+    assert pool_options
+    assert all(kind is inspect.Parameter.KEYWORD_ONLY for _, kind, _ in pool_options)
+    assert _keyword_options(apply_to_all) == pool_options
+    ordered, *each_options = _keyword_options(apply_to_each)
+    assert ordered == ("ordered", inspect.Parameter.KEYWORD_ONLY, False)
+    assert each_options == pool_options
+
+
+def test_help_shows_the_helpers_options() -> None:
+    """help() (and so IDEs and the API reference) shows each helper's real
+    keyword options with their defaults, not ``**options``."""
+    for helper in (apply_to_all, apply_to_each):
+        text = pydoc.render_doc(helper, renderer=pydoc.plaintext)
+        assert "**options" not in text
+        assert "workers: 'int' = 10" in text
+        assert "fail_fast: 'bool' = False" in text
+        assert "stats_interval: 'float' = 1.0" in text
+    assert "ordered: 'bool' = False" in pydoc.render_doc(apply_to_each, renderer=pydoc.plaintext)
+
+
+async def test_a_misspelt_option_is_refused_naming_the_helper() -> None:
+    """A wrong keyword raises Python's own TypeError naming the helper the
+    caller called (not Pool), at the call."""
+
+    async def handler(x: int) -> int:
+        return x
+
+    with pytest.raises(
+        TypeError, match=r"^apply_to_all\(\) got an unexpected keyword argument 'rate'"
+    ):
+        await apply_to_all(handler, [1], rate=50)  # type: ignore[call-overload]
+    with pytest.raises(
+        TypeError, match=r"^apply_to_each\(\) got an unexpected keyword argument 'rate'"
+    ):
+        async with apply_to_each(handler, [1], rate=50) as outcomes:  # type: ignore[call-overload]
+            async for _ in outcomes:
+                pass
+
+
+# -- a generator given as input is closed when corral stops reading it early --
+
+
+class _Input:
+    """An endless input that records when its generator's cleanup has run.
+
+    ``kind`` is an async generator (its ``finally`` awaits, so it completes
+    only if the close is shielded from the cancellation that stopped the
+    feeding), a sync generator, or an async iterable whose ``__aiter__`` makes
+    an async generator (the iterator corral itself made). The generators do
+    not await between items, so whenever the feeding waits they are suspended
+    at their ``yield``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.closed = False
+        # the generator stays referenced, as by a caller's variable: reference
+        # counting cannot close it when corral drops it
+        self.generator: Any = None
+
+    async def _agen(self) -> AsyncIterator[int]:
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            await anyio.lowlevel.checkpoint()
+            self.closed = True
+
+    def _gen(self) -> Iterator[int]:
+        try:
+            yield from itertools.count()
+        finally:
+            self.closed = True
+
+    def items(self) -> Any:
+        if self.kind == "async generator":
+            self.generator = self._agen()
+            return self.generator
+        if self.kind == "sync generator":
+            self.generator = self._gen()
+            return self.generator
+        outer = self
+
+        class Numbers:
+            def __aiter__(self) -> AsyncIterator[int]:
+                outer.generator = outer._agen()
+                return outer.generator
+
+        return Numbers()
+
+
+INPUT_KINDS = ["async generator", "sync generator", "async iterable of an async generator"]
+
+
+async def _first_returns_others_hang(x: int) -> int:
+    if x:
+        await anyio.sleep_forever()
+    return x
+
+
+async def _first_fails_others_hang(x: int) -> int:
+    if x:
+        await anyio.sleep_forever()
+    raise LookupError(x)
+
+
+def _raise_lookup_error(outcome: Outcome[int, int]) -> None:
+    raise LookupError(outcome.item)
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+async def test_apply_to_each_break_closes_a_generator_input(kind: str) -> None:
+    """break out of apply_to_each: the generator's finally has run when the
+    block ends (not later, in a garbage collector finalizer)."""
+    source = _Input(kind)
+    async with apply_to_each(
+        _first_returns_others_hang, source.items(), workers=2, max_pending=2
+    ) as outcomes:
+        async for _ in outcomes:
+            break
+    assert source.closed
+    assert outcomes.unfinished
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("stop", ["fail_fast", "on_outcome raises", "the block raises"])
+async def test_apply_to_each_error_closes_a_generator_input(kind: str, stop: str) -> None:
+    """fail_fast, an on_outcome that raises or the block's own exception: the
+    block raises that exception, and the generator's finally has run (also
+    when it awaits, under the cancellation that stopped the pool)."""
+    source = _Input(kind)
+    handler = _first_fails_others_hang if stop == "fail_fast" else _first_returns_others_hang
+    options: dict[str, Any] = {"workers": 2, "max_pending": 2}
+    if stop == "fail_fast":
+        options["fail_fast"] = True
+    elif stop == "on_outcome raises":
+        options["on_outcome"] = _raise_lookup_error
+    with pytest.raises(LookupError):
+        async with apply_to_each(handler, source.items(), **options) as outcomes:
+            async for outcome in outcomes:
+                if stop == "the block raises":
+                    raise LookupError(outcome.item)
+    assert source.closed
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+async def test_apply_to_each_cancelled_closes_a_generator_input(kind: str) -> None:
+    """Cancelled from outside: the generator's finally has run, awaits
+    included, when the block ends."""
+    source = _Input(kind)
+    with anyio.CancelScope() as scope:
+        async with apply_to_each(
+            _first_returns_others_hang, source.items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert source.closed
+
+
+@pytest.mark.parametrize("kind", INPUT_KINDS)
+@pytest.mark.parametrize("stop", ["fail_fast", "on_outcome raises", "cancelled"])
+async def test_apply_to_all_closes_a_generator_input(kind: str, stop: str) -> None:
+    """apply_to_all stopped by fail_fast, an on_outcome that raises or a
+    cancellation: the generator's finally has run, awaits included, when the
+    call ends."""
+    source = _Input(kind)
+    if stop == "cancelled":
+        with anyio.CancelScope() as scope:
+
+            def cancel(outcome: Outcome[int, int]) -> None:
+                scope.cancel()
+
+            await apply_to_all(
+                _first_returns_others_hang,
+                source.items(),
+                workers=2,
+                max_pending=2,
+                on_outcome=cancel,
+            )
+        assert scope.cancelled_caught
+    else:
+        with pytest.raises(LookupError):
+            if stop == "fail_fast":
+                await apply_to_all(
+                    _first_fails_others_hang,
+                    source.items(),
+                    workers=2,
+                    max_pending=2,
+                    fail_fast=True,
+                )
+            else:
+                await apply_to_all(
+                    _first_returns_others_hang,
+                    source.items(),
+                    workers=2,
+                    max_pending=2,
+                    on_outcome=_raise_lookup_error,
+                )
+    assert source.closed
+
+
+async def test_a_generator_cleanup_that_raises_does_not_replace_the_exception(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A generator whose cleanup raises: the block still raises its own
+    exception; the cleanup's error is logged at ERROR on corral.pool."""
+
+    async def items() -> AsyncIterator[int]:
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            raise OSError("cleanup broke")
+
+    with pytest.raises(LookupError, match="the block's"):
+        async with apply_to_each(
+            _first_returns_others_hang, items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                raise LookupError("the block's")
+    [record] = [r for r in caplog.records if r.name.startswith("corral.pool")]
+    assert record.levelname == "ERROR"
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], OSError)
+
+
+async def test_a_generator_cleanup_that_hangs_is_cut_off_and_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generator whose cleanup never ends cannot hold the block: its cleanup
+    is cancelled after the bound, and that is logged at WARNING on corral.pool."""
+    monkeypatch.setattr(corral._helpers, "_CLOSE_INPUT_TIMEOUT", 0.05)
+    cut_off = False
+
+    async def items() -> AsyncIterator[int]:
+        nonlocal cut_off
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                cut_off = True
+
+    with anyio.fail_after(10):
+        async with apply_to_each(
+            _first_returns_others_hang, items(), workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                break
+    assert cut_off
+    [record] = [r for r in caplog.records if r.name.startswith("corral.pool")]
+    assert record.levelname == "WARNING"
+    assert "cancelled" in record.getMessage()
+
+
+async def test_a_receive_stream_given_as_input_is_not_closed() -> None:
+    """Only generators are closed: a receive stream passed as items is the
+    caller's, and stays open after breaking out of apply_to_each."""
+    send, receive = anyio.create_memory_object_stream[int](100)
+    async with send, receive:
+        for i in range(100):
+            send.send_nowait(i)
+        async with apply_to_each(
+            _first_returns_others_hang, receive, workers=2, max_pending=2
+        ) as outcomes:
+            async for _ in outcomes:
+                break
+        left = receive.statistics().current_buffer_used
+        assert left > 0
+        assert receive.receive_nowait() == 100 - left
+        send.send_nowait(100)

@@ -40,6 +40,10 @@ async def items_of_the_wrong_type() -> None:
     corral.Pool(fetch, on_outcome=log_bytes)  # type: ignore[misc]  # pyright: ignore[reportCallIssue, reportArgumentType]
 
 
+async def awaiting_a_context_manager() -> None:
+    await corral.apply_to_each(fetch, [1])  # type: ignore[misc]  # pyright: ignore[reportGeneralTypeIssues]
+
+
 async def not_a_handler() -> None:
     await corral.apply_to_all(42, [1, 2])  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
     await corral.apply_to_all("fetch", [1, 2])  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]

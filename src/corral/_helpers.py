@@ -4,10 +4,15 @@ Both pull lazily: an item is taken from ``items`` only when the pool has room
 for it, so at most ``workers + max_pending`` items are in the pool, plus the
 one being handed over, whatever the length of the input. ``apply_to_each``
 counts the outcomes its consumer has not taken yet against the same bound.
+
+When feeding stops before the input is exhausted, a generator the helper was
+reading is closed before the helper's call or block ends (``_close_input``);
+any other iterator is left to its owner.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -15,12 +20,13 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Sequence,
     Sized,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -53,6 +59,14 @@ def _count_for_progress(pool: Pool[Any, Any], items: object) -> None:
             pool._observer.total = None
 
 
+# How long corral lets a generator it took as input run its cleanup (its
+# ``finally`` blocks, after ``aclose()``) when it stops reading it early, so
+# that a generator can close what it opened (a connection, a file, a cursor)
+# before the block ends, while a cleanup that hangs delays the block's exit, or
+# a cancellation, by this much at most. Past it, the cleanup is cancelled.
+_CLOSE_INPUT_TIMEOUT = 5.0
+
+
 async def _feed(
     pool: Pool[T, R],
     items: Iterable[T] | AsyncIterable[T],
@@ -65,16 +79,50 @@ async def _feed(
     taken from ``items`` whose submit is interrupted is recorded as unfinished.
     A plain iterable with no ``after_submit`` (``apply_to_all``) is taken by
     ``Pool._fill``, one call per refill rather than one per item.
+
+    If feeding stops before the input is exhausted (an exception, a
+    cancellation), a generator that corral took as its iterator is closed
+    before this returns (see :func:`_close_input`); other iterators are the
+    caller's and are left alone.
     """
-    submit_if_room = pool._submit_if_room
+    iterator: Iterator[T] | AsyncIterator[T]
     if isinstance(items, AsyncIterable):
-        async for item in items:
-            if not submit_if_room(item):
-                await _submit_or_orphan(pool, item)
-            if after_submit is not None:
-                await after_submit()
-    elif after_submit is None:
+        iterator = aiter(items)
+        feeding = _feed_async(pool, iterator, after_submit)
+    else:
         iterator = iter(items)
+        feeding = _feed_sync(pool, iterator, after_submit)
+    try:
+        await feeding
+    except BaseException:
+        await _close_input(pool, iterator)
+        raise
+
+
+async def _feed_async(
+    pool: Pool[T, Any],
+    iterator: AsyncIterator[T],
+    after_submit: Callable[[], Awaitable[None]] | None,
+) -> None:
+    submit_if_room = pool._submit_if_room
+    take = iterator.__anext__
+    while True:
+        try:
+            item = await take()
+        except StopAsyncIteration:
+            return
+        if not submit_if_room(item):
+            await _submit_or_orphan(pool, item)
+        if after_submit is not None:
+            await after_submit()
+
+
+async def _feed_sync(
+    pool: Pool[T, Any],
+    iterator: Iterator[T],
+    after_submit: Callable[[], Awaitable[None]] | None,
+) -> None:
+    if after_submit is None:
         while not pool._fill(iterator):  # no room: submit the next item, waiting
             for item in iterator:
                 await _submit_or_orphan(pool, item)
@@ -82,10 +130,42 @@ async def _feed(
             else:
                 return
     else:
-        for item in items:
+        submit_if_room = pool._submit_if_room
+        for item in iterator:
             if not submit_if_room(item):
                 await _submit_or_orphan(pool, item)
             await after_submit()
+
+
+async def _close_input(pool: Pool[Any, Any], iterator: Iterator[Any] | AsyncIterator[Any]) -> None:
+    """Close ``iterator`` if it is a generator that feeding left suspended.
+
+    An async generator gets ``aclose()`` in a shielded scope bounded by
+    ``_CLOSE_INPUT_TIMEOUT`` (its ``finally`` may await, also under
+    cancellation; past the bound it is cancelled, logged at WARNING); a sync
+    generator gets ``close()``. What their cleanup raises is logged at ERROR
+    and does not replace the exception feeding stopped with. A generator that
+    already finished (it raised, or was closed) is not affected. Any other
+    iterator (a receive stream, a list iterator) is left as it is.
+    """
+    if inspect.isasyncgen(iterator):
+        deadline = anyio.current_time() + _CLOSE_INPUT_TIMEOUT
+        with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+            try:
+                await iterator.aclose()
+            except Exception:  # noqa: BLE001 - logged; the exception in flight goes on
+                pool._log.exception("closing the input, an async generator, raised")
+        if scope.cancelled_caught:
+            pool._log.warning(
+                "the input, an async generator, did not finish closing within %g "
+                "seconds; its cleanup was cancelled",
+                _CLOSE_INPUT_TIMEOUT,
+            )
+    elif inspect.isgenerator(iterator):
+        try:
+            iterator.close()
+        except Exception:  # noqa: BLE001 - logged; the exception in flight goes on
+            pool._log.exception("closing the input, a generator, raised")
 
 
 async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
@@ -137,7 +217,20 @@ async def apply_to_all(
 async def apply_to_all(
     handler: Callable[[T], Any],
     items: Iterable[T] | AsyncIterable[T],
-    **options: Any,
+    *,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
+    middleware: Sequence[Middleware] = (),
+    on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> list[Outcome[T, Any]]:
     """Run ``handler`` on every item and return the outcomes in input order.
 
@@ -161,9 +254,33 @@ async def apply_to_all(
 
     :param handler: called with each item, as a :class:`Pool`'s handler.
     :param items: an iterable or an async iterable (an anyio receive stream
-        included), pulled lazily: an item is taken only when the pool has room.
+        included), pulled lazily: an item is taken only when the pool has room. If
+        the call ends before ``items`` is exhausted (``fail_fast``, an error,
+        cancellation), the generator it was reading (``items`` itself, or what its
+        ``__iter__`` / ``__aiter__`` returned) is closed before the call ends, so
+        its ``finally`` blocks run then: an async generator is ``aclose()``-d
+        shielded from the cancellation, for up to 5 seconds (then its cleanup is
+        cancelled, logged at WARNING on the pool's logger,
+        ``corral.pool[.<name>]``). An exception its cleanup raises is logged at
+        ERROR there and does not replace the call's exception. Any other iterator
+        (an anyio receive stream) is left open: closing it is the caller's.
     """
-    pool: Pool[T, Any] = Pool(handler, **options)
+    pool: Pool[T, Any] = Pool(
+        handler,
+        workers=workers,
+        max_pending=max_pending,
+        retry=retry,
+        rate_limit=rate_limit,
+        limiter=limiter,
+        timeout=timeout,
+        middleware=middleware,
+        on_outcome=on_outcome,
+        fail_fast=fail_fast,
+        name=name,
+        progress=progress,
+        on_stats=on_stats,
+        stats_interval=stats_interval,
+    )
     _check_items(items)
     _count_for_progress(pool, items)
     collected: _Collected[T, Any] = _Collected()
@@ -285,12 +402,20 @@ class Outcomes(Generic[T, R]):
                 self._consumer = None
 
 
+_NOT_AN_ITERATOR = (
+    "apply_to_each(...) is an async context manager, not an iterator or an awaitable; "
+    "use `async with apply_to_each(handler, items) as outcomes:` and then "
+    "`async for outcome in outcomes:` inside the block"
+)
+
+
 class ApplyToEach(Generic[T, R]):
     """What :func:`apply_to_each` returns: use it with ``async with``.
 
     Entering starts the pool and the task that feeds it from ``items``, and
     gives the :class:`Outcomes` to iterate. It can be entered once (again:
-    ``RuntimeError``); ``async for`` over it directly raises ``TypeError``.
+    ``RuntimeError``); ``async for`` over it directly, or ``await`` on it,
+    raises ``TypeError`` saying how to use it.
     """
 
     def __init__(
@@ -302,11 +427,12 @@ class ApplyToEach(Generic[T, R]):
         self._cm: AbstractAsyncContextManager[Outcomes[T, R]] | None = None
 
     def __aiter__(self) -> NoReturn:
-        raise TypeError(
-            "apply_to_each(...) is an async context manager, not an iterator; use "
-            "`async with apply_to_each(handler, items) as outcomes:` and then "
-            "`async for outcome in outcomes:` inside the block"
-        )
+        raise TypeError(_NOT_AN_ITERATOR)
+
+    if not TYPE_CHECKING:  # for type checkers, awaiting it stays an error
+
+        def __await__(self) -> NoReturn:
+            raise TypeError(_NOT_AN_ITERATOR)
 
     async def __aenter__(self) -> Outcomes[T, R]:
         if self._cm is not None:
@@ -388,7 +514,19 @@ def apply_to_each(
     items: Iterable[T] | AsyncIterable[T],
     *,
     ordered: bool = False,
-    **options: Any,
+    workers: int = 10,
+    max_pending: int | None = None,
+    retry: Retry | None = None,
+    rate_limit: RateLimiter | None = None,
+    limiter: anyio.CapacityLimiter | None = None,
+    timeout: float | Timeout | None = None,
+    middleware: Sequence[Middleware] = (),
+    on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
+    fail_fast: bool = False,
+    name: str | None = None,
+    progress: bool | ProgressBar = False,
+    on_stats: Callable[[PoolStats], object] | None = None,
+    stats_interval: float = 1.0,
 ) -> ApplyToEach[T, Any]:
     """Run ``handler`` on every item; iterate the outcomes as they complete.
 
@@ -406,8 +544,8 @@ def apply_to_each(
     The ``async with`` raises, after every task stopped and unwrapped: the
     block's own exception; with ``fail_fast``, the first handler failure; an
     exception raised by ``items``, ``on_outcome`` or ``on_stats``; or the
-    cancellation. A bare ``async for`` over the return value raises
-    ``TypeError``, and entering it twice ``RuntimeError``.
+    cancellation. A bare ``async for`` over the return value, or ``await`` on
+    it, raises ``TypeError``, and entering it twice ``RuntimeError``.
 
     >>> import anyio
     >>> async def square(x: int) -> int:
@@ -420,10 +558,34 @@ def apply_to_each(
 
     :param handler: called with each item, as a :class:`Pool`'s handler.
     :param items: an iterable or an async iterable (an anyio receive stream
-        included), pulled lazily by a feeder task.
+        included), pulled lazily by a feeder task. If the block ends before
+        ``items`` is exhausted (``break``, ``fail_fast``, an error, cancellation),
+        the generator it was reading (``items`` itself, or what its ``__iter__`` /
+        ``__aiter__`` returned) is closed before the ``async with`` ends, so its
+        ``finally`` blocks run then: an async generator is ``aclose()``-d shielded
+        from the cancellation, for up to 5 seconds (then its cleanup is cancelled,
+        logged at WARNING on the pool's logger, ``corral.pool[.<name>]``). An
+        exception its cleanup raises is logged at ERROR there and does not replace
+        the block's exception. Any other iterator (an anyio receive stream) is left
+        open: closing it is the caller's.
     :param ordered: yield outcomes in input order instead of completion order.
     """
-    pool: Pool[T, Any] = Pool(handler, **options)
+    pool: Pool[T, Any] = Pool(
+        handler,
+        workers=workers,
+        max_pending=max_pending,
+        retry=retry,
+        rate_limit=rate_limit,
+        limiter=limiter,
+        timeout=timeout,
+        middleware=middleware,
+        on_outcome=on_outcome,
+        fail_fast=fail_fast,
+        name=name,
+        progress=progress,
+        on_stats=on_stats,
+        stats_interval=stats_interval,
+    )
     _check_items(items)
     _count_for_progress(pool, items)
     return ApplyToEach(pool, items, check_bool("ordered", ordered))
