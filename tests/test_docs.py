@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from redis_server import COREDIS_LEAK, coredis_leaks_collected
+from redis_server import COREDIS_LEAK
 
 ROOT = pathlib.Path(__file__).parent.parent
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -53,7 +53,7 @@ def test_readme_block_runs(code: str) -> None:
 @pytest.mark.filterwarnings(COREDIS_LEAK)
 @pytest.mark.parametrize("code", blocks_of(BLOCKS, redis=True))
 def test_readme_redis_block_runs(
-    code: str, redis_port: int, monkeypatch: pytest.MonkeyPatch
+    code: str, redis_port: int, coredis_leaks: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each README block that uses corral.redis runs as written against a real
     redis-server (an empty database), whose address it reads from REDIS_URL."""
@@ -69,10 +69,9 @@ def run_with_redis(code: str, name: str, port: int, monkeypatch: pytest.MonkeyPa
         async with coredis.Redis(port=port) as client:
             await client.flushdb()
 
-    with coredis_leaks_collected():
-        anyio.run(flush)
-        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}")
-        exec(compile(code, name, "exec"), {"__name__": "docs"})
+    anyio.run(flush)
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}")
+    exec(compile(code, name, "exec"), {"__name__": "docs"})
 
 
 def test_readme_shows_corral_redis_running() -> None:
@@ -101,7 +100,11 @@ def test_docs_block_runs(code: str, request: pytest.FixtureRequest) -> None:
 @pytest.mark.filterwarnings(COREDIS_LEAK)
 @pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if needs_redis(b.values[0])])
 def test_docs_redis_block_runs(
-    code: str, redis_port: int, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    code: str,
+    redis_port: int,
+    coredis_leaks: None,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Each docs block that uses corral.redis runs as written against a real
     redis-server (an empty database), whose address it reads from REDIS_URL."""

@@ -18,7 +18,7 @@ import pytest
 
 import corral
 from corral.redis import RedisRateLimiter, RedisUnavailable
-from redis_server import COREDIS_LEAK, coredis_leaks_collected, free_port
+from redis_server import COREDIS_LEAK, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
 
@@ -184,12 +184,9 @@ async def test_cancelled_waiter_never_causes_an_excess(redis: coredis.Redis[str]
     assert times[1] - times[0] >= 2 / 20 - READING_SLACK  # the cancelled slot went unused
 
 
-async def test_refused_connection_is_a_clear_error_at_once() -> None:
-    with coredis_leaks_collected():
-        await _refused()
-
-
-async def _refused() -> None:
+async def test_refused_connection_is_a_clear_error_at_once(coredis_leaks: None) -> None:
+    """A refused connection is a RedisUnavailable naming the key, at once
+    (well within the limiter's timeout)."""
     async with coredis.Redis(port=free_port()) as client:
         limiter = RedisRateLimiter(client, "down", 10, timeout=5.0)
         start = time.monotonic()
@@ -198,13 +195,8 @@ async def _refused() -> None:
         assert time.monotonic() - start < 2.0
 
 
-async def test_silent_server_times_out_instead_of_hanging() -> None:
+async def test_silent_server_times_out_instead_of_hanging(coredis_leaks: None) -> None:
     """A server that accepts the connection and never answers."""
-    with coredis_leaks_collected():
-        await _silent()
-
-
-async def _silent() -> None:
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
         port = listener.extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:

@@ -16,7 +16,7 @@ import pytest
 
 import corral
 from corral.redis import Delivery, RedisUnavailable, StreamSink, StreamSource
-from redis_server import COREDIS_LEAK, coredis_leaks_collected, free_port
+from redis_server import COREDIS_LEAK, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings(COREDIS_LEAK)]
 
@@ -262,7 +262,7 @@ async def test_group_start_and_existing_group(redis: coredis.Redis[str]) -> None
     assert seen == ["0", "1"]
 
 
-async def test_bytes_client(redis_port: int) -> None:
+async def test_bytes_client(redis_port: int, coredis_leaks: None) -> None:
     async with coredis.Redis(port=redis_port) as client:
         await client.delete(["raw"])
         await client.xadd("raw", {b"k": b"\xff\x00"})
@@ -296,15 +296,16 @@ async def test_settle_refuses_what_it_did_not_hand_out(redis: coredis.Redis[str]
         await src.settle(outcome)
 
 
-async def test_unreachable_redis_is_a_clear_error() -> None:
-    with coredis_leaks_collected():
-        async with coredis.Redis(port=free_port()) as client:
-            with pytest.raises(RedisUnavailable, match=r"StreamSource.*unreachable"):
-                async with StreamSource(client, "s", "g", "c"):
-                    pass
-            with pytest.raises(RedisUnavailable, match=r"StreamSink.*unreachable"):
-                async with StreamSink(client, "s") as sink:
-                    await sink.submit({"a": "b"})
+async def test_unreachable_redis_is_a_clear_error(coredis_leaks: None) -> None:
+    """A refused connection is a RedisUnavailable naming the adapter, not a
+    hang or coredis's own error, for the source and for the sink."""
+    async with coredis.Redis(port=free_port()) as client:
+        with pytest.raises(RedisUnavailable, match=r"StreamSource.*unreachable"):
+            async with StreamSource(client, "s", "g", "c"):
+                pass
+        with pytest.raises(RedisUnavailable, match=r"StreamSink.*unreachable"):
+            async with StreamSink(client, "s") as sink:
+                await sink.submit({"a": "b"})
 
 
 async def test_bad_arguments_name_the_parameter(redis: coredis.Redis[str]) -> None:

@@ -205,3 +205,21 @@ async def check_redis() -> None:
             assert_type(sink.maxlen, int | None)
     async with coredis.Redis() as raw:
         assert_type(StreamSource(raw, "s", "g", "c"), StreamSource[bytes])
+
+
+async def check_redis_connect() -> None:
+    import coredis
+
+    from corral.redis import StreamSource, connect
+
+    async with connect("redis://localhost:6379") as client:
+        assert_type(client, coredis.Redis[str])
+        assert_type(StreamSource(client, "s", "g", "c"), StreamSource[str])
+    async with connect("redis://localhost:6379", decode_responses=True, db=1) as text:
+        assert_type(text, coredis.Redis[str])
+    async with connect("redis://localhost:6379", decode_responses=False) as raw:
+        assert_type(raw, coredis.Redis[bytes])
+    async with connect(coredis.Redis(decode_responses=True)) as mine:
+        assert_type(mine, coredis.Redis[str])
+    async with connect(coredis.RedisCluster("localhost", 7000)) as cluster:
+        assert_type(cluster, coredis.RedisCluster[bytes])

@@ -99,3 +99,13 @@ def observing_with_the_wrong_types() -> None:
     corral.Pool(fetch, on_stats=on_batcher_stats)  # type: ignore[arg-type]  # pyright: ignore[reportCallIssue, reportArgumentType]
     corral.Pool(fetch, progress="yes")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
     corral.Batcher(embed, stats_interval="1")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+
+
+def connecting_to_what_is_not_redis() -> None:
+    import coredis
+
+    from corral.redis import connect
+
+    connect(6379)  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
+    connect(coredis.Redis(), db=1)  # type: ignore[call-overload]  # pyright: ignore[reportArgumentType]
+    connect("redis://localhost", decode_responses="yes")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]

@@ -13,9 +13,8 @@ from __future__ import annotations
 import sys
 
 import anyio
-import coredis
 
-from corral.redis import StreamSink
+from corral.redis import StreamSink, connect
 
 
 def amount(n: int) -> str:
@@ -26,7 +25,7 @@ def amount(n: int) -> str:
 
 async def main(port: int, count: int) -> None:
     async with (
-        coredis.Redis(port=port, decode_responses=True) as client,
+        connect(f"redis://127.0.0.1:{port}") as client,
         StreamSink(client, "orders", max_size=500) as orders,  # pipelined XADDs
     ):
         for n in range(1, count + 1):

@@ -29,8 +29,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import coredis
 from worker import RATE  # the payment API's quota (this folder is on sys.path)
+
+from corral.redis import connect
 
 HERE = pathlib.Path(__file__).parent
 KEYS = ["orders", "orders:dead", "receipts", "charges", "payments-api", "payments-api:stats"]
@@ -68,13 +69,13 @@ def redis_server() -> Iterator[int]:
 
 
 async def leftovers(port: int) -> list[str]:
-    async with coredis.Redis(port=port, decode_responses=True) as client:
+    async with connect(f"redis://127.0.0.1:{port}") as client:
         return [key for key in KEYS if await client.exists([key])]
 
 
 async def tally(port: int) -> dict[str, Any]:
     """Everything the summary needs, read from Redis."""
-    async with coredis.Redis(port=port, decode_responses=True) as client:
+    async with connect(f"redis://127.0.0.1:{port}") as client:
         orders = [entry.field_values["order"] for entry in await client.xrange("orders")]
         receipts = await client.xrange("receipts")  # the entries, with their IDs
         dead = [entry.field_values for entry in await client.xrange("orders:dead")]

@@ -18,7 +18,7 @@ import anyio
 import coredis
 
 import corral
-from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource
+from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource, connect
 
 RATE, BURST = 1_000, 20  # the payment API's quota: calls per second, all workers together
 # Seconds the orders of a worker that died stay pending before another worker
@@ -57,7 +57,7 @@ async def payment_api(client: coredis.Redis[str], key: str, amount: str) -> str:
 
 async def main(port: int, name: str) -> None:
     async with (
-        coredis.Redis(port=port, decode_responses=True) as client,
+        connect(f"redis://127.0.0.1:{port}") as client,
         StreamSink(client, "receipts") as receipts,
     ):
         # one quota for every worker process: the limit lives in Redis

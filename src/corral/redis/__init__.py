@@ -10,8 +10,12 @@ Redis client, so everything here runs on asyncio, uvloop and trio).
   delivery, acknowledgement after success, reclaim of entries from dead
   consumers, and a dead-letter stream.
 * :class:`StreamSink` -- results to a stream, ``XADD`` in batches.
+* :class:`connect` -- a client's block, ``async with connect(url) as client``,
+  out of which an exception raised inside comes as itself (coredis's own
+  block wraps it in an ``ExceptionGroup``).
 
-Pass each a client you have entered: ``async with coredis.Redis(...) as client``.
+Pass each a client you have entered, with :class:`connect` (or with
+``async with coredis.Redis(...) as client``, coredis's own block).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ except ImportError as _error:  # pragma: no cover - depends on the environment
     ) from _error
 
 from ._common import RedisUnavailable as RedisUnavailable
+from ._connect import connect as connect
 from ._limiter import RedisRateLimiter as RedisRateLimiter
 from ._streams import Delivery as Delivery
 from ._streams import StreamSink as StreamSink
@@ -37,4 +42,5 @@ __all__ = [
     "StreamSink",
     "StreamSource",
     "StreamStats",
+    "connect",
 ]
