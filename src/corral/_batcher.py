@@ -39,7 +39,7 @@ import attrs
 from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
-from ._handlers import check_callable, is_async_callable, make_async
+from ._handlers import check_callable, is_async_callable
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
 from ._observe import (
     ObservedBlock,
@@ -55,6 +55,7 @@ from ._pool import (
     _unwrap_group,
 )
 from ._retry import Retry
+from ._threads import Threads, holds_of_attempt
 from ._validate import check_int, check_number, check_optional_str
 
 __all__ = ["Batcher", "BatcherStats"]
@@ -211,9 +212,11 @@ class Batcher(ObservedBlock, Generic[T, R]):
     :param max_size: the most items in one batch, in every path.
     :param max_wait: seconds the oldest queued item may wait before its batch is
         flushed, counted from when it was added; None for natural batching.
-    :param concurrency: how many flushes may run at once (and threads for a
-        plain ``flush``; a plain flush abandoned by ``timeout`` keeps running
-        in its thread, beyond this count).
+    :param concurrency: how many flushes may run at once. Flushers start as
+        batches need them, so a large bound costs nothing until it is used. A
+        plain ``flush`` runs in at most ``2 * concurrency`` threads, counting
+        those a ``timeout`` abandoned (they keep their thread, and their
+        ``limiter`` token, until they end).
     :param max_pending: how many queued items make :meth:`add` wait; at least
         ``max_size``; default ``max_size * (concurrency + 1)``.
     :param dedupe_key: a function of an item; later items with the key of one
@@ -406,7 +409,9 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._failures = 0  # consecutive failed flushes
         self._sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
         self._running = 0  # flusher tasks alive (at most concurrency, on demand)
-        self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn  # per run
+        # per run: the flush chain, and the threads of a plain flush
+        self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn
+        self._threads: Threads | None = None
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
         self._halt_error: BaseException | None = None  # a final flush that failed
         self._stop_reason: BaseException | None = None  # what broke a flusher
@@ -463,15 +468,26 @@ class Batcher(ObservedBlock, Generic[T, R]):
         if self._state in (_RUNNING, _CLOSING):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         self._clock = clock = _clock()
-        call = make_async(self._flush_fn, anyio.CapacityLimiter(self._concurrency))
+        timeout = self._timeout
+        self._threads = None
+        if is_async_callable(self._flush_fn):
+            call = self._flush_fn
+        else:
+            # a flusher runs one flush at a time; as many threads again may have
+            # been abandoned by timeouts (see _threads)
+            self._threads = Threads(self._flush_fn, 2 * self._concurrency)
+            seconds = None if timeout is None else timeout.seconds
+            call = self._threads.caller(timeout=seconds, clock=clock)
+            timeout = None  # kept by the threads
         self._chain = build_chain(
             call,
             retry=self._retry,
             limiter=self._limiter,
             rate_limit=self._rate_limit,
-            timeout=self._timeout,
+            timeout=timeout,
             middleware=self._middleware,
             clock=clock,
+            threaded=self._threads is not None,
         )
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
@@ -489,6 +505,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._run += 1
         self._state = _RUNNING
         self._running = 0
+        if self._threads is not None:
+            tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
         self._start_flusher()  # more start as batches are flushed (see _flusher)
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
@@ -564,6 +582,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
     def _close(self) -> None:
         self._state = _CLOSED
         self._observer.stop()
+        if self._threads is not None:
+            self._threads.close()
         self._wake_adders()
 
     def _wake_adders(self) -> None:
@@ -937,6 +957,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._tg.start_soon(self._flusher, self._chain, name=name)
 
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
+        holds_of_attempt.set(None)  # not the holds of whoever started this flusher
         queue = self._queue
         in_flight = self._in_flight
         clock = self._clock

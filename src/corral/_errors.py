@@ -26,7 +26,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["CorralError", "FlushError", "PoolClosed", "QueueFull"]
+__all__ = ["CorralError", "FlushError", "PoolClosed", "QueueFull", "attempt_timed_out"]
 
 
 class CorralError(Exception):
@@ -76,3 +76,8 @@ class FlushError(CorralError):
     def __init__(self, message: str, items: Sequence[Any]) -> None:
         super().__init__(message)
         self.items = items
+
+
+def attempt_timed_out(seconds: float | None) -> TimeoutError:
+    """The error of an attempt cut off by the per-attempt ``timeout=``."""
+    return TimeoutError(f"attempt timed out after timeout={seconds!r} s")

@@ -1,16 +1,13 @@
-"""Checking user callables and turning them into one async calling convention."""
+"""Checking user callables; telling async ones from plain ones (which run in
+threads, see _threads)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
-
-__all__ = ["check_callable", "is_async_callable", "make_async"]
+__all__ = ["check_callable", "is_async_callable"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,31 +50,3 @@ def check_callable(name: str, fn: object, *, optional: bool = False) -> None:
             f"{name} must return a result, but {fn!r} is a generator function; "
             "wrap it in a function that returns what you need"
         )
-
-
-def make_async(
-    fn: Callable[[T], Any], thread_limiter: anyio.CapacityLimiter
-) -> Callable[[T], Awaitable[Any]]:
-    """An async callable that runs ``fn``: directly if async, else in a thread.
-
-    A plain callable runs through :func:`anyio.to_thread.run_sync` under
-    ``thread_limiter``; if it returns an awaitable, that is awaited on the loop.
-    The thread is abandoned if the caller is cancelled (it cannot be stopped;
-    its result is discarded).
-    """
-    if is_async_callable(fn):
-        return fn
-    run_sync = anyio.to_thread.run_sync
-
-    def boxed(item: T) -> tuple[Any]:
-        # a 1-tuple, so that a returned coroutine reaches the loop unexamined
-        # (trio's to_thread refuses a function that returns one)
-        return (fn(item),)
-
-    async def call_in_thread(item: T) -> Any:
-        (result,) = await run_sync(boxed, item, abandon_on_cancel=True, limiter=thread_limiter)
-        if inspect.isawaitable(result):
-            result = await result
-        return result
-
-    return call_in_thread

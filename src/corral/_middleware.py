@@ -17,9 +17,11 @@ from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 import anyio
 import attrs
 
+from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
 from ._limits import SlidingWindow, TokenBucket
 from ._retry import Retry
+from ._threads import Holds, holds_of_attempt
 from ._validate import check_number
 
 __all__ = ["Middleware", "RateLimiter", "Timeout", "build_chain", "check_middleware"]
@@ -89,7 +91,9 @@ class Timeout:
     handler is interrupted at its next checkpoint (one that reaches none
     before it returns keeps its result). A plain (threaded) handler cannot be
     interrupted: its timed-out attempt is abandoned, the thread finishes in
-    the background and its result is discarded. ``seconds`` must be a
+    the background and its result is discarded; it still counts against the
+    pool's ``2 * workers`` threads and holds its ``limiter`` token until it
+    ends. ``seconds`` must be a
     positive, finite number (else ``TypeError`` or ``ValueError``).
 
     >>> Timeout(2.5).seconds
@@ -158,17 +162,23 @@ def build_chain(
     timeout: Timeout | None = None,
     middleware: Sequence[Middleware] = (),
     clock: Callable[[], float] = anyio.current_time,
+    threaded: bool = False,
 ) -> Call:
     """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
     when nothing is configured. ``clock`` is the running loop's clock (what
-    :func:`anyio.current_time` reads), passed in to spare a lookup per attempt."""
+    :func:`anyio.current_time` reads), passed in to spare a lookup per attempt.
+
+    ``threaded``: ``call`` is a :class:`~corral._threads.Threads` caller, which
+    keeps the per-attempt timeout itself (pass ``timeout=None``); a capacity
+    limiter's token then stays held until the attempt's thread ends.
+    """
     chain = call
     if timeout is not None:
         chain = _with_timeout(chain, timeout.seconds, clock)
     if rate_limit is not None:
         chain = _with_rate_limit(chain, rate_limit, clock)
     if limiter is not None:
-        chain = _with_limiter(chain, limiter)
+        chain = _with_limiter(chain, limiter, threaded)
     if retry is not None:
         chain = _bind(retry, chain)
     for layer in reversed(middleware):
@@ -196,7 +206,7 @@ def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -
             return await call_next(item)
         # reached only when the deadline cancelled the call; a TimeoutError the
         # handler raised itself propagated above, untouched
-        raise TimeoutError(f"attempt timed out after timeout={seconds!r} s")
+        raise attempt_timed_out(seconds)
 
     return timed
 
@@ -231,7 +241,9 @@ def _with_rate_limit(call_next: Call, rate_limit: RateLimiter, clock: Callable[[
     return rate_limited_fast
 
 
-def _with_limiter(call_next: Call, limiter: Any) -> Call:
+def _with_limiter(call_next: Call, limiter: Any, threaded: bool) -> Call:
+    if threaded and isinstance(limiter, anyio.CapacityLimiter):
+        return _with_limiter_for_thread(call_next, limiter)
     if not isinstance(limiter, anyio.CapacityLimiter):
 
         async def limited(item: Any) -> Any:
@@ -251,3 +263,27 @@ def _with_limiter(call_next: Call, limiter: Any) -> Call:
             limiter.release()
 
     return capacity_limited
+
+
+def _with_limiter_for_thread(call_next: Call, limiter: anyio.CapacityLimiter) -> Call:
+    """The capacity limiter's layer over a threaded call: the attempt's token is
+    held on behalf of its :class:`Holds`, which the call hands to its thread if
+    the thread outlives the attempt (a timeout), so that a thread still running
+    keeps its token and the limiter is never exceeded by running calls."""
+
+    async def capacity_limited_thread(item: Any) -> Any:
+        holds = Holds()
+        try:
+            limiter.acquire_on_behalf_of_nowait(holds)
+        except anyio.WouldBlock:
+            await limiter.acquire_on_behalf_of(holds)
+        holds.releases.append(lambda: limiter.release_on_behalf_of(holds))
+        token = holds_of_attempt.set(holds)
+        try:
+            return await call_next(item)
+        finally:
+            holds_of_attempt.reset(token)
+            if not holds.taken:
+                holds.release()
+
+    return capacity_limited_thread

@@ -36,7 +36,7 @@ import attrs
 from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed, QueueFull
-from ._handlers import check_callable, is_async_callable, make_async
+from ._handlers import check_callable, is_async_callable
 from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
 from ._observe import (
     ObservedBlock,
@@ -46,6 +46,7 @@ from ._observe import (
 )
 from ._outcome import Job, Outcome, _make_outcome
 from ._retry import Retry
+from ._threads import Threads, holds_of_attempt
 from ._validate import check_bool, check_int, check_optional_str
 
 __all__ = ["Pool", "PoolStats"]
@@ -201,7 +202,11 @@ class Pool(ObservedBlock, Generic[T, R]):
         event loop. A ``BaseException`` that is neither an ``Exception`` nor a
         cancellation (``KeyboardInterrupt``) stops the pool, and the block
         re-raises it.
-    :param workers: number of worker tasks (and of threads for a plain handler).
+    :param workers: the most worker tasks running at once. They start as items
+        arrive (one at a time, as the work needs them) and stay until the block
+        ends, so a large bound costs nothing until it is used. A plain handler
+        runs in at most ``2 * workers`` threads at once, counting those a
+        ``timeout`` abandoned (see ``timeout``).
     :param max_pending: how many submitted items may wait for a worker before
         :meth:`submit` blocks; default ``2 * workers``, at least 16.
     :param on_outcome: called with every outcome in the same step that
@@ -229,7 +234,12 @@ class Pool(ObservedBlock, Generic[T, R]):
     :param limiter: an :class:`anyio.CapacityLimiter` held for each attempt
         (not during a retry's backoff); pools sharing one share a concurrency cap.
     :param timeout: seconds (or a :class:`Timeout`) per attempt; a timed-out
-        attempt is a ``TimeoutError``, which ``retry`` may retry.
+        attempt is a ``TimeoutError``, which ``retry`` may retry. A plain
+        handler's timed-out thread runs on, abandoned: it keeps one of the
+        pool's threads and its ``limiter`` token until it ends. Waiting for a
+        free thread counts against the timeout; an attempt that gets none in
+        time fails with a ``TimeoutError`` saying so and is not counted in
+        ``Outcome.attempts``.
     :param middleware: user :class:`Middleware`, outermost first; they wrap the
         chain ``retry → limiter → rate_limit → timeout → handler`` and see each
         item once.
@@ -341,9 +351,9 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._live: dict[int, _Entry[T, R]] = {}
         self._space_waiters: deque[anyio.Event] = deque()
         self._idle_event: anyio.Event | None = None
-        # per run: the handler as an async callable, the loop's clock, and how
+        # per run: the threads of a plain handler, the loop's clock, and how
         # many workers have been started (at most ``workers``, on demand)
-        self._call: Callable[[T], Awaitable[R]] | None = None
+        self._threads: Threads | None = None
         self._clock: Callable[[], float] = anyio.current_time
         self._started = 0
         self._watched = False  # someone waits for idle or join: workers notify
@@ -398,9 +408,12 @@ class Pool(ObservedBlock, Generic[T, R]):
     async def __aenter__(self) -> Pool[T, R]:
         if self._state in (_RUNNING, _STOPPING):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
-        thread_limiter = anyio.CapacityLimiter(self._workers)
-        self._call = make_async(self._handler, thread_limiter)
         self._clock = _clock()
+        self._threads = None
+        if not is_async_callable(self._handler):
+            # a worker runs one call at a time; as many threads again may have
+            # been abandoned by timeouts (see _threads)
+            self._threads = Threads(self._handler, 2 * self._workers)
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
@@ -410,6 +423,8 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._stop_reason = None
         self._started = 0  # workers start as items arrive (see _enqueue)
         self._state = _RUNNING
+        if self._threads is not None:
+            tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
@@ -419,25 +434,33 @@ class Pool(ObservedBlock, Generic[T, R]):
         """Start one more worker (the caller checked the bound); it takes the
         entry at the head of the queue when it runs."""
         assert self._tg is not None
-        assert self._call is not None
         number = self._started
         self._started = number + 1
         self._waking = True  # cleared by the new worker's _wake_next
         name = f"corral worker {self.name or hex(id(self))}#{number}"
-        call, clock = self._call, self._clock
+        clock, threads = self._clock, self._threads
         if not self._layered:
+            call = self._handler if threads is None else threads.caller(timeout=None, clock=clock)
             self._tg.start_soon(self._work, call, None, clock, name=name)
             return
         # each worker its own chain, around a counter of handler calls
         attempts: list[float] = [0, 0.0]
+        timeout = self._timeout
+        if threads is None:
+            call = _counting(self._handler, attempts, clock)
+        else:  # the threads keep the timeout, and count only calls that start
+            seconds = None if timeout is None else timeout.seconds
+            call = threads.caller(timeout=seconds, clock=clock, on_start=_counter(attempts, clock))
+            timeout = None
         chain = build_chain(
-            _counting(call, attempts, clock),
+            call,
             retry=self._retry,
             limiter=self._limiter,
             rate_limit=self._rate_limit,
-            timeout=self._timeout,
+            timeout=timeout,
             middleware=self._middleware,
             clock=clock,
+            threaded=threads is not None,
         )
         self._tg.start_soon(self._work, chain, attempts, clock, name=name)
 
@@ -488,6 +511,8 @@ class Pool(ObservedBlock, Generic[T, R]):
             return
         self._state = _CLOSED
         self._observer.stop()
+        if self._threads is not None:
+            self._threads.close()
         while self._idle_workers:  # woken with no entry, they find the pool closed
             self._idle_workers.popleft().event.set()
         while self._space_waiters:
@@ -727,6 +752,7 @@ class Pool(ObservedBlock, Generic[T, R]):
         # Everything the loop touches is bound to a local once: the per-item path
         # is the engine's hot path (see benchmarks/bench_apply.py).
         _worker_of.set(self)
+        holds_of_attempt.set(None)  # not the holds of whoever started this worker
         self._wake_next()  # a new worker: the chain of wake-ups goes on
         queue = self._queue
         live = self._live
@@ -991,6 +1017,18 @@ def _stray_cancellation(exc: BaseException) -> Exception:
     )
     error.__cause__ = exc
     return error
+
+
+def _counter(attempts: list[float], clock: Callable[[], float]) -> Callable[[], None]:
+    """What :func:`_counting` does as a call starts, for a threaded call (which
+    starts only once it has a thread)."""
+
+    def started() -> None:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            attempts[1] = clock()
+
+    return started
 
 
 def _counting(

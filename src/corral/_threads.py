@@ -1,0 +1,219 @@
+"""Plain handlers in worker threads, every thread accounted for.
+
+A thread cannot be interrupted: when a timeout gives up on a threaded call, the
+thread runs on, *abandoned*. So that abandoned threads neither pile up nor let
+more calls run than a shared :class:`anyio.CapacityLimiter` allows, each call
+runs in a task of its own (in a task group of :class:`Threads`, inside the
+pool's) that holds the call's thread slot, and the attempt's capacity token,
+until the thread has ended, whatever its caller did meanwhile::
+
+    caller:  [wait for a thread slot] ── start the call's task ── wait for it ─┐
+                  (the attempt's timeout runs from here, over both waits)      │ timeout:
+    call's task:             run_sync(fn, item) ── release slot and token      │ caller goes on,
+                                                                               ┘ the task holds on
+
+A pool has ``2 * workers`` thread slots: a worker runs one call at a time, and
+at most as many threads again may have been abandoned. A call that cannot get a
+slot before its timeout fails with a ``TimeoutError`` saying so, and does not
+count as an attempt (its handler was never called). When the pool ends, it does
+not wait for abandoned threads: they finish in the background, and their slots
+and tokens are given back as the block ends.
+
+This is the same on every backend (anyio's own ``to_thread`` differs: on
+asyncio a cancelled call gives its limiter token back at once, on trio only
+when its thread ends).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from ._errors import attempt_timed_out
+
+__all__ = ["Holds", "Threads", "holds_of_attempt"]
+
+
+class Holds:
+    """What one attempt holds (a capacity token, a thread slot): released when the
+    attempt ends or, once its call runs in a thread, when that thread ends.
+
+    It is also the borrower of those tokens in their limiters.
+    """
+
+    __slots__ = ("releases", "taken")
+
+    def __init__(self) -> None:
+        self.releases: list[Callable[[], None]] = []
+        self.taken = False  # a thread's task releases them, not the attempt
+
+    def release(self) -> None:
+        """Release everything held (again: nothing)."""
+        releases, self.releases = self.releases, []
+        for release in reversed(releases):
+            release()
+
+
+# The holds of the attempt running in this task: set by the capacity limiter's
+# layer of a threaded handler's chain (see _middleware), taken over by its call.
+holds_of_attempt: contextvars.ContextVar[Holds | None] = contextvars.ContextVar(
+    "corral_holds_of_attempt", default=None
+)
+
+
+class _Call:
+    """One call of the plain function, between the caller and the call's task."""
+
+    __slots__ = ("abandoned", "done", "error", "holds", "item", "result", "skip", "started")
+
+    def __init__(self, item: Any, holds: Holds) -> None:
+        self.item = item
+        self.holds = holds
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.started = False  # the task runs: it releases the holds
+        self.skip = False  # the caller gave up before the task ran
+        self.abandoned = False  # the caller gave up while the thread ran
+
+
+def _boxed(fn: Callable[[Any], Any], item: Any) -> tuple[Any]:
+    # a 1-tuple, so that a returned coroutine reaches the loop unexamined
+    # (trio's to_thread refuses a function that returns one)
+    return (fn(item),)
+
+
+class Threads:
+    """The worker threads of one run of a pool or batcher, at most ``limit`` at
+    once, abandoned ones included.
+
+    Start :meth:`serve` in the pool's task group; :meth:`close` (when the pool
+    ends) stops waiting for abandoned threads.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any], limit: int) -> None:
+        self._fn = fn
+        self.limit = limit
+        self._slots = anyio.CapacityLimiter(limit)
+        # what anyio's to_thread counts the call against: never the bottleneck
+        # (the slots are), and never anyio's default of 40 threads
+        self._unlimited = anyio.CapacityLimiter(math.inf)
+        self._tg: anyio.abc.TaskGroup | None = None  # hosts the calls' tasks
+        self._ready = anyio.Event()  # _tg is set
+        self._closed = False
+        self.abandoned = 0  # threads still running whose caller gave up
+
+    async def serve(self) -> None:
+        """Host the calls' tasks until :meth:`close`."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._ready.set()
+            if self._closed:
+                tg.cancel_scope.cancel()
+            await anyio.sleep_forever()
+
+    def close(self) -> None:
+        """Stop: abandoned threads are no longer waited for (their holds are
+        released now; the threads finish in the background)."""
+        self._closed = True
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    def caller(
+        self,
+        *,
+        timeout: float | None,
+        clock: Callable[[], float],
+        on_start: Callable[[], None] | None = None,
+    ) -> Callable[[Any], Awaitable[Any]]:
+        """An async callable running the function in a thread, each attempt
+        within ``timeout`` seconds (waiting for a thread slot included);
+        ``on_start`` is called as a call starts (the pool counts attempts)."""
+        slots = self._slots
+
+        async def call_in_thread(item: Any) -> Any:
+            if self._tg is None:  # serve() has not run yet
+                await self._ready.wait()
+            holds = holds_of_attempt.get() or Holds()
+            ends_at = math.inf if timeout is None else clock() + timeout
+            try:
+                slots.acquire_on_behalf_of_nowait(holds)
+            except anyio.WouldBlock:
+                with anyio.CancelScope(deadline=ends_at) as waiting:
+                    await slots.acquire_on_behalf_of(holds)
+                if waiting.cancelled_caught:
+                    raise self._no_thread_error(timeout) from None
+            holds.releases.append(lambda: slots.release_on_behalf_of(holds))
+            if on_start is not None:
+                on_start()
+            return await self._run(item, holds, ends_at, timeout)
+
+        return call_in_thread
+
+    async def _run(self, item: Any, holds: Holds, ends_at: float, seconds: float | None) -> Any:
+        """Start the call's task and wait for it (until ``ends_at``)."""
+        assert self._tg is not None
+        call = _Call(item, holds)
+        holds.taken = True
+        self._tg.start_soon(self._call, call)
+        try:
+            with anyio.CancelScope(deadline=ends_at):
+                await call.done.wait()
+        except BaseException:
+            self._give_up(call)
+            raise
+        if not call.done.is_set():
+            self._give_up(call)
+            raise attempt_timed_out(seconds)
+        if call.error is not None:
+            raise call.error
+        result = call.result
+        if inspect.isawaitable(result):  # awaited on the loop, within the timeout
+            with anyio.CancelScope(deadline=ends_at):
+                return await result
+            raise attempt_timed_out(seconds)
+        return result
+
+    def _give_up(self, call: _Call) -> None:
+        """The caller stops waiting: a call whose task has not run never will; a
+        running one is abandoned (its task releases the holds when it ends)."""
+        if not call.started:
+            call.skip = True
+            call.holds.release()
+        else:
+            call.abandoned = True
+            self.abandoned += 1
+
+    async def _call(self, call: _Call) -> None:
+        """The call's task: run the thread; release its holds when it ends."""
+        call.started = True
+        if call.skip:
+            return
+        try:
+            (call.result,) = await anyio.to_thread.run_sync(
+                _boxed, self._fn, call.item, abandon_on_cancel=True, limiter=self._unlimited
+            )
+        except anyio.get_cancelled_exc_class():
+            call.error = RuntimeError("the pool stopped before its thread finished")
+            raise
+        except BaseException as error:  # noqa: BLE001 - the caller re-raises it
+            call.error = error
+        finally:
+            if call.abandoned:
+                self.abandoned -= 1
+            call.holds.release()
+            call.done.set()
+
+    def _no_thread_error(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"timed out after timeout={timeout!r} s waiting for a free thread: all "
+            f"{self.limit} threads are busy, {self.abandoned} of them abandoned by "
+            "timeouts (the handler was not called)"
+        )

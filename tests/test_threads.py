@@ -1,0 +1,155 @@
+"""Plain handlers in threads, cut off by timeout=: the same on every backend.
+
+A timed-out thread cannot be stopped; corral abandons it. These tests pin what
+that means: a pool never has more than 2 * workers threads at once (abandoned
+ones included), a shared CapacityLimiter is never exceeded by calls that are
+still running in a thread, and Outcome.attempts counts only calls that started.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import Batcher, Pool, Retry, apply_to_all
+
+pytestmark = pytest.mark.anyio
+
+
+class Blocking:
+    """A plain handler whose calls block their thread until released; counts the
+    calls that started and the most running at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.started: list[Any] = []
+        self.running = 0
+        self.peak = 0
+        self.all_ended = threading.Event()
+        self.all_ended.set()
+
+    def __call__(self, item: Any) -> Any:
+        with self.lock:
+            self.started.append(item)
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.all_ended.clear()
+        try:
+            if not self.release.wait(10):
+                raise RuntimeError("never released")
+            return item
+        finally:
+            with self.lock:
+                self.running -= 1
+                if not self.running:
+                    self.all_ended.set()
+
+    async def finish(self) -> None:
+        """Release every thread and wait until they have all ended."""
+        self.release.set()
+        await anyio.to_thread.run_sync(self.all_ended.wait, 10)
+
+
+async def test_abandoned_threads_stay_bounded_and_only_started_calls_count() -> None:
+    """workers=2, timeout=0.05, 8 blocked calls: at most 4 threads ever run
+    (2 * workers, the abandoned ones included); the 4 items that never got a
+    thread fail with a TimeoutError saying so and count no attempt."""
+    handler = Blocking()
+    try:
+        outcomes = await apply_to_all(handler, range(8), workers=2, timeout=0.05)
+        assert handler.peak == 4
+        assert sorted(handler.started) == [0, 1, 2, 3]
+        for outcome in outcomes:
+            assert isinstance(outcome.error, TimeoutError)
+            if outcome.item in handler.started:
+                assert outcome.attempts == 1
+                assert str(outcome.error) == "attempt timed out after timeout=0.05 s"
+            else:
+                assert outcome.attempts == 0
+                assert "waiting for a free thread" in str(outcome.error)
+                assert "4 threads are busy, 4 of them abandoned" in str(outcome.error)
+    finally:
+        await handler.finish()
+
+
+async def test_retried_counts_only_calls_that_started() -> None:
+    """With Retry around a timeout, stats.retried and Outcome.attempts add up to
+    the calls the handler really got, whatever waited for a thread."""
+    handler = Blocking()
+    try:
+        async with Pool(
+            handler, workers=2, timeout=0.05, retry=Retry(3, wait_initial=0)
+        ) as pool:
+            jobs = [await pool.submit(i) for i in range(4)]
+        attempts = sum(job.outcome.attempts for job in jobs if job.outcome is not None)
+        assert attempts == len(handler.started) <= 4
+        assert pool.stats.retried == attempts - sum(
+            1 for job in jobs if job.outcome is not None and job.outcome.attempts
+        )
+    finally:
+        await handler.finish()
+
+
+async def test_shared_capacity_limiter_is_never_exceeded_by_running_calls() -> None:
+    """CapacityLimiter(2) shared by a pool of 8 workers whose calls time out: a
+    timed-out call keeps its token while its thread runs, so no more than 2
+    calls ever run at once, and the others go on once the threads end."""
+    handler = Blocking()
+    limiter = anyio.CapacityLimiter(2)
+    timed_out = anyio.Event()
+    failures: list[Any] = []
+
+    def on_outcome(outcome: Any) -> None:
+        if outcome.error is not None:
+            failures.append(outcome.item)
+            if len(failures) == 2:
+                timed_out.set()
+
+    try:
+        async with Pool(
+            handler, workers=8, timeout=0.05, limiter=limiter, on_outcome=on_outcome
+        ) as pool:
+            for i in range(16):
+                await pool.submit(i)
+            await timed_out.wait()
+            # a negative check needs a window: time for a call that should not
+            # start (its worker holds no token) to show up in the handler
+            await anyio.sleep(0.2)
+            assert sorted(handler.started) == sorted(failures)  # abandoned, still running
+            assert limiter.borrowed_tokens == 2
+            handler.release.set()  # the threads end; their tokens come back
+        assert handler.peak == 2
+        assert pool.stats.succeeded == 14
+        assert limiter.borrowed_tokens == 0
+    finally:
+        await handler.finish()
+
+
+async def test_batcher_plain_flush_threads_stay_bounded() -> None:
+    """A plain flush cut off by timeout=: at most 2 * concurrency threads; the
+    third attempt finds none free and fails saying so; after the threads end,
+    everything is flushed, nothing lost."""
+    handler = Blocking()
+    try:
+        async with Batcher(
+            handler,
+            max_size=1,
+            max_wait=None,
+            concurrency=1,
+            timeout=0.05,
+            retry=Retry(3, wait_initial=0),
+        ) as batcher:
+            for i in range(3):
+                await batcher.add(i)
+            with pytest.raises(TimeoutError, match="waiting for a free thread"):
+                await batcher.flush()
+            assert handler.started == [[0], [0]]
+            handler.release.set()
+        assert batcher.stats.flushed == 3
+        assert handler.peak == 2
+    finally:
+        await handler.finish()
