@@ -6,6 +6,7 @@ batchers that corral replaces.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -1064,3 +1065,52 @@ async def test_flushers_start_on_demand_so_a_huge_concurrency_costs_nothing() ->
             assert _flusher_tasks() == 4
             release.set()
     assert batcher.stats.flushed == 6
+
+
+async def test_max_consecutive_failures_gives_up_with_flush_error() -> None:
+    """A flush that can never succeed, with max_consecutive_failures=3: after
+    the third failed flush in a row the block is cancelled and raises
+    FlushError holding every item, instead of retrying forever (a silent hang
+    for a producer waiting on a full queue)."""
+
+    def broken(batch: list[int]) -> None:
+        raise SinkDown("the database is gone")
+
+    with anyio.fail_after(10):
+        with pytest.raises(FlushError, match="3 consecutive flushes failed") as raised:
+            async with Batcher(
+                broken, max_size=2, max_pending=4, retry=QUICK, max_consecutive_failures=3
+            ) as batcher:
+                for i in range(10):
+                    await batcher.add(i)  # blocks on the full queue, until the end
+    assert isinstance(raised.value.__cause__, SinkDown)
+    assert raised.value.items == batcher.unflushed == list(range(batcher.stats.added))
+    assert batcher.stats.added >= 4
+    assert batcher.stats.flush_failures == 3
+
+
+async def test_max_consecutive_failures_counts_only_failures_in_a_row() -> None:
+    """A success resets the count: failures that alternate with successes never
+    reach max_consecutive_failures=2, and everything is flushed."""
+    calls = 0
+
+    def flaky(batch: list[int]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 2:
+            raise SinkDown(calls)
+
+    async with Batcher(flaky, max_size=1, retry=QUICK, max_consecutive_failures=2) as batcher:
+        for i in range(4):
+            await batcher.add(i)
+        while batcher.stats.flushed < 4:
+            with contextlib.suppress(SinkDown):
+                await batcher.flush()
+    assert batcher.stats.flush_failures == 4
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_max_consecutive_failures_is_checked(value: Any, error: type[Exception]) -> None:
+    """A bad max_consecutive_failures is refused at construction, naming it."""
+    with pytest.raises(error, match="max_consecutive_failures"):
+        Batcher(print, max_consecutive_failures=value)

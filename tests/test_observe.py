@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import subprocess
 import sys
 from typing import Any
@@ -505,3 +506,50 @@ def test_progress_bar_protocol_matches_tqdm_and_look_alikes() -> None:
         assert isinstance(bar, corral.ProgressBar)
     assert isinstance(FakeBar(), corral.ProgressBar)
     assert not isinstance(object(), corral.ProgressBar)
+
+
+class DrawingBar(FakeBar):
+    """A FakeBar that knows what a real bar would show: the postfix as of its
+    last redraw (tqdm redraws on update, refresh() or set_postfix(refresh=True))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: dict[str, Any] = {}
+        self.shows_failures = anyio.Event()
+
+    def _draw(self) -> None:
+        self.shown = dict(self.postfix)
+        if self.shown.get("failed flushes"):
+            self.shows_failures.set()
+
+    def update(self, n: float = 1) -> None:
+        super().update(n)
+        self._draw()
+
+    def set_postfix(self, ordered_dict: dict[str, Any], refresh: bool = True) -> None:
+        super().set_postfix(ordered_dict)
+        if refresh:
+            self._draw()
+
+    def refresh(self) -> None:
+        super().refresh()
+        self._draw()
+
+
+async def test_a_batcher_bar_shows_failed_flushes_before_anything_is_flushed() -> None:
+    """A flush that never succeeds: the bar, stuck at 0 items, still shows the
+    failed flushes from the first one (it looked like a silent hang)."""
+    bar = DrawingBar()
+
+    def broken(batch: list[int]) -> None:
+        raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            async with Batcher(broken, max_size=2, progress=bar) as batcher:
+                await batcher.add(1)
+                await batcher.add(2)
+                await bar.shows_failures.wait()
+                assert bar.n == 0
+                scope.cancel()
+    assert batcher.unflushed == [1, 2]

@@ -81,9 +81,7 @@ async def test_retried_counts_only_calls_that_started() -> None:
     the calls the handler really got, whatever waited for a thread."""
     handler = Blocking()
     try:
-        async with Pool(
-            handler, workers=2, timeout=0.05, retry=Retry(3, wait_initial=0)
-        ) as pool:
+        async with Pool(handler, workers=2, timeout=0.05, retry=Retry(3, wait_initial=0)) as pool:
             jobs = [await pool.submit(i) for i in range(4)]
         attempts = sum(job.outcome.attempts for job in jobs if job.outcome is not None)
         assert attempts == len(handler.started) <= 4

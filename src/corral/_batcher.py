@@ -239,6 +239,12 @@ class Batcher(ObservedBlock, Generic[T, R]):
         once more at exit. It runs on the event loop: keep it quick. If it
         raises, the batcher stops and the block re-raises that exception.
     :param stats_interval: seconds between two ``on_stats`` calls.
+    :param max_consecutive_failures: give up after this many failed flushes in
+        a row (each after its ``retry`` policy; a success resets the count):
+        flushing ends, the block is cancelled and raises :class:`FlushError`
+        with every item not flushed, as when a final flush fails. None (the
+        default) keeps trying, with the growing backoff, for as long as the
+        block runs.
     """
 
     @overload
@@ -260,6 +266,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[BatcherStats], object] | None = None,
         stats_interval: float = 1.0,
+        max_consecutive_failures: int | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -280,6 +287,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[BatcherStats], object] | None = None,
         stats_interval: float = 1.0,
+        max_consecutive_failures: int | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -300,6 +308,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[BatcherStats], object] | None = None,
         stats_interval: float = 1.0,
+        max_consecutive_failures: int | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -320,6 +329,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[BatcherStats], object] | None = None,
         stats_interval: float = 1.0,
+        max_consecutive_failures: int | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -339,6 +349,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[BatcherStats], object] | None = None,
         stats_interval: float = 1.0,
+        max_consecutive_failures: int | None = None,
     ) -> None:
         check_callable("flush", flush)
         self._flush_fn = flush
@@ -381,6 +392,11 @@ class Batcher(ObservedBlock, Generic[T, R]):
             if policy is not None and policy.wait_initial > 0 and policy.wait_max > 0
             else _FAILURE_BACKOFF
         )
+        self._give_up_after = (
+            None
+            if max_consecutive_failures is None
+            else check_int("max_consecutive_failures", max_consecutive_failures, minimum=1)
+        )
         self.name: str | None = check_optional_str("name", name)
         self._observer: Observer[BatcherStats] = Observer(
             progress=progress,
@@ -413,7 +429,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn
         self._threads: Threads | None = None
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
-        self._halt_error: BaseException | None = None  # a final flush that failed
+        # why flushing ended: a final flush that failed, or the last of
+        # max_consecutive_failures failed flushes
+        self._halt_error: BaseException | None = None
+        self._halt_reason = "a final flush failed"
         self._stop_reason: BaseException | None = None  # what broke a flusher
         self._unflushed: list[_Entry[T]] = []
         self._submitted = False  # submit was ever used: batches may carry tickets
@@ -496,6 +515,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._tg = tg
         self._unflushed = []
         self._stop_reason = self._halt_error = None
+        self._halt_reason = "a final flush failed"
         self._stopped = anyio.Event()
         self._resume_at = -math.inf
         self._failures = 0
@@ -554,7 +574,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         if self._halt_error is not None:
             count = len(self._unflushed)
             raise FlushError(
-                f"{self!r}: a final flush failed ({self._halt_error!r}); "
+                f"{self!r}: {self._halt_reason} ({self._halt_error!r}); "
                 f"{count} item{'s' if count != 1 else ''} not flushed",
                 self.unflushed,
             ) from self._halt_error
@@ -1166,11 +1186,16 @@ class Batcher(ObservedBlock, Generic[T, R]):
                 self._handed_back.add(entry[0])
                 ticket.fail(error)
         self._requeue(keep)
-        self._log_flush_failure(len(batch), len(keep), error, final)
+        give_up = self._give_up_after is not None and self._failures >= self._give_up_after
+        self._log_flush_failure(len(batch), len(keep), error, final or give_up)
         if self._flush_waiters:
             self._settle_flush_waiters(batch, error)
-        if final and self._halt_error is None:
+        if (final or give_up) and self._halt_error is None:
             self._halt_error = error  # flushing ends; the rest is unflushed
+            if not final:
+                self._halt_reason = f"{self._failures} consecutive flushes failed"
+                if self._tg is not None:  # the block ends with FlushError
+                    self._tg.cancel_scope.cancel()
             self._wake_all_parked()
             for scope in self._sleepers:
                 scope.cancel()

@@ -122,6 +122,7 @@ class Observer(Generic[S]):
         self._bar: Any = None
         self._owned = False
         self._base = self._shown = 0
+        self._postfix: dict[str, int] = {}  # the postfix last shown
         # the bar's drawing or on_stats raised: the pool is stopping, and that
         # one is not called again at exit
         self._bar_broken = self._stats_broken = False
@@ -144,6 +145,7 @@ class Observer(Generic[S]):
         self._bar_scope, self._stats_scope = anyio.CancelScope(), anyio.CancelScope()
         # the bar counts this run's items (a pool's stats accumulate over entries)
         self._base, self._shown = self._count(snapshot)[0], 0
+        self._postfix = {}
         if self._progress is True:
             from tqdm.auto import tqdm
 
@@ -220,7 +222,11 @@ class Observer(Generic[S]):
         done -= self._base
         set_postfix = getattr(bar, "set_postfix", None)
         if postfix and callable(set_postfix):
-            set_postfix(postfix, refresh=False)
+            # redrawn at once when only the postfix changed (failures and no
+            # progress): else a bar stuck at 0 would not show them
+            changed = postfix != self._postfix
+            set_postfix(postfix, refresh=changed and done == self._shown)
+            self._postfix = postfix
         if done != self._shown:
             bar.update(done - self._shown)
             self._shown = done
