@@ -40,7 +40,14 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
+from ._middleware import (
+    Middleware,
+    RateLimiter,
+    Timeout,
+    build_chain,
+    check_middleware,
+    may_give_up,
+)
 from ._observe import (
     ObservedBlock,
     Observer,
@@ -494,7 +501,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         else:
             # a flusher runs one flush at a time; as many threads again may have
             # been abandoned by timeouts (see _threads)
-            self._threads = Threads(self._flush_fn, 2 * self._concurrency)
+            abandonable = may_give_up(
+                retry=self._retry, timeout=timeout, middleware=self._middleware
+            )
+            self._threads = Threads(self._flush_fn, 2 * self._concurrency, abandonable=abandonable)
             seconds = None if timeout is None else timeout.seconds
             call = self._threads.caller(timeout=seconds, clock=clock)
             timeout = None  # kept by the threads
@@ -506,7 +516,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
             timeout=timeout,
             middleware=self._middleware,
             clock=clock,
-            threaded=self._threads is not None,
+            threaded=self._threads is not None and self._threads.abandonable,
         )
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
@@ -525,7 +535,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._run += 1
         self._state = _RUNNING
         self._running = 0
-        if self._threads is not None:
+        if self._threads is not None and self._threads.abandonable:
             tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
         self._start_flusher()  # more start as batches are flushed (see _flusher)
         if self._observer.active:

@@ -24,7 +24,14 @@ from ._retry import Retry
 from ._threads import Holds, holds_of_attempt
 from ._validate import check_number
 
-__all__ = ["Middleware", "RateLimiter", "Timeout", "build_chain", "check_middleware"]
+__all__ = [
+    "Middleware",
+    "RateLimiter",
+    "Timeout",
+    "build_chain",
+    "check_middleware",
+    "may_give_up",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -151,6 +158,19 @@ def check_middleware(
                 f"`async def __call__(self, item, call_next)`, got {layer!r}"
             )
     return retry, rate_limit, limiter, timeout, tuple(middleware)  # type: ignore[return-value]
+
+
+def may_give_up(
+    *, retry: Retry | None, timeout: Timeout | None, middleware: Sequence[Middleware]
+) -> bool:
+    """Whether a chain may give up on an attempt while its pool runs on: a
+    timeout, a Retry deadline, or user middleware (which may cancel). A plain
+    handler's thread is then kept track of after its caller left (_threads)."""
+    return (
+        timeout is not None
+        or bool(middleware)
+        or (retry is not None and retry.deadline is not None)
+    )
 
 
 def build_chain(

@@ -37,7 +37,14 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._middleware import Middleware, RateLimiter, Timeout, build_chain, check_middleware
+from ._middleware import (
+    Middleware,
+    RateLimiter,
+    Timeout,
+    build_chain,
+    check_middleware,
+    may_give_up,
+)
 from ._observe import (
     ObservedBlock,
     Observer,
@@ -413,7 +420,13 @@ class Pool(ObservedBlock, Generic[T, R]):
         if not is_async_callable(self._handler):
             # a worker runs one call at a time; as many threads again may have
             # been abandoned by timeouts (see _threads)
-            self._threads = Threads(self._handler, 2 * self._workers)
+            self._threads = Threads(
+                self._handler,
+                2 * self._workers,
+                abandonable=may_give_up(
+                    retry=self._retry, timeout=self._timeout, middleware=self._middleware
+                ),
+            )
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
@@ -423,7 +436,7 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._stop_reason = None
         self._started = 0  # workers start as items arrive (see _enqueue)
         self._state = _RUNNING
-        if self._threads is not None:
+        if self._threads is not None and self._threads.abandonable:
             tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
@@ -460,7 +473,7 @@ class Pool(ObservedBlock, Generic[T, R]):
             timeout=timeout,
             middleware=self._middleware,
             clock=clock,
-            threaded=threads is not None,
+            threaded=threads is not None and threads.abandonable,
         )
         self._tg.start_soon(self._work, chain, attempts, clock, name=name)
 

@@ -3,14 +3,18 @@
 A thread cannot be interrupted: when a timeout gives up on a threaded call, the
 thread runs on, *abandoned*. So that abandoned threads neither pile up nor let
 more calls run than a shared :class:`anyio.CapacityLimiter` allows, each call
-runs in a task of its own (in a task group of :class:`Threads`, inside the
-pool's) that holds the call's thread slot, and the attempt's capacity token,
-until the thread has ended, whatever its caller did meanwhile::
+runs in a runner task (in a task group of :class:`Threads`, inside the pool's)
+that holds the call's thread slot, and the attempt's capacity token, until the
+thread has ended, whatever its caller did meanwhile::
 
-    caller:  [wait for a thread slot] ── start the call's task ── wait for it ─┐
+    caller:  [wait for a thread slot] ── hand the call to a runner ── wait ────┐
                   (the attempt's timeout runs from here, over both waits)      │ timeout:
-    call's task:             run_sync(fn, item) ── release slot and token      │ caller goes on,
-                                                                               ┘ the task holds on
+    runner:                  run_sync(fn, item) ── release slot and token      │ caller goes on,
+                                                                               ┘ the runner holds on
+
+Runners park between calls. Only where an attempt can be given up on (a
+timeout, a Retry deadline, user middleware) is this needed; otherwise the
+worker runs the thread itself, which saves a hand-over per call.
 
 A pool has ``2 * workers`` thread slots: a worker runs one call at a time, and
 at most as many threads again may have been abandoned. A call that cannot get a
@@ -68,6 +72,16 @@ holds_of_attempt: contextvars.ContextVar[Holds | None] = contextvars.ContextVar(
 )
 
 
+class _Parked:
+    """A runner waiting for a call: set ``call``, then ``event``."""
+
+    __slots__ = ("call", "event")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.call: _Call | None = None
+
+
 class _Call:
     """One call of the plain function, between the caller and the call's task."""
 
@@ -98,14 +112,20 @@ class Threads:
     ends) stops waiting for abandoned threads.
     """
 
-    def __init__(self, fn: Callable[[Any], Any], limit: int) -> None:
+    def __init__(self, fn: Callable[[Any], Any], limit: int, *, abandonable: bool) -> None:
         self._fn = fn
         self.limit = limit
+        # Can a call be given up on while the pool goes on (a per-attempt
+        # timeout, a Retry deadline, user middleware)? If not, a worker runs its
+        # thread itself: no task of its own per call, which costs an extra loop
+        # step per item (+50% for a trivial plain handler; see _call_directly).
+        self.abandonable = abandonable
         self._slots = anyio.CapacityLimiter(limit)
         # what anyio's to_thread counts the call against: never the bottleneck
         # (the slots are), and never anyio's default of 40 threads
         self._unlimited = anyio.CapacityLimiter(math.inf)
-        self._tg: anyio.abc.TaskGroup | None = None  # hosts the calls' tasks
+        self._tg: anyio.abc.TaskGroup | None = None  # hosts the runners
+        self._idle: list[_Parked] = []  # runners waiting for a call
         self._ready = anyio.Event()  # _tg is set
         self._closed = False
         self.abandoned = 0  # threads still running whose caller gave up
@@ -137,6 +157,9 @@ class Threads:
         within ``timeout`` seconds (waiting for a thread slot included);
         ``on_start`` is called as a call starts (the pool counts attempts)."""
         slots = self._slots
+        if not self.abandonable:
+            assert timeout is None
+            return self._call_directly(on_start)
 
         async def call_in_thread(item: Any) -> Any:
             if self._tg is None:  # serve() has not run yet
@@ -157,12 +180,35 @@ class Threads:
 
         return call_in_thread
 
+    def _call_directly(
+        self, on_start: Callable[[], None] | None
+    ) -> Callable[[Any], Awaitable[Any]]:
+        """The caller when no call is given up on while the pool runs: the
+        worker runs the thread itself, under the thread slots (a cancellation
+        abandons the thread, but only as the whole pool stops)."""
+        fn, slots, run_sync = self._fn, self._slots, anyio.to_thread.run_sync
+
+        async def call_in_thread(item: Any) -> Any:
+            if on_start is not None:
+                on_start()
+            (result,) = await run_sync(_boxed, fn, item, abandon_on_cancel=True, limiter=slots)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        return call_in_thread
+
     async def _run(self, item: Any, holds: Holds, ends_at: float, seconds: float | None) -> Any:
-        """Start the call's task and wait for it (until ``ends_at``)."""
+        """Hand the call to a runner and wait for it (until ``ends_at``)."""
         assert self._tg is not None
         call = _Call(item, holds)
         holds.taken = True
-        self._tg.start_soon(self._call, call)
+        if self._idle:
+            runner = self._idle.pop()
+            runner.call = call
+            runner.event.set()
+        else:
+            self._tg.start_soon(self._runner, call)
         try:
             with anyio.CancelScope(deadline=ends_at):
                 await call.done.wait()
@@ -182,8 +228,9 @@ class Threads:
         return result
 
     def _give_up(self, call: _Call) -> None:
-        """The caller stops waiting: a call whose task has not run never will; a
-        running one is abandoned (its task releases the holds when it ends)."""
+        """The caller stops waiting: a call no runner has started never will
+        start; a running one is abandoned (its runner releases the holds when
+        the thread ends)."""
         if not call.started:
             call.skip = True
             call.holds.release()
@@ -191,8 +238,26 @@ class Threads:
             call.abandoned = True
             self.abandoned += 1
 
-    async def _call(self, call: _Call) -> None:
-        """The call's task: run the thread; release its holds when it ends."""
+    async def _runner(self, call: _Call) -> None:
+        """A task that runs calls, one at a time, and parks in between (handing a
+        call to a parked runner costs a third of starting a task for it)."""
+        while True:
+            await self._execute(call)
+            parked = _Parked()
+            self._idle.append(parked)
+            try:
+                await parked.event.wait()
+            except BaseException:
+                if parked.call is not None:  # handed a call, never ran it
+                    self._give_up(parked.call)
+                    parked.call.error = RuntimeError("the pool stopped before the call ran")
+                    parked.call.done.set()
+                raise
+            assert parked.call is not None
+            call = parked.call
+
+    async def _execute(self, call: _Call) -> None:
+        """Run the call's thread; release its holds when the thread ends."""
         call.started = True
         if call.skip:
             return
