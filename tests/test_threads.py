@@ -8,7 +8,9 @@ still running in a thread, and Outcome.attempts counts only calls that started.
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -151,3 +153,65 @@ async def test_batcher_plain_flush_threads_stay_bounded() -> None:
         assert handler.peak == 2
     finally:
         await handler.finish()
+
+
+class Sleeper:
+    """A plain handler that sleeps a few milliseconds in its thread; counts
+    the calls running at once, and signals when none is left running."""
+
+    def __init__(self, rng_seed: int) -> None:
+        self.lock = threading.Lock()
+        self.rng = random.Random(rng_seed)
+        self.running = 0
+        self.peak = 0
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def __call__(self, item: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.idle.clear()
+            pause = self.rng.random() * 0.004
+        try:
+            time.sleep(pause)
+            return item
+        finally:
+            with self.lock:
+                self.running -= 1
+                if not self.running:
+                    self.idle.set()
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_random_cancellation_with_abandoned_threads_keeps_every_bound(seed: int) -> None:
+    """Plain handlers cut off by timeouts and a cancellation at a random moment:
+    every item has one outcome or is unfinished; never more calls run at once
+    than the shared CapacityLimiter's 3 tokens; and once the threads end, every
+    token is back."""
+    rng = random.Random(seed)
+    handler = Sleeper(seed)
+    limiter = anyio.CapacityLimiter(3)
+    done: list[Any] = []
+    items = list(range(rng.randrange(5, 40)))
+    submitted: list[int] = []
+    with anyio.CancelScope() as scope:
+        scope.deadline = anyio.current_time() + rng.random() * 0.03
+        async with Pool(
+            handler,
+            workers=rng.choice([1, 4, 8]),
+            timeout=rng.choice([0.001, 0.002, 0.01]),
+            retry=Retry(2, wait_initial=0) if rng.random() < 0.5 else None,
+            limiter=limiter,
+            on_outcome=done.append,
+        ) as pool:
+            for item in items:
+                await pool.submit(item)
+                submitted.append(item)
+    finished = sorted(outcome.item for outcome in done)
+    assert set(finished).isdisjoint(pool.unfinished)
+    assert sorted(finished + pool.unfinished) == submitted
+    await anyio.to_thread.run_sync(handler.idle.wait, 10)
+    assert handler.peak <= 3
+    await anyio.wait_all_tasks_blocked()
+    assert limiter.borrowed_tokens == 0

@@ -38,6 +38,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from ._errors import attempt_timed_out
@@ -131,13 +132,18 @@ class Threads:
         self.abandoned = 0  # threads still running whose caller gave up
 
     async def serve(self) -> None:
-        """Host the calls' tasks until :meth:`close`."""
+        """Host the runners until :meth:`close` (or the pool's cancellation)."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._ready.set()
             if self._closed:
                 tg.cancel_scope.cancel()
-            await anyio.sleep_forever()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                # the task group may close as soon as its runners are done
+                # (trio refuses new tasks then): no runner starts any more
+                self._closed = True
 
     def close(self) -> None:
         """Stop: abandoned threads are no longer waited for (their holds are
@@ -201,14 +207,18 @@ class Threads:
     async def _run(self, item: Any, holds: Holds, ends_at: float, seconds: float | None) -> Any:
         """Hand the call to a runner and wait for it (until ``ends_at``)."""
         assert self._tg is not None
+        if self._closed:  # the pool is being cancelled, and this worker with it
+            holds.release()
+            await anyio.lowlevel.checkpoint()
+            raise RuntimeError("the pool stopped: no thread is started any more")
         call = _Call(item, holds)
-        holds.taken = True
         if self._idle:
             runner = self._idle.pop()
             runner.call = call
             runner.event.set()
         else:
             self._tg.start_soon(self._runner, call)
+        holds.taken = True
         try:
             with anyio.CancelScope(deadline=ends_at):
                 await call.done.wait()
