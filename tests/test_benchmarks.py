@@ -34,6 +34,7 @@ TINY = {
     "bench_middleware.py": ["--items", "300", "--repeat", "1", "--admissions", "150"],
     "bench_memory.py": ["--items", "500"],
     "bench_redis.py": ["--acquires", "100", "--entries", "500", "--repeat", "1"],
+    "bench_threads.py": ["--items", "200", "--workers", "4", "--repeat", "1"],
 }
 
 
