@@ -1114,3 +1114,33 @@ def test_max_consecutive_failures_is_checked(value: Any, error: type[Exception])
     """A bad max_consecutive_failures is refused at construction, naming it."""
     with pytest.raises(error, match="max_consecutive_failures"):
         Batcher(print, max_consecutive_failures=value)
+
+
+async def test_flushes_failing_together_count_once_toward_giving_up() -> None:
+    """concurrency=3: three flushes that fail at the same moment are one failure
+    in a row, not three: the batcher backs off and tries again before giving up
+    at max_consecutive_failures=3."""
+    all_in = anyio.Event()
+    running = 0
+
+    async def broken(batch: list[int]) -> None:
+        nonlocal running
+        running += 1
+        if running >= 3:
+            all_in.set()
+        await all_in.wait()
+        raise SinkDown(batch)
+
+    with pytest.raises(FlushError, match="3 consecutive flushes failed"):
+        async with Batcher(
+            broken,
+            max_size=1,
+            max_wait=None,
+            concurrency=3,
+            retry=QUICK,
+            max_consecutive_failures=3,
+        ) as batcher:
+            for i in range(3):
+                await batcher.add(i)
+            await anyio.sleep_forever()
+    assert batcher.stats.flush_failures > 3

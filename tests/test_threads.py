@@ -8,6 +8,7 @@ still running in a thread, and Outcome.attempts counts only calls that started.
 
 from __future__ import annotations
 
+import contextvars
 import random
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from corral import Batcher, Pool, Retry, apply_to_all
+from corral import Batcher, Job, Pool, Retry, apply_to_all
 
 pytestmark = pytest.mark.anyio
 
@@ -215,3 +216,141 @@ async def test_random_cancellation_with_abandoned_threads_keeps_every_bound(seed
     assert handler.peak <= 3
     await anyio.wait_all_tasks_blocked()
     assert limiter.borrowed_tokens == 0
+
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+class TagRequest:
+    """User middleware that sets a context variable for its item."""
+
+    async def __call__(self, item: int, call_next: Any) -> Any:
+        request_id.set(f"req-{item}")
+        return await call_next(item)
+
+
+async def test_a_threaded_call_sees_its_own_callers_context() -> None:
+    """A plain handler behind middleware (its calls go to reused runner tasks)
+    sees the context variables of its own item's call, not another's."""
+
+    def handler(item: int) -> str:
+        time.sleep(0.001)
+        return request_id.get()
+
+    outcomes = await apply_to_all(handler, range(20), workers=3, middleware=[TagRequest()])
+    assert [o.result for o in outcomes] == [f"req-{i}" for i in range(20)]
+
+
+async def test_workers_do_not_take_the_context_of_whoever_submitted() -> None:
+    """Workers start on demand, but as if at entry: a context variable set by one
+    submitter is not seen by the handler of another's items."""
+
+    async def handler(item: str) -> str:
+        await anyio.lowlevel.checkpoint()
+        return request_id.get()
+
+    jobs: dict[str, Job[str, str]] = {}
+
+    async def submit_as(pool: Pool[str, str], who: str) -> None:
+        request_id.set(who)
+        jobs[who] = await pool.submit(who)
+
+    async with Pool(handler, workers=4) as pool:
+        async with anyio.create_task_group() as tg:
+            for who in ("alice", "bob", "carol"):
+                tg.start_soon(submit_as, pool, who)
+        jobs["block"] = await pool.submit("block")
+    assert {who: job.outcome and job.outcome.result for who, job in jobs.items()} == dict.fromkeys(
+        ("alice", "bob", "carol", "block"), "-"
+    )
+
+
+async def test_a_plain_handler_raising_cancelled_error_fails_only_its_item(
+    backend_name: str,
+) -> None:
+    """asyncio: a plain handler that raises CancelledError itself (behind a
+    timeout, so in a runner) fails its own item; the others are unaffected."""
+    if backend_name != "asyncio":
+        pytest.skip("raising a bare cancellation from user code is an asyncio notion")
+    import asyncio
+
+    def handler(item: int) -> int:
+        if item == 0:
+            raise asyncio.CancelledError
+        return item
+
+    outcomes = await apply_to_all(handler, range(8), workers=2, timeout=5)
+    assert [o.ok for o in outcomes] == [False] + [True] * 7
+    assert isinstance(outcomes[0].error, RuntimeError)
+
+
+async def test_an_awaitable_returned_by_a_plain_handler_stays_within_the_limiter() -> None:
+    """A plain callable returning a coroutine (lambda x: fetch(x)) under timeout=
+    and CapacityLimiter(2): the coroutine is awaited holding the token."""
+    running = 0
+    peak = 0
+
+    async def fetch(item: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.001)
+        running -= 1
+        return item
+
+    def handler(item: int) -> Any:
+        return fetch(item)
+
+    outcomes = await apply_to_all(
+        handler, range(12), workers=8, timeout=5, limiter=anyio.CapacityLimiter(2)
+    )
+    assert [o.result for o in outcomes] == list(range(12))
+    assert peak == 2
+
+
+async def test_a_call_given_up_before_its_thread_started_is_not_an_attempt() -> None:
+    """Middleware that gives up on every attempt at once: the calls whose thread
+    never started are not counted in Outcome.attempts."""
+    calls = 0
+    called = threading.Condition()
+
+    def handler(item: int) -> int:
+        nonlocal calls
+        with called:
+            calls += 1
+            called.notify_all()
+        return item
+
+    class GiveUpAtOnce:
+        async def __call__(self, item: int, call_next: Any) -> Any:
+            with anyio.move_on_after(0):
+                return await call_next(item)
+            raise LookupError("gave up")
+
+    async with Pool(handler, workers=2, middleware=[GiveUpAtOnce()]) as pool:
+        jobs = [await pool.submit(i) for i in range(5)]
+        await pool.join()
+        attempts = sum(job.outcome.attempts for job in jobs if job.outcome is not None)
+
+        def counted_calls_ran() -> None:  # a call counted as started is on its way
+            with called:
+                called.wait_for(lambda: calls >= attempts, timeout=5)
+
+        await anyio.to_thread.run_sync(counted_calls_ran)
+    assert calls == attempts
+
+
+async def test_system_exit_racing_an_outer_cancellation_is_not_swallowed() -> None:
+    """A handler raises SystemExit as an outer scope is cancelled: the
+    SystemExit comes out (as asyncio.TaskGroup lets it), not the cancellation
+    that the scope would absorb."""
+    with pytest.raises(SystemExit):
+        with anyio.CancelScope() as outer:
+
+            async def handler(item: int) -> int:
+                outer.cancel()
+                raise SystemExit(3)
+
+            async with Pool(handler, workers=1) as pool:
+                await pool.submit(1)
+                await anyio.sleep_forever()

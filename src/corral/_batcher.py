@@ -25,6 +25,7 @@ deadline, so an idle batcher has no timer at all and uses no CPU.
 from __future__ import annotations
 
 import bisect
+import contextvars
 import heapq
 import math
 import random
@@ -56,8 +57,8 @@ from ._observe import (
 )
 from ._pool import (
     _clock,
-    _drop_stop_reason,
     _end_task_group,
+    _raise_cancelled,
     _stray_cancellation,
     _unwrap_group,
 )
@@ -435,6 +436,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         # per run: the flush chain, and the threads of a plain flush
         self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn
         self._threads: Threads | None = None
+        self._context = contextvars.Context()
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
         # why flushing ended: a final flush that failed, or the last of
         # max_consecutive_failures failed flushes
@@ -535,6 +537,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._run += 1
         self._state = _RUNNING
         self._running = 0
+        self._context = contextvars.copy_context()
         if self._threads is not None and self._threads.abandonable:
             tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
         self._start_flusher()  # more start as batches are flushed (see _flusher)
@@ -575,8 +578,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         if not block_failed and raised is not None and isinstance(_unwrap_group(raised), cancelled):
             # cancelled from outside: never swallowed, not by FlushError nor by
             # why the batcher stopped itself (that is logged)
-            _drop_stop_reason(self._log, self, self._stop_reason)
-            raise _unwrap_group(raised)
+            _raise_cancelled(self._log, self, self._stop_reason, _unwrap_group(raised))
         if self._stop_reason is not None:
             # what broke a flusher (KeyboardInterrupt, on_stats, ...); a block
             # exception is its __context__
@@ -984,7 +986,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         number = self._running
         self._running = number + 1
         name = f"corral flusher {self.name or hex(id(self))}#{number}"
-        self._tg.start_soon(self._flusher, self._chain, name=name)
+        # in the context of the task that entered the block, as if all had
+        # started there (a spare is started by a flusher)
+        tg, chain = self._tg, self._chain
+        self._context.run(lambda: tg.start_soon(self._flusher, chain, name=name))
 
     async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
         holds_of_attempt.set(None)  # not the holds of whoever started this flusher
@@ -1010,6 +1015,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
                 else:
                     items = [entry[1] for entry in batch]
                 error: Exception | None = None
+                streak = self._failures  # failed flushes in a row as this one starts
                 try:
                     result = await chain(items)
                 except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
@@ -1030,7 +1036,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
                     if self._flush_waiters:
                         self._settle_flush_waiters()
                 else:
-                    self._failed_flush(batch, error, final)
+                    self._failed_flush(batch, error, final, streak)
                 # -- the next batch --
                 if not queue:
                     # Let the tasks that are ready run first: items they add
@@ -1177,9 +1183,14 @@ class Batcher(ObservedBlock, Generic[T, R]):
                         problem = f"flush's result could not be indexed: {error!r}"
                 ticket.fail(ValueError(problem))
 
-    def _failed_flush(self, batch: list[_Entry[T]], error: Exception, final: bool) -> None:
+    def _failed_flush(
+        self, batch: list[_Entry[T]], error: Exception, final: bool, streak: int
+    ) -> None:
         self._flush_failures += 1
-        self._failures += 1
+        if self._failures == streak:
+            # (flushes that ran at the same time, concurrency > 1, and failed
+            # together count once: the backoff between them had no chance)
+            self._failures += 1
         delay = self._failure_policy._wait(self._failures, error, _equal_jitter)
         if not math.isfinite(delay):
             delay = _FAILURE_BACKOFF.wait_max

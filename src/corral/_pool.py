@@ -154,10 +154,15 @@ async def _end_task_group(
         finalize()
 
 
-def _drop_stop_reason(log: logging.Logger, block: object, reason: BaseException | None) -> None:
+def _raise_cancelled(
+    log: logging.Logger, block: object, reason: BaseException | None, cancelled: BaseException
+) -> NoReturn:
     """The block is cancelled from outside while it stopped itself because of
-    ``reason``: the cancellation propagates, and ``reason`` is logged, not lost
-    (fail_fast's failure is also its item's outcome)."""
+    ``reason``: the cancellation propagates, as in ``asyncio.TaskGroup``, and
+    ``reason`` is logged, not lost (fail_fast's failure is also its item's
+    outcome). A ``KeyboardInterrupt`` or ``SystemExit`` beats the cancellation."""
+    if reason is not None and not isinstance(reason, Exception):
+        raise reason
     if reason is not None:
         log.error(
             "%r stopped because of %r and was cancelled meanwhile; the cancellation propagates",
@@ -165,6 +170,7 @@ def _drop_stop_reason(log: logging.Logger, block: object, reason: BaseException 
             reason,
             exc_info=reason,
         )
+    raise cancelled
 
 
 def _unwrap_group(exc: BaseException) -> BaseException:
@@ -243,7 +249,8 @@ class Pool(ObservedBlock, Generic[T, R]):
     :param timeout: seconds (or a :class:`Timeout`) per attempt; a timed-out
         attempt is a ``TimeoutError``, which ``retry`` may retry. A plain
         handler's timed-out thread runs on, abandoned: it keeps one of the
-        pool's threads and its ``limiter`` token until it ends. Waiting for a
+        pool's threads and its ``limiter`` token until it ends, or until the
+        block ends (which does not wait for it). Waiting for a
         free thread counts against the timeout; an attempt that gets none in
         time fails with a ``TimeoutError`` saying so and is not counted in
         ``Outcome.attempts``.
@@ -361,6 +368,7 @@ class Pool(ObservedBlock, Generic[T, R]):
         # per run: the threads of a plain handler, the loop's clock, and how
         # many workers have been started (at most ``workers``, on demand)
         self._threads: Threads | None = None
+        self._context = contextvars.Context()
         self._clock: Callable[[], float] = anyio.current_time
         self._started = 0
         self._watched = False  # someone waits for idle or join: workers notify
@@ -435,6 +443,9 @@ class Pool(ObservedBlock, Generic[T, R]):
         self._unfinished = []
         self._stop_reason = None
         self._started = 0  # workers start as items arrive (see _enqueue)
+        # ... in the context of the task that entered the block, as if all had
+        # started here, not in that of whichever submitter happened to start one
+        self._context = contextvars.copy_context()
         self._state = _RUNNING
         if self._threads is not None and self._threads.abandonable:
             tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
@@ -446,17 +457,24 @@ class Pool(ObservedBlock, Generic[T, R]):
     def _start_worker(self) -> None:
         """Start one more worker (the caller checked the bound); it takes the
         entry at the head of the queue when it runs."""
-        assert self._tg is not None
+        tg = self._tg
+        assert tg is not None
         number = self._started
         self._started = number + 1
         self._waking = True  # cleared by the new worker's _wake_next
         name = f"corral worker {self.name or hex(id(self))}#{number}"
+        call, attempts = self._worker_call()
+        clock = self._clock
+        self._context.run(lambda: tg.start_soon(self._work, call, attempts, clock, name=name))
+
+    def _worker_call(self) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
+        """What a new worker calls per item: the handler, or a chain of its own
+        around a counter of handler calls (the counter's list: calls, start)."""
         clock, threads = self._clock, self._threads
         if not self._layered:
-            call = self._handler if threads is None else threads.caller(timeout=None, clock=clock)
-            self._tg.start_soon(self._work, call, None, clock, name=name)
-            return
-        # each worker its own chain, around a counter of handler calls
+            if threads is None:
+                return self._handler, None
+            return threads.caller(timeout=None, clock=clock), None
         attempts: list[float] = [0, 0.0]
         timeout = self._timeout
         if threads is None:
@@ -475,7 +493,7 @@ class Pool(ObservedBlock, Generic[T, R]):
             clock=clock,
             threaded=threads is not None and threads.abandonable,
         )
-        self._tg.start_soon(self._work, chain, attempts, clock, name=name)
+        return chain, attempts
 
     def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
@@ -512,8 +530,7 @@ class Pool(ObservedBlock, Generic[T, R]):
             # a cancellation from outside (an outer scope, a native asyncio
             # cancellation): it wins over why the pool stopped itself, as in
             # asyncio.TaskGroup, or asyncio.timeout would never see it
-            _drop_stop_reason(self._log, self, self._stop_reason)
-            raise _unwrap_group(raised)
+            _raise_cancelled(self._log, self, self._stop_reason, _unwrap_group(raised))
         if self._stop_reason is not None:
             raise self._stop_reason  # fail_fast's failure, or what broke a worker
         return suppress

@@ -84,18 +84,33 @@ class _Parked:
 
 
 class _Call:
-    """One call of the plain function, between the caller and the call's task."""
+    """One call of the plain function, between its caller and its runner."""
 
-    __slots__ = ("abandoned", "done", "error", "holds", "item", "result", "skip", "started")
+    __slots__ = (
+        "abandoned",
+        "context",
+        "done",
+        "error",
+        "holds",
+        "item",
+        "on_start",
+        "result",
+        "skip",
+        "started",
+    )
 
-    def __init__(self, item: Any, holds: Holds) -> None:
+    def __init__(self, item: Any, holds: Holds, on_start: Callable[[], None] | None) -> None:
         self.item = item
         self.holds = holds
+        self.on_start = on_start
+        # the caller's context variables, which the thread sees (a runner is
+        # reused, and its own context is that of the call it started for)
+        self.context = contextvars.copy_context()
         self.done = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
-        self.started = False  # the task runs: it releases the holds
-        self.skip = False  # the caller gave up before the task ran
+        self.started = False  # a runner took it: it releases the holds
+        self.skip = False  # the caller gave up before a runner took it
         self.abandoned = False  # the caller gave up while the thread ran
 
 
@@ -103,6 +118,22 @@ def _boxed(fn: Callable[[Any], Any], item: Any) -> tuple[Any]:
     # a 1-tuple, so that a returned coroutine reaches the loop unexamined
     # (trio's to_thread refuses a function that returns one)
     return (fn(item),)
+
+
+def _caught(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException | None]:
+    """``fn(item)`` and what it raised, whatever it raised: a cancellation
+    exception raised by ``fn`` must not pass for the runner's own."""
+    try:
+        return fn(item), None
+    except BaseException as error:  # noqa: BLE001 - handed to the caller, who re-raises it
+        return None, error
+
+
+def _discard(result: Any) -> None:
+    """A result nobody will await: close it if it is a coroutine (no warning)."""
+    close = getattr(result, "close", None)
+    if inspect.iscoroutine(result) and callable(close):
+        close()
 
 
 class Threads:
@@ -180,9 +211,7 @@ class Threads:
                 if waiting.cancelled_caught:
                     raise self._no_thread_error(timeout) from None
             holds.releases.append(lambda: slots.release_on_behalf_of(holds))
-            if on_start is not None:
-                on_start()
-            return await self._run(item, holds, ends_at, timeout)
+            return await self._run(_Call(item, holds, on_start), ends_at, timeout)
 
         return call_in_thread
 
@@ -204,21 +233,20 @@ class Threads:
 
         return call_in_thread
 
-    async def _run(self, item: Any, holds: Holds, ends_at: float, seconds: float | None) -> Any:
+    async def _run(self, call: _Call, ends_at: float, seconds: float | None) -> Any:
         """Hand the call to a runner and wait for it (until ``ends_at``)."""
         assert self._tg is not None
         if self._closed:  # the pool is being cancelled, and this worker with it
-            holds.release()
+            call.holds.release()
             await anyio.lowlevel.checkpoint()
             raise RuntimeError("the pool stopped: no thread is started any more")
-        call = _Call(item, holds)
         if self._idle:
             runner = self._idle.pop()
             runner.call = call
             runner.event.set()
         else:
             self._tg.start_soon(self._runner, call)
-        holds.taken = True
+        call.holds.taken = True
         try:
             with anyio.CancelScope(deadline=ends_at):
                 await call.done.wait()
@@ -230,18 +258,25 @@ class Threads:
             raise attempt_timed_out(seconds)
         if call.error is not None:
             raise call.error
-        result = call.result
-        if inspect.isawaitable(result):  # awaited on the loop, within the timeout
+        if not inspect.isawaitable(call.result):
+            return call.result
+        # awaited on the loop, within the timeout and the holds (the runner
+        # left them to us)
+        try:
             with anyio.CancelScope(deadline=ends_at):
-                return await result
-            raise attempt_timed_out(seconds)
-        return result
+                return await call.result
+        finally:
+            call.holds.release()
+        raise attempt_timed_out(seconds)
 
     def _give_up(self, call: _Call) -> None:
-        """The caller stops waiting: a call no runner has started never will
-        start; a running one is abandoned (its runner releases the holds when
-        the thread ends)."""
-        if not call.started:
+        """The caller stops waiting: a call no runner has taken never will be; a
+        running one is abandoned (its runner releases the holds when the thread
+        ends); one that ended meanwhile only needs its holds released."""
+        if call.done.is_set():
+            _discard(call.result)
+            call.holds.release()
+        elif not call.started:
             call.skip = True
             call.holds.release()
         else:
@@ -258,32 +293,42 @@ class Threads:
             try:
                 await parked.event.wait()
             except BaseException:
-                if parked.call is not None:  # handed a call, never ran it
-                    self._give_up(parked.call)
+                if parked.call is None:
+                    self._idle.remove(parked)
+                else:  # handed a call, never ran it
                     parked.call.error = RuntimeError("the pool stopped before the call ran")
+                    self._give_up(parked.call)
                     parked.call.done.set()
                 raise
             assert parked.call is not None
             call = parked.call
 
     async def _execute(self, call: _Call) -> None:
-        """Run the call's thread; release its holds when the thread ends."""
+        """Run the call's thread; release its holds when the thread ends (or,
+        for an awaitable result, leave them to the caller who awaits it)."""
         call.started = True
         if call.skip:
             return
+        if call.on_start is not None:
+            call.on_start()  # the attempt counts from here: the handler is called
         try:
-            (call.result,) = await anyio.to_thread.run_sync(
-                _boxed, self._fn, call.item, abandon_on_cancel=True, limiter=self._unlimited
+            call.result, call.error = await anyio.to_thread.run_sync(
+                call.context.run,
+                _caught,
+                self._fn,
+                call.item,
+                abandon_on_cancel=True,
+                limiter=self._unlimited,
             )
         except anyio.get_cancelled_exc_class():
             call.error = RuntimeError("the pool stopped before its thread finished")
             raise
-        except BaseException as error:  # noqa: BLE001 - the caller re-raises it
-            call.error = error
         finally:
             if call.abandoned:
                 self.abandoned -= 1
-            call.holds.release()
+                _discard(call.result)
+            if call.abandoned or not inspect.isawaitable(call.result):
+                call.holds.release()
             call.done.set()
 
     def _no_thread_error(self, timeout: float | None) -> TimeoutError:
