@@ -248,7 +248,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
         raises, the batcher stops and the block re-raises that exception.
     :param stats_interval: seconds between two ``on_stats`` calls.
     :param max_consecutive_failures: give up after this many failed flushes in
-        a row (each after its ``retry`` policy; a success resets the count):
+        a row (each after its ``retry`` policy; a success resets the count;
+        flushes that ran at the same time and failed together count once):
         flushing ends, the block is cancelled and raises :class:`FlushError`
         with every item not flushed, as when a final flush fails. None (the
         default) keeps trying, with the growing backoff, for as long as the
