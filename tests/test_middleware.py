@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-import corral._pool
+import corral._middleware
 from corral import (
     Middleware,
     RateLimiter,
@@ -159,14 +159,14 @@ async def test_chain_is_built_once_per_worker_not_per_item(
     """Building the chain happens when a worker starts: once per worker, not per
     item (all four start: the handler awaits, so one worker cannot keep up)."""
     built = 0
-    real = corral._pool.build_chain
+    real = corral._middleware.build_chain
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal built
         built += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(corral._pool, "build_chain", counting)
+    monkeypatch.setattr(corral._middleware, "build_chain", counting)
 
     async def handler(x: int) -> int:
         await anyio.lowlevel.checkpoint()

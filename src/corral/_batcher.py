@@ -41,14 +41,7 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._middleware import (
-    Middleware,
-    RateLimiter,
-    Timeout,
-    build_chain,
-    check_middleware,
-    may_give_up,
-)
+from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import (
     ObservedBlock,
     Observer,
@@ -386,16 +379,14 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._dedupe_key = dedupe_key
         # no dedupe key and no age timer: an entry needs neither a key nor a time
         self._plain = dedupe_key is None and not self._timed
-        self._retry, self._rate_limit, self._limiter, self._timeout, self._middleware = (
-            check_middleware(
-                retry=retry,
-                rate_limit=rate_limit,
-                limiter=limiter,
-                timeout=timeout,
-                middleware=middleware,
-            )
+        self._layers = check_middleware(
+            retry=retry,
+            rate_limit=rate_limit,
+            limiter=limiter,
+            timeout=timeout,
+            middleware=middleware,
         )
-        policy = self._retry
+        policy = self._layers.retry
         self._failure_policy = (
             policy
             if policy is not None and policy.wait_initial > 0 and policy.wait_max > 0
@@ -439,10 +430,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._threads: Threads | None = None
         self._context = contextvars.Context()
         self._stopped: anyio.Event | None = None  # set when the last flusher exits
-        # why flushing ended: a final flush that failed, or the last of
-        # max_consecutive_failures failed flushes
+        # why flushing ended (set together): the error of a final flush that
+        # failed, or of the last of max_consecutive_failures failed flushes
         self._halt_error: BaseException | None = None
-        self._halt_reason = "a final flush failed"
+        self._halt_reason = ""
         self._stop_reason: BaseException | None = None  # what broke a flusher
         self._unflushed: list[_Entry[T]] = []
         self._submitted = False  # submit was ever used: batches may carry tickets
@@ -497,30 +488,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
         if self._state in (_RUNNING, _CLOSING):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         self._clock = clock = _clock()
-        timeout = self._timeout
-        self._threads = None
-        if is_async_callable(self._flush_fn):
-            call = self._flush_fn
-        else:
-            # a flusher runs one flush at a time; as many threads again may have
-            # been abandoned by timeouts (see _threads)
-            abandonable = may_give_up(
-                retry=self._retry, timeout=timeout, middleware=self._middleware
-            )
-            self._threads = Threads(self._flush_fn, 2 * self._concurrency, abandonable=abandonable)
-            seconds = None if timeout is None else timeout.seconds
-            call = self._threads.caller(timeout=seconds, clock=clock)
-            timeout = None  # kept by the threads
-        self._chain = build_chain(
-            call,
-            retry=self._retry,
-            limiter=self._limiter,
-            rate_limit=self._rate_limit,
-            timeout=timeout,
-            middleware=self._middleware,
-            clock=clock,
-            threaded=self._threads is not None and self._threads.abandonable,
-        )
+        # a flusher runs one flush at a time; as many threads again may have
+        # been abandoned by timeouts (see _threads)
+        self._threads = self._layers.threads_for(self._flush_fn, 2 * self._concurrency)
+        self._chain = self._layers.chain(self._flush_fn, threads=self._threads, clock=clock)
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
@@ -528,7 +499,6 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._tg = tg
         self._unflushed = []
         self._stop_reason = self._halt_error = None
-        self._halt_reason = "a final flush failed"
         self._stopped = anyio.Event()
         self._resume_at = -math.inf
         self._failures = 0
@@ -539,8 +509,8 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._state = _RUNNING
         self._running = 0
         self._context = contextvars.copy_context()
-        if self._threads is not None and self._threads.abandonable:
-            tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
+        if self._threads is not None:
+            self._threads.start(tg, self.name or hex(id(self)))
         self._start_flusher()  # more start as batches are flushed (see _flusher)
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
@@ -1214,7 +1184,9 @@ class Batcher(ObservedBlock, Generic[T, R]):
             self._settle_flush_waiters(batch, error)
         if (final or give_up) and self._halt_error is None:
             self._halt_error = error  # flushing ends; the rest is unflushed
-            if not final:
+            if final:
+                self._halt_reason = "a final flush failed"
+            else:
                 self._halt_reason = f"{self._failures} consecutive flushes failed"
                 if self._tg is not None:  # the block ends with FlushError
                     self._tg.cancel_scope.cancel()

@@ -21,16 +21,16 @@ from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
 from ._limits import SlidingWindow, TokenBucket
 from ._retry import Retry
-from ._threads import Holds, holds_of_attempt
+from ._threads import Holds, Threads, holds_of_attempt
 from ._validate import check_number
 
 __all__ = [
+    "Layers",
     "Middleware",
     "RateLimiter",
     "Timeout",
     "build_chain",
     "check_middleware",
-    "may_give_up",
 ]
 
 T = TypeVar("T")
@@ -126,7 +126,7 @@ def check_middleware(
     limiter: object,
     timeout: object,
     middleware: object,
-) -> tuple[Retry | None, RateLimiter | None, Any, Timeout | None, tuple[Middleware, ...]]:
+) -> Layers:
     """Validate the middleware options of a pool or helper, naming the parameter."""
     if retry is not None and not isinstance(retry, Retry):
         raise TypeError(f"retry must be a corral.Retry or None, got {retry!r}")
@@ -157,20 +157,79 @@ def check_middleware(
                 f"middleware[{index}] must be async: "
                 f"`async def __call__(self, item, call_next)`, got {layer!r}"
             )
-    return retry, rate_limit, limiter, timeout, tuple(middleware)  # type: ignore[return-value]
+    return Layers(retry, rate_limit, limiter, timeout, tuple(middleware))  # type: ignore[arg-type]
 
 
-def may_give_up(
-    *, retry: Retry | None, timeout: Timeout | None, middleware: Sequence[Middleware]
-) -> bool:
-    """Whether a chain may give up on an attempt while its pool runs on: a
-    timeout, a Retry deadline, or user middleware (which may cancel). A plain
-    handler's thread is then kept track of after its caller left (_threads)."""
-    return (
-        timeout is not None
-        or bool(middleware)
-        or (retry is not None and retry.deadline is not None)
-    )
+@attrs.frozen
+class Layers:
+    """The middleware options of a pool or batcher, checked: what wraps every
+    call of its handler (see the module docstring for the order)."""
+
+    retry: Retry | None
+    rate_limit: RateLimiter | None
+    limiter: Any
+    timeout: Timeout | None
+    middleware: tuple[Middleware, ...]
+
+    @property
+    def configured(self) -> bool:
+        """Whether any layer is configured (else the chain is the handler)."""
+        return bool(self.middleware) or any(
+            layer is not None for layer in (self.retry, self.rate_limit, self.limiter, self.timeout)
+        )
+
+    def threads_for(self, fn: Callable[[Any], Any], limit: int) -> Threads | None:
+        """The threads a plain ``fn`` runs in (None for an async one). They keep
+        track of calls given up on while the pool runs on only where that can
+        happen: a timeout, a Retry deadline, or user middleware (which may
+        cancel)."""
+        if is_async_callable(fn):
+            return None
+        retry = self.retry
+        abandonable = (
+            self.timeout is not None
+            or bool(self.middleware)
+            or (retry is not None and retry.deadline is not None)
+        )
+        return Threads(fn, limit, abandonable=abandonable)
+
+    def chain(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        threads: Threads | None,
+        clock: Callable[[], float],
+        on_start: Callable[[], None] | None = None,
+    ) -> Call:
+        """``fn`` (run in ``threads`` if given) wrapped in the layers;
+        ``on_start`` is called as each call of ``fn`` starts."""
+        timeout = self.timeout
+        if threads is not None:  # they keep the timeout, and know when a call starts
+            seconds = None if timeout is None else timeout.seconds
+            call = threads.caller(timeout=seconds, clock=clock, on_start=on_start)
+            timeout = None
+        elif on_start is not None:
+            call = _counted(fn, on_start)
+        else:
+            call = fn
+        return build_chain(
+            call,
+            retry=self.retry,
+            limiter=self.limiter,
+            rate_limit=self.rate_limit,
+            timeout=timeout,
+            middleware=self.middleware,
+            clock=clock,
+            threaded=threads is not None and threads.abandonable,
+        )
+
+
+def _counted(call: Call, on_start: Callable[[], None]) -> Call:
+    async def counted(item: Any) -> Any:
+        on_start()
+        return await call(item)
+
+    return counted
 
 
 def build_chain(

@@ -37,14 +37,7 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._middleware import (
-    Middleware,
-    RateLimiter,
-    Timeout,
-    build_chain,
-    check_middleware,
-    may_give_up,
-)
+from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import (
     ObservedBlock,
     Observer,
@@ -324,18 +317,12 @@ class Pool(ObservedBlock, Generic[T, R]):
         if max_pending is None:
             max_pending = max(2 * workers, 16)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
-        self._retry, self._rate_limit, self._limiter, self._timeout, self._middleware = (
-            check_middleware(
-                retry=retry,
-                rate_limit=rate_limit,
-                limiter=limiter,
-                timeout=timeout,
-                middleware=middleware,
-            )
-        )
-        self._layered = bool(self._middleware) or any(
-            layer is not None
-            for layer in (self._retry, self._rate_limit, self._limiter, self._timeout)
+        self._layers = check_middleware(
+            retry=retry,
+            rate_limit=rate_limit,
+            limiter=limiter,
+            timeout=timeout,
+            middleware=middleware,
         )
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
@@ -424,17 +411,9 @@ class Pool(ObservedBlock, Generic[T, R]):
         if self._state in (_RUNNING, _STOPPING):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         self._clock = _clock()
-        self._threads = None
-        if not is_async_callable(self._handler):
-            # a worker runs one call at a time; as many threads again may have
-            # been abandoned by timeouts (see _threads)
-            self._threads = Threads(
-                self._handler,
-                2 * self._workers,
-                abandonable=may_give_up(
-                    retry=self._retry, timeout=self._timeout, middleware=self._middleware
-                ),
-            )
+        # a worker runs one call at a time; as many threads again may have
+        # been abandoned by timeouts (see _threads)
+        self._threads = self._layers.threads_for(self._handler, 2 * self._workers)
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()
@@ -447,8 +426,8 @@ class Pool(ObservedBlock, Generic[T, R]):
         # started here, not in that of whichever submitter happened to start one
         self._context = contextvars.copy_context()
         self._state = _RUNNING
-        if self._threads is not None and self._threads.abandonable:
-            tg.start_soon(self._threads.serve, name=f"corral threads {self.name or hex(id(self))}")
+        if self._threads is not None:
+            self._threads.start(tg, self.name or hex(id(self)))
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
@@ -470,28 +449,12 @@ class Pool(ObservedBlock, Generic[T, R]):
     def _worker_call(self) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
         """What a new worker calls per item: the handler, or a chain of its own
         around a counter of handler calls (the counter's list: calls, start)."""
-        clock, threads = self._clock, self._threads
-        if not self._layered:
-            if threads is None:
-                return self._handler, None
-            return threads.caller(timeout=None, clock=clock), None
+        layers, clock, threads = self._layers, self._clock, self._threads
+        if not layers.configured:
+            return layers.chain(self._handler, threads=threads, clock=clock), None
         attempts: list[float] = [0, 0.0]
-        timeout = self._timeout
-        if threads is None:
-            call = _counting(self._handler, attempts, clock)
-        else:  # the threads keep the timeout, and count only calls that start
-            seconds = None if timeout is None else timeout.seconds
-            call = threads.caller(timeout=seconds, clock=clock, on_start=_counter(attempts, clock))
-            timeout = None
-        chain = build_chain(
-            call,
-            retry=self._retry,
-            limiter=self._limiter,
-            rate_limit=self._rate_limit,
-            timeout=timeout,
-            middleware=self._middleware,
-            clock=clock,
-            threaded=threads is not None and threads.abandonable,
+        chain = layers.chain(
+            self._handler, threads=threads, clock=clock, on_start=_counter(attempts, clock)
         )
         return chain, attempts
 
@@ -1050,8 +1013,8 @@ def _stray_cancellation(exc: BaseException) -> Exception:
 
 
 def _counter(attempts: list[float], clock: Callable[[], float]) -> Callable[[], None]:
-    """What :func:`_counting` does as a call starts, for a threaded call (which
-    starts only once it has a thread)."""
+    """Count a call of the handler in ``attempts[0]`` and time the first in
+    ``attempts[1]`` (the worker resets the count for each item)."""
 
     def started() -> None:
         attempts[0] += 1
@@ -1059,21 +1022,6 @@ def _counter(attempts: list[float], clock: Callable[[], float]) -> Callable[[], 
             attempts[1] = clock()
 
     return started
-
-
-def _counting(
-    call: Callable[[T], Awaitable[R]], attempts: list[float], clock: Callable[[], float]
-) -> Callable[[T], Awaitable[R]]:
-    """``call``, counting its calls in ``attempts[0]`` and timing the first in
-    ``attempts[1]`` (the worker resets the count for each item)."""
-
-    async def counted(item: T) -> R:
-        attempts[0] += 1
-        if attempts[0] == 1:
-            attempts[1] = clock()
-        return await call(item)
-
-    return counted
 
 
 class _Collected(Generic[T, R]):

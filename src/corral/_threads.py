@@ -162,6 +162,11 @@ class Threads:
         self._closed = False
         self.abandoned = 0  # threads still running whose caller gave up
 
+    def start(self, tg: anyio.abc.TaskGroup, label: str) -> None:
+        """Start hosting runners in ``tg`` (the pool's), if calls may be given up on."""
+        if self.abandonable:
+            tg.start_soon(self.serve, name=f"corral threads {label}")
+
     async def serve(self) -> None:
         """Host the runners until :meth:`close` (or the pool's cancellation)."""
         async with anyio.create_task_group() as tg:
