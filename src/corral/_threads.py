@@ -57,7 +57,7 @@ class Holds:
 
     def __init__(self) -> None:
         self.releases: list[Callable[[], None]] = []
-        self.taken = False  # a thread's task releases them, not the attempt
+        self.taken = False  # the call's runner releases them, not the attempt
 
     def release(self) -> None:
         """Release everything held (again: nothing)."""
@@ -131,16 +131,15 @@ def _caught(fn: Callable[[Any], Any], item: Any) -> tuple[Any, BaseException | N
 
 def _discard(result: Any) -> None:
     """A result nobody will await: close it if it is a coroutine (no warning)."""
-    close = getattr(result, "close", None)
-    if inspect.iscoroutine(result) and callable(close):
-        close()
+    if inspect.iscoroutine(result):
+        result.close()
 
 
 class Threads:
     """The worker threads of one run of a pool or batcher, at most ``limit`` at
     once, abandoned ones included.
 
-    Start :meth:`serve` in the pool's task group; :meth:`close` (when the pool
+    :meth:`start` it in the pool's task group; :meth:`close` (when the pool
     ends) stops waiting for abandoned threads.
     """
 
@@ -149,8 +148,8 @@ class Threads:
         self.limit = limit
         # Can a call be given up on while the pool goes on (a per-attempt
         # timeout, a Retry deadline, user middleware)? If not, a worker runs its
-        # thread itself: no task of its own per call, which costs an extra loop
-        # step per item (+50% for a trivial plain handler; see _call_directly).
+        # thread itself, without the hand-over to a runner (20-30% of a trivial
+        # plain handler's cost; see BENCHMARKS.md and _call_directly).
         self.abandonable = abandonable
         self._slots = anyio.CapacityLimiter(limit)
         # what anyio's to_thread counts the call against: never the bottleneck
