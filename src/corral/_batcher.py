@@ -511,7 +511,7 @@ class Batcher(ObservedBlock, Generic[T, R]):
         self._context = contextvars.copy_context()
         if self._threads is not None:
             self._threads.start(tg, self.name or hex(id(self)))
-        self._start_flusher()  # more start as batches are flushed (see _flusher)
+        self._start_flusher()  # more start as batches are cut (see _cut)
         if self._observer.active:
             self._observer.start(tg, lambda: self.stats, self._fail)
         self._log.debug("%r started", self)
@@ -974,10 +974,6 @@ class Batcher(ObservedBlock, Generic[T, R]):
         try:
             batch = await self._next_batch()
             while batch is not None:
-                if not self._parked and self._running < self._concurrency:
-                    # flushers start on demand: one spare stays parked, for the
-                    # next batch that is due while this one is flushed
-                    self._start_flusher()
                 # -- flush the batch --
                 final = self._state is not _RUNNING  # started after the block ended
                 positions: list[int] | None = None
@@ -1122,6 +1118,10 @@ class Batcher(ObservedBlock, Generic[T, R]):
             batch = [queue.popleft() for _ in range(self._max_size)]
         self._flushing += len(batch)
         self._in_flight[batch[0][0]] = batch
+        if not self._parked and self._running < self._concurrency:
+            # flushers start on demand: one spare stays parked, for the next
+            # batch that is due while this one is flushed
+            self._start_flusher()
         if self._space_waiters:
             self._grant()
         if queue:
