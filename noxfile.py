@@ -1,13 +1,18 @@
 """Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `demo`, `docs`,
 `chaos`, `bench`.
 
-Sessions run on the interpreter nox itself runs on (no pinned versions), so
-they work on a machine that has only one Python.
+`tests` runs once on every Python from 3.11 up that is installed (a `python3.X`
+on the PATH, or a version pyenv has), so on a machine that has only one Python
+it runs on that one; `nox -s tests -p 3.13` picks one. The other sessions
+run on the interpreter nox itself runs on.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import nox
@@ -19,12 +24,58 @@ ROOT = pathlib.Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 
 
+def starts(python: str) -> bool:
+    """Whether `python` runs: a version manager's shim for a version it has but
+    has not activated is on the PATH and fails."""
+    try:
+        return subprocess.run([python, "-c", ""], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pyenv_bin_dirs() -> dict[int, pathlib.Path]:
+    """The bin directory of pyenv's newest 3.X.Y for each minor X, if pyenv is here."""
+    pyenv = shutil.which("pyenv")
+    if pyenv is None:
+        return {}
+    root = subprocess.run(
+        [pyenv, "root"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    newest: dict[int, tuple[tuple[int, ...], pathlib.Path]] = {}
+    for home in pathlib.Path(root, "versions").glob("3.*"):
+        parts = home.name.split(".")
+        if not all(part.isdigit() for part in parts):
+            continue  # a virtualenv or a free-threaded build, not a plain release
+        version = tuple(int(part) for part in parts)
+        if version[1] not in newest or version > newest[version[1]][0]:
+            newest[version[1]] = (version, home / "bin")
+    return {minor: bin_dir for minor, (_, bin_dir) in newest.items()}
+
+
+def installed_pythons() -> list[str]:
+    """Each `3.X` (X >= 11) that is on the PATH as a `python3.X` that starts, or
+    installed by pyenv but not activated (its bin directory then goes on the end
+    of the PATH, where nox finds it), and the Python nox runs on."""
+    found = []
+    pyenv = pyenv_bin_dirs()
+    for minor in range(11, 20):
+        name = f"python3.{minor}"
+        if shutil.which(name) and starts(name):
+            found.append(minor)
+        elif minor in pyenv and starts(str(pyenv[minor] / name)):
+            os.environ["PATH"] += os.pathsep + str(pyenv[minor])
+            found.append(minor)
+    if sys.version_info >= (3, 11) and sys.version_info.minor not in found:
+        found.append(sys.version_info.minor)  # nox's own Python, whatever it is named
+    return [f"3.{minor}" for minor in sorted(found)]
+
+
 def install_group(session: nox.Session, *groups: str) -> None:
     for group in groups:
         session.install(*nox.project.dependency_groups(PYPROJECT, group))
 
 
-@nox.session
+@nox.session(python=installed_pythons())
 def tests(session: nox.Session) -> None:
     """The whole suite, every async test on asyncio, asyncio+uvloop and trio."""
     session.install("-e", ".")
