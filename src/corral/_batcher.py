@@ -27,12 +27,13 @@ from __future__ import annotations
 import bisect
 import contextvars
 import heapq
+import logging
 import math
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeAlias, TypeVar, overload
+from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -41,6 +42,8 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
+from ._lifecycle import _loop_clock as _clock
+from ._lifecycle import stray_cancellation as _stray_cancellation
 from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import (
     ObservedBlock,
@@ -48,18 +51,76 @@ from ._observe import (
     ProgressBar,
     logger_for,
 )
-from ._pool import (
-    _clock,
-    _end_task_group,
-    _raise_cancelled,
-    _stray_cancellation,
-    _unwrap_group,
-)
 from ._retry import Retry
 from ._threads import Threads, holds_of_attempt
 from ._validate import check_int, check_number, check_optional_str
 
 __all__ = ["Batcher", "BatcherStats"]
+
+
+# (temporary: the Batcher moves onto _lifecycle.Block next)
+async def _end_task_group(
+    tg: anyio.abc.TaskGroup,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+    *,
+    drain: Callable[[], Awaitable[None]] | None,
+    close: Callable[[], None],
+    finalize: Callable[[], None],
+) -> tuple[bool, BaseException | None]:
+    """The end of a Pool's or Batcher's block, shared.
+
+    ``drain`` (if given) lets the work run out; if it is interrupted (a
+    cancellation), the task group exits with that instead. Then ``close``
+    takes no more work, the task group exits (cancelling what is left when
+    there is an exception), and ``finalize`` records what did not finish, also
+    if the exit itself raised. Returns the task group's ``__aexit__`` result
+    and what it raised, for the caller to sort out.
+    """
+    if drain is not None:
+        try:
+            await drain()
+        except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised by tg
+            exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
+    close()
+    try:
+        return await tg.__aexit__(exc_type, exc, tb), None
+    except BaseException as error:  # noqa: BLE001 - sorted out by the caller
+        return False, error
+    finally:
+        finalize()
+
+
+def _raise_cancelled(
+    log: logging.Logger, block: object, reason: BaseException | None, cancelled: BaseException
+) -> NoReturn:
+    """The block is cancelled from outside while it stopped itself because of
+    ``reason``: the cancellation propagates, as in ``asyncio.TaskGroup``, and
+    ``reason`` is logged, not lost (fail_fast's failure is also its item's
+    outcome). A ``KeyboardInterrupt`` or ``SystemExit`` beats the cancellation."""
+    if reason is not None and not isinstance(reason, Exception):
+        raise reason
+    if reason is not None:
+        log.error(
+            "%r stopped because of %r and was cancelled meanwhile; the cancellation propagates",
+            block,
+            reason,
+            exc_info=reason,
+        )
+    raise cancelled
+
+
+def _unwrap_group(exc: BaseException) -> BaseException:
+    """Undo the one group the task group wrapped a single exception in.
+
+    Only one level: a group that the block, a handler or a callback raised
+    itself comes out as it was raised.
+    """
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return exc.exceptions[0]
+    return exc
+
 
 T = TypeVar("T")
 R = TypeVar("R")
