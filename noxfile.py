@@ -1,5 +1,5 @@
 """Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `demo`, `docs`,
-`chaos`, `bench`.
+`chaos`, `bench`, `shape`.
 
 `tests` runs once on every Python from 3.11 up that is installed (a `python3.X`
 on the PATH, or a version pyenv has), so on a machine that has only one Python
@@ -160,6 +160,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "_harness.py"))
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def shape(session: nox.Session) -> None:
+    """The shape of the engine's code (attributes, function length, complexity);
+    `-- --check` fails when a target is missed."""
+    install_group(session, "shape")
+    session.run("python", "tests/shape.py", *session.posargs)
 
 
 @nox.session
