@@ -56,11 +56,14 @@ class Slots:
         return bool(self._waiters) or self.granted > 0
 
     def fits(self, need: int) -> bool:
-        return self.used + min(need, self.capacity) <= self.capacity
+        # (more than capacity fits only when nothing is used)
+        return self.used + need <= self.capacity or not self.used
 
     def take_nowait(self, need: int = 1) -> bool:
         """Take ``need`` units if nobody waits and they fit: True if taken."""
-        if self._waiters or self.granted or not self.fits(need):
+        used = self.used
+        # fits(need), inlined: this is every add's and submit's path
+        if self._waiters or self.granted or (used + need > self.capacity and used):
             return False
         self.used += need
         return True
