@@ -723,9 +723,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run.next_seq = seq + 1
         queue = run.queue
         queue.append((seq, item, key, None, run.clock() if config.timed else 0.0))
-        size = len(queue)
-        if size == 1 or size == config.max_size:
-            self._kick(run)
+        parking = run.parking
+        if parking.spots and not parking.waking:
+            size = len(queue)
+            if size == 1 or size >= config.max_size:
+                parking.unpark()
 
     async def add_many(self, items: Iterable[T]) -> None:
         """Queue all of ``items``, in order and together, or none of them.
@@ -742,17 +744,13 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         :raises TypeError: ``items`` is not an iterable (or is a ``str`` or
             ``bytes``), or ``dedupe_key`` returned an unhashable key.
         """
-        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-            raise TypeError(f"items must be an iterable of items, got {items!r}")
-        batch = list(items)
+        batch = _as_list(items)
         await checkpoint()
         if self._state is not RUNNING:
             raise self._closed_error()
         if not batch:
             return
-        keys: list[Hashable] = [None] * len(batch)
-        if self._config.dedupe_key is not None:
-            keys = list(map(self._key, batch))
+        keys = self._keys(batch)
         run = self._run
         if not run.slots.take_nowait(len(batch)):
             await self._wait_for_room(run, len(batch))
@@ -849,6 +847,12 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             ) from None
         return key
 
+    def _keys(self, batch: list[T]) -> list[Hashable]:
+        """The dedupe key of each item (None with no dedupe_key)."""
+        if self._config.dedupe_key is None:
+            return [None] * len(batch)
+        return list(map(self._key, batch))
+
     async def _wait_for_room(self, run: _BatcherRun[T], need: int) -> None:
         """Wait in line until ``need`` queue slots are ours. The caller queues
         its items as soon as this returns, with no checkpoint in between."""
@@ -859,15 +863,17 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
     def _append(self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | None) -> None:
         """Queue an item (its room is taken); wake a parked flusher if its
         decision may change: the queue was empty (flush it at once, or arm the
-        age timer), or it just became a full batch."""
+        age timer), or it is a full batch."""
         seq = run.next_seq
         run.next_seq = seq + 1
         queue = run.queue
         config = self._config
         queue.append((seq, item, key, ticket, run.clock() if config.timed else 0.0))
-        size = len(queue)
-        if size == 1 or size == config.max_size:
-            self._kick(run)
+        parking = run.parking
+        if parking.spots and not parking.waking:
+            size = len(queue)
+            if size == 1 or size >= config.max_size:
+                parking.unpark()
 
     def _make_room(self, run: _BatcherRun[T]) -> None:
         """An adder waits for room: what is queued is due now, whatever its age,
@@ -928,7 +934,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
     def _kick(self, run: _BatcherRun[T]) -> None:
         """Wake the first parked flusher, unless one was woken and has not run."""
         parking = run.parking
-        if not parking.waking and parking:
+        if parking.spots and not parking.waking:
             parking.unpark()
 
     def _start_flusher(self, run: _BatcherRun[T]) -> None:
@@ -940,27 +946,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     async def _flusher(self, run: _BatcherRun[T]) -> None:
         holds_of_attempt.set(None)  # not the holds of whoever started this flusher
-        chain = run.chain
-        cancelled = anyio.get_cancelled_exc_class()
         try:
-            batch = await self._next_batch(run)
-            while batch is not None:
-                items, positions = self._items(batch)
-                final = self._state is not RUNNING  # started after the block ended
-                streak = run.failures  # failed flushes in a row as this one starts
-                try:
-                    result = await chain(items)
-                except Exception as error:  # noqa: BLE001 - a failed flush is handled
-                    self._failed_flush(run, batch, error, final, streak)
-                except cancelled as exc:  # re-raised if we are being cancelled
-                    self._failed_flush(run, batch, stray_cancellation(exc), final, streak)
-                else:
-                    self._flushed(run, batch, items, positions, result)
-                if not run.queue:
-                    # Let the tasks that are ready run first: items they add
-                    # now are seen without parking and being woken (cheaper).
-                    await checkpoint()
-                batch = self._cut_if_due(run) or await self._next_batch(run)
+            await self._flush_batches(run)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -972,12 +959,53 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             if not run.flushers and run.stopped is not None:
                 run.stopped.set()
 
-    def _items(self, batch: list[_Entry[T]]) -> tuple[list[T], list[int] | None]:
-        """What ``flush`` is called with, and (with a dedupe key) the position
-        of each entry's item among them."""
-        if self._config.dedupe_key is None:
-            return [entry[1] for entry in batch], None
-        return _dedupe(batch)
+    async def _flush_batches(self, run: _BatcherRun[T]) -> None:
+        """Flush batches as they are due, until flushing is over.
+
+        The per-batch path (under natural batching, one batch may be one
+        item): what it needs is inlined, each call here costs about 1%.
+        """
+        chain = run.chain
+        dedupe = self._config.dedupe_key is not None
+        cancelled = anyio.get_cancelled_exc_class()
+        batch = await self._next_batch(run)
+        while batch is not None:
+            positions: list[int] | None = None
+            if dedupe:
+                items, positions = _dedupe(batch)
+            else:
+                items = [entry[1] for entry in batch]
+            final = self._state is not RUNNING  # started after the block ended
+            streak = run.failures  # failed flushes in a row as this one starts
+            error: Exception | None = None
+            try:
+                result = await chain(items)
+            except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
+                error = exc
+            except cancelled as exc:
+                error = stray_cancellation(exc)  # re-raised if we are being cancelled
+            # -- one step: the batch leaves in_flight, and what follows --
+            del run.in_flight[batch[0][0]]
+            run.flushing -= len(batch)
+            if error is None:
+                self._flushed(run, batch, items, positions, result)
+            else:
+                self._failed_flush(run, batch, error, final, streak)
+            if not run.queue:
+                # Let the tasks that are ready run first: items they add
+                # now are seen without parking and being woken (cheaper).
+                await checkpoint()
+            # The next batch, cut here if it is due at once (what _next_batch
+            # would decide first thing, without its coroutine).
+            if (
+                run.queue
+                and run.halt_error is None
+                and run.resume_at == -math.inf
+                and self._due_at(run, -1) == -math.inf
+            ):
+                batch = self._cut(run)
+            else:
+                batch = await self._next_batch(run)
 
     def _due_at(self, run: _BatcherRun[T], fired_for: int) -> float:
         """When the batch at the head of the (non-empty) queue is due: -inf if
@@ -996,18 +1024,6 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         ):
             return -math.inf
         return queue[0][4] + max_wait
-
-    def _cut_if_due(self, run: _BatcherRun[T]) -> list[_Entry[T]] | None:
-        """The next batch if it is due now, with no clock read and no wait
-        (what :meth:`_next_batch` would decide first thing); else None."""
-        if (
-            run.queue
-            and run.halt_error is None
-            and run.resume_at == -math.inf
-            and self._due_at(run, -1) == -math.inf
-        ):
-            return self._cut(run)
-        return None
 
     async def _next_batch(self, run: _BatcherRun[T]) -> list[_Entry[T]] | None:
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
@@ -1059,7 +1075,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             batch = [queue.popleft() for _ in range(max_size)]
         run.flushing += len(batch)
         run.in_flight[batch[0][0]] = batch
-        if not run.parking and run.flushers < self._config.concurrency:
+        if not run.parking.spots and run.flushers < self._config.concurrency:
             # flushers start on demand: one spare stays parked, for the next
             # batch that is due while this one is flushed
             self._start_flusher(run)
@@ -1067,11 +1083,6 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if queue:
             self._kick(run)  # another parked flusher: flush or time what is left
         return batch
-
-    def _landed(self, run: _BatcherRun[T], batch: list[_Entry[T]]) -> None:
-        """A flush ended (one step with what follows): the batch leaves in_flight."""
-        del run.in_flight[batch[0][0]]
-        run.flushing -= len(batch)
 
     def _flushed(
         self,
@@ -1082,7 +1093,6 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         result: Any,
     ) -> None:
         """A flush succeeded."""
-        self._landed(run, batch)
         run.failures = 0
         counts = self._counts
         counts.flushes += 1
@@ -1103,7 +1113,6 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         streak: int,
     ) -> None:
         """A flush failed after its retry policy."""
-        self._landed(run, batch)
         self._counts.flush_failures += 1
         if run.failures == streak:
             # (flushes that ran at the same time, concurrency > 1, and failed
@@ -1160,17 +1169,12 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     def _log_flush_failure(self, size: int, kept: int, error: Exception, final: bool) -> None:
         """A failed flush, at WARNING, with what becomes of its items."""
-        fates = []
-        if kept:
-            fates.append(f"{kept} back in the queue" if not final else f"{kept} left unflushed")
-        if size - kept:
-            fates.append(f"{size - kept} handed back to their submit callers")
         self._log.warning(
             "%s: a flush of %d item%s failed (%s)%s: %r",
             self.name or "batcher",
             size,
             "" if size == 1 else "s",
-            ", ".join(fates),
+            _fates(size, kept, final),
             "; flushing ends" if final else "",
             error,
             exc_info=error,
@@ -1217,21 +1221,50 @@ def _resolve(
     tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
     if not tickets:
         return
-    try:
-        results, problem = _check_results(result, len(items))
-    except Exception as error:  # noqa: BLE001 - the result object's own len()
-        results, problem = None, f"flush's result has no usable length: {error!r}"
+    results, problem = _results(result, len(items))
     for number, ticket in tickets:
         if ticket.state is ABANDONED:
             continue
         if problem is None:
             position = number if positions is None else positions[number]
-            try:
-                ticket.resolve(None if results is None else results[position])
-                continue
-            except Exception as error:  # noqa: BLE001 - the result's own indexing
-                problem = f"flush's result could not be indexed: {error!r}"
-        ticket.fail(ValueError(problem))
+            problem = _give_result(ticket, results, position)
+        if problem is not None:  # (from then on, for every caller)
+            ticket.fail(ValueError(problem))
+
+
+def _results(result: Any, size: int) -> tuple[Any, str | None]:
+    """``flush``'s return value as per-item results (None: every result is
+    None), or why it cannot be."""
+    try:
+        return _check_results(result, size)
+    except Exception as error:  # noqa: BLE001 - the result object's own len()
+        return None, f"flush's result has no usable length: {error!r}"
+
+
+def _give_result(ticket: _Ticket, results: Any, position: int) -> str | None:
+    """Resolve ``ticket`` with its result; what went wrong if it could not be."""
+    try:
+        ticket.resolve(None if results is None else results[position])
+    except Exception as error:  # noqa: BLE001 - the result's own indexing
+        return f"flush's result could not be indexed: {error!r}"
+    return None
+
+
+def _fates(size: int, kept: int, final: bool) -> str:
+    """What becomes of the items of a failed flush of ``size``, ``kept`` of
+    them added (not submitted)."""
+    fates = []
+    if kept:
+        fates.append(f"{kept} back in the queue" if not final else f"{kept} left unflushed")
+    if size - kept:
+        fates.append(f"{size - kept} handed back to their submit callers")
+    return ", ".join(fates)
+
+
+def _as_list(items: Iterable[T]) -> list[T]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"items must be an iterable of items, got {items!r}")
+    return list(items)
 
 
 def _batcher_progress(stats: BatcherStats) -> tuple[int, dict[str, int]]:
