@@ -716,9 +716,12 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         config = self._config
         key = None if config.dedupe_key is None else self._key(item)
         run = self._run
-        if not run.slots.take_nowait(1):
+        slots = run.slots
+        # Slots.take_nowait(1), inlined: the call would cost 13% of add_nowait
+        if slots.waiters or slots.granted or slots.used >= slots.capacity:
             raise QueueFull(f"{self!r} has max_pending={config.max_pending} items queued")
-        # _append, inlined: the call is about a tenth of this hot path
+        slots.used += 1
+        # _append, inlined: the call would cost another 13%
         seq = run.next_seq
         run.next_seq = seq + 1
         queue = run.queue
@@ -967,6 +970,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         """
         chain = run.chain
         dedupe = self._config.dedupe_key is not None
+        natural = self._config.max_wait is None
         cancelled = anyio.get_cancelled_exc_class()
         batch = await self._next_batch(run)
         while batch is not None:
@@ -996,12 +1000,13 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
                 # now are seen without parking and being woken (cheaper).
                 await checkpoint()
             # The next batch, cut here if it is due at once (what _next_batch
-            # would decide first thing, without its coroutine).
+            # would decide first thing, without its coroutine; natural
+            # batching is always due: _due_at's first case, without the call).
             if (
                 run.queue
                 and run.halt_error is None
                 and run.resume_at == -math.inf
-                and self._due_at(run, -1) == -math.inf
+                and (natural or self._due_at(run, -1) == -math.inf)
             ):
                 batch = self._cut(run)
             else:
