@@ -789,17 +789,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if not run.slots.take_nowait(1):
             await self._wait_for_room(run, 1)
         self._append(run, item, key, ticket)
-        try:
-            await ticket.event.wait()
-        except BaseException:
-            if ticket.abandon():
-                # A failed flush handed the item back with its error, but we
-                # were cancelled before seeing it: the batcher takes it back.
-                self._take_back(run, ticket)
-            raise
-        if ticket.state is HANDED_BACK:
-            self._handed_back_seen(run, ticket)
-        result: R = ticket.outcome()
+        result: R = await self._outcome(run, ticket)
         return result
 
     async def flush(self) -> None:
@@ -836,6 +826,20 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             raise
         if waiter.error is not None:
             raise waiter.error
+
+    async def _outcome(self, run: _BatcherRun[T], ticket: _Ticket) -> Any:
+        """Wait for a submitted item's result, or raise its error."""
+        try:
+            await ticket.event.wait()
+        except BaseException:
+            if ticket.abandon():
+                # A failed flush handed the item back with its error, but we
+                # were cancelled before seeing it: the batcher takes it back.
+                self._take_back(run, ticket)
+            raise
+        if ticket.state is HANDED_BACK:
+            self._handed_back_seen(run, ticket)
+        return ticket.outcome()
 
     def _key(self, item: T) -> Hashable:
         """``dedupe_key(item)``, checked to be hashable (only with a dedupe_key)."""
@@ -1228,13 +1232,9 @@ def _resolve(
         return
     results, problem = _results(result, len(items))
     for number, ticket in tickets:
-        if ticket.state is ABANDONED:
-            continue
-        if problem is None:
+        if ticket.state is not ABANDONED:
             position = number if positions is None else positions[number]
-            problem = _give_result(ticket, results, position)
-        if problem is not None:  # (from then on, for every caller)
-            ticket.fail(ValueError(problem))
+            problem = _give_result(ticket, results, position, problem)
 
 
 def _results(result: Any, size: int) -> tuple[Any, str | None]:
@@ -1246,13 +1246,19 @@ def _results(result: Any, size: int) -> tuple[Any, str | None]:
         return None, f"flush's result has no usable length: {error!r}"
 
 
-def _give_result(ticket: _Ticket, results: Any, position: int) -> str | None:
-    """Resolve ``ticket`` with its result; what went wrong if it could not be."""
-    try:
-        ticket.resolve(None if results is None else results[position])
-    except Exception as error:  # noqa: BLE001 - the result's own indexing
-        return f"flush's result could not be indexed: {error!r}"
-    return None
+def _give_result(ticket: _Ticket, results: Any, position: int, problem: str | None) -> str | None:
+    """Resolve ``ticket`` with its result, or fail it with a ValueError if the
+    results have a ``problem`` (or have one now: then the callers after it
+    get the same)."""
+    if problem is None:
+        try:
+            ticket.resolve(None if results is None else results[position])
+        except Exception as error:  # noqa: BLE001 - the result's own indexing
+            problem = f"flush's result could not be indexed: {error!r}"
+        else:
+            return None
+    ticket.fail(ValueError(problem))
+    return problem
 
 
 def _fates(size: int, kept: int, final: bool) -> str:
