@@ -47,34 +47,37 @@ class Parking(Generic[V]):
     """The parked tasks; ``give_back(value)`` takes back a value handed to a
     task that was interrupted before it could use it."""
 
-    __slots__ = ("_give_back", "_spots", "waking")
+    __slots__ = ("_give_back", "spots", "waking")
 
     def __init__(self, give_back: Callable[[V], None] | None = None) -> None:
-        self._spots: deque[_Spot[V]] = deque()
+        # the parked tasks' spots, first parked first. Read it, never change
+        # it: a deque is truthy when a task is parked, at no call's cost (the
+        # per-item paths ask this instead of len(parking))
+        self.spots: deque[_Spot[V]] = deque()
         self._give_back = give_back
         self.waking = False  # a task was unparked (or started) and has not run yet
 
     def __len__(self) -> int:
-        return len(self._spots)
+        return len(self.spots)
 
     def unpark(self, value: V | None = None) -> None:
         """Wake the first parked task (there must be one), handing it ``value``."""
-        spot = self._spots.popleft()
+        spot = self.spots.popleft()
         spot.value = value
         self.waking = True
         spot.event.set()
 
     def unpark_all(self) -> None:
         """Wake every parked task with no value (the owner is closing)."""
-        while self._spots:
-            self._spots.popleft().event.set()
+        while self.spots:
+            self.spots.popleft().event.set()
         self.waking = False
 
     async def park(self, deadline: float = math.inf) -> V | _TimedOut | None:
         """Wait to be woken: what was handed over (None if nothing), or
         :data:`TIMED_OUT` when ``deadline`` passed first."""
         spot: _Spot[V] = _Spot()
-        self._spots.append(spot)
+        self.spots.append(spot)
         try:
             if deadline == math.inf:  # no timer: a cancel scope costs more than the wait
                 await spot.event.wait()
@@ -83,14 +86,14 @@ class Parking(Generic[V]):
                     await spot.event.wait()
         except BaseException:
             if not spot.event.is_set():
-                self._spots.remove(spot)
+                self.spots.remove(spot)
             else:
                 self.waking = False
                 if spot.value is not None and self._give_back is not None:
                     self._give_back(spot.value)
             raise
         if not spot.event.is_set():
-            self._spots.remove(spot)
+            self.spots.remove(spot)
             return TIMED_OUT
         self.waking = False
         return spot.value

@@ -39,28 +39,33 @@ class Slots:
     is queued without waiting for ``max_wait``).
     """
 
-    __slots__ = ("_on_blocked", "_waiters", "capacity", "closed", "granted", "used", "waits")
+    __slots__ = ("_on_blocked", "capacity", "closed", "granted", "used", "waiters", "waits")
 
     def __init__(self, capacity: int, on_blocked: Callable[[], None] | None = None) -> None:
         self.capacity = capacity
         self.used = 0
         self.waits = 0  # callers that had to wait
         self.closed = False
-        self._waiters: deque[_Waiter] = deque()
+        # the callers waiting in line, first come first. Read it, never change
+        # it (a per-item path may ask it, at no call's cost)
+        self.waiters: deque[_Waiter] = deque()
         self.granted = 0  # units of ``used`` granted to a waiter that has not resumed
         self._on_blocked = on_blocked
 
     @property
     def waiting(self) -> bool:
         """Whether anyone waits (or was granted room and has not resumed)."""
-        return bool(self._waiters) or self.granted > 0
+        return bool(self.waiters) or self.granted > 0
 
     def fits(self, need: int) -> bool:
-        return self.used + min(need, self.capacity) <= self.capacity
+        # (more than capacity fits only when nothing is used)
+        return self.used + need <= self.capacity or not self.used
 
     def take_nowait(self, need: int = 1) -> bool:
         """Take ``need`` units if nobody waits and they fit: True if taken."""
-        if self._waiters or self.granted or not self.fits(need):
+        used = self.used
+        # fits(need), inlined: this is every add's and submit's path
+        if self.waiters or self.granted or (used + need > self.capacity and used):
             return False
         self.used += need
         return True
@@ -74,8 +79,8 @@ class Slots:
         if the slots closed meanwhile (then nothing is held)."""
         self.waits += 1
         waiter = _Waiter(need)
-        self._waiters.append(waiter)
-        if self._waiters[0] is waiter:
+        self.waiters.append(waiter)
+        if self.waiters[0] is waiter:
             self._grant()
         try:
             await waiter.event.wait()
@@ -95,20 +100,20 @@ class Slots:
         if waiter.granted:
             self.granted = 0
             self.release(waiter.need)
-        elif waiter in self._waiters:
-            was_head = self._waiters[0] is waiter
-            self._waiters.remove(waiter)
+        elif waiter in self.waiters:
+            was_head = self.waiters[0] is waiter
+            self.waiters.remove(waiter)
             if was_head:
                 self._grant()
 
     def release(self, count: int = 1) -> None:
         """``count`` units were freed: grant them to the first waiter."""
         self.used -= count
-        if self._waiters:
+        if self.waiters:
             self._grant()
 
     def _grant(self) -> None:
-        waiters = self._waiters
+        waiters = self.waiters
         if not waiters or self.granted or self.closed:
             return
         if self.fits(waiters[0].need):
@@ -123,5 +128,5 @@ class Slots:
     def close(self) -> None:
         """Take no more: every waiter wakes and its :meth:`take` returns False."""
         self.closed = True
-        while self._waiters:
-            self._waiters.popleft().event.set()
+        while self.waiters:
+            self.waiters.popleft().event.set()
