@@ -542,7 +542,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         parking = run.parking
         if parking.waking:
             run.queue.put(entry)
-        elif parking:
+        elif parking.spots:
             parking.unpark(entry)
         else:
             run.queue.put(entry)
@@ -559,7 +559,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         run.parking.waking = False
         if not run.queue:
             return
-        if run.parking:
+        if run.parking.spots:
             self._enqueue(run, run.queue.take())
         elif self._limit.allows(run.started) and self._state is RUNNING:
             self._start_worker(run)
