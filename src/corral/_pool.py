@@ -509,20 +509,29 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
         An item is taken only when there is room for it. True when ``iterator``
         is exhausted; False when there is no room (or the pool is not running).
+        The room check and the enqueue decision are inlined (the per-item path
+        of apply_to_all); each has the same rule as the function it copies.
         """
         run = self._run
-        take_room = run.slots.take_nowait
-        if self._state is not RUNNING or not take_room():
+        slots, live, queue, parking = run.slots, run.live, run.queue, run.parking
+        counters, capacity, limit = self._counters, slots.capacity, self._limit
+        if self._state is not RUNNING or not slots.take_nowait():
             return False
-        counters, live, enqueue = self._counters, run.live, self._enqueue
         for item in iterator:
             index = counters.submitted
             counters.submitted = index + 1
             live[index] = entry = (index, item, index, None)
-            enqueue(run, entry)
-            if self._state is not RUNNING or not take_room():
+            if parking.waking or not (parking.spots or limit.allows(run.started)):
+                queue.put(entry)  # what _enqueue would do, without the call
+            else:
+                self._enqueue(run, entry)
+            # room for the next item: Slots.take_nowait
+            if self._state is not RUNNING or slots.waiters or slots.granted:
                 return False
-        run.slots.release()  # the room taken for an item the iterator did not have
+            if slots.used >= capacity:
+                return False
+            slots.used += 1
+        slots.release()  # the room taken for an item the iterator did not have
         return True
 
     # ------------------------------------------------------------- scheduling
@@ -652,7 +661,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         _worker_of.set(self)
         holds_of_attempt.set(None)  # not the holds of whoever started this worker
         self._wake_next(run)  # a new worker: the chain of wake-ups goes on
-        queue, release_room, clock = run.queue, run.slots.release, run.clock
+        queue, slots, clock = run.queue, run.slots, run.clock
         record = _Recorder(self, run)
         succeeded, failed, after = record.succeeded, record.failed, record.after
         cancelled = anyio.get_cancelled_exc_class()
@@ -668,7 +677,12 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
                     if next_entry is None:
                         return
                     entry = next_entry
-                release_room()  # the entry left the queue: its room goes to a waiter
+                # the entry left the queue: its room goes to the first waiter
+                # (Slots.release, inlined: every item passes here)
+                if slots.waiters:
+                    slots.release()
+                else:
+                    slots.used -= 1
                 start = clock()
                 if attempts is not None:
                     outcome = await self._call_layered(record, call, attempts, start, entry)
@@ -794,8 +808,14 @@ class _Recorder(Generic[T, R]):
     ) -> Outcome[T, R] | None:
         index, item, id_, job = entry
         if self.columns and job is None and attempts == 1:
-            assert self.collected is not None
-            self.collected.keep(index, item, result, elapsed)
+            # _Collected.keep, inlined: apply_to_all's every success
+            collected = self.collected
+            assert collected is not None
+            if index >= len(collected.items):
+                collected.grow(index)
+            collected.items[index] = item
+            collected.results[index] = result
+            collected.elapsed[index] = elapsed
             del self.live[index]
             if self.watch.watched:
                 self.watch.notify(index, len(self.live))
