@@ -1,5 +1,5 @@
 """Development sessions: `nox -s tests`, `lint`, `typing`, `examples`, `demo`, `docs`,
-`chaos`, `bench`.
+`chaos`, `bench`, `shape`.
 
 `tests` runs once on every Python from 3.11 up that is installed (a `python3.X`
 on the PATH, or a version pyenv has), so on a machine that has only one Python
@@ -77,10 +77,28 @@ def install_group(session: nox.Session, *groups: str) -> None:
 
 @nox.session(python=installed_pythons())
 def tests(session: nox.Session) -> None:
-    """The whole suite, every async test on asyncio, asyncio+uvloop and trio."""
+    """The whole suite, every async test on asyncio, asyncio+uvloop and trio, with
+    branch coverage of corral (the floor is enforced when no arguments are given).
+
+    The tests marked ``realtime`` (bounds on the real clock; see conftest.py) run
+    in a second pytest run outside coverage: its tracer slows every line."""
     session.install("-e", ".")
     install_group(session, "test")
-    session.run("python", "-m", "pytest", *session.posargs)
+    # each Python's session keeps its own data file: they all run in this directory.
+    # No COVERAGE_CORE: sys.monitoring measures branches only from Python 3.14,
+    # where coverage.py already uses it by default; asked for on 3.12 or 3.13 it
+    # warns and falls back to the C tracer.
+    env = {"COVERAGE_FILE": f".coverage.{session.name}"}
+    args = session.posargs
+    # exit 5 (no test chosen) is fine for one of the two runs when arguments
+    # choose the tests, never for the whole suite
+    chosen = [0, 5] if args else [0]
+    coverage_run = ("python", "-m", "coverage", "run", "-m", "pytest")
+    session.run(*coverage_run, "-m", "not realtime", *args, env=env, success_codes=chosen)
+    session.run("python", "-m", "pytest", "-m", "realtime", *args, success_codes=chosen)
+    # a subset of the tests (arguments after `--`) covers less: report it, no floor
+    floor = ["--fail-under=0"] if args else []
+    session.run("python", "-m", "coverage", "report", *floor, env=env)
 
 
 @nox.session
@@ -151,6 +169,14 @@ def bench(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "_harness.py"))
     for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def shape(session: nox.Session) -> None:
+    """The shape of the engine's code (attributes, function length, complexity);
+    `-- --check` fails when a target is missed."""
+    install_group(session, "shape")
+    session.run("python", "tests/shape.py", *session.posargs)
 
 
 @nox.session

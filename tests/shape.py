@@ -1,6 +1,6 @@
 """The shape of the engine's code: the figures a maintainer watches.
 
-    python tests/shape.py [--check] [PATH]      (needs radon: pip install radon)
+    python tests/shape.py [--check] [PATH]      (nox -s shape)
 
 For every class, how many distinct ``self`` attributes it assigns; for every
 function, its length without the docstring and its cyclomatic complexity

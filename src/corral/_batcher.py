@@ -12,20 +12,26 @@ How an item travels::
             failure: submit callers get the error; add items go back to the front
 
 The queue and ``in_flight`` are the only records of items that are not flushed
-yet: whatever is in them when the batcher stops is ``unflushed``.
+yet: whatever is in them when the batcher stops is ``unflushed``. Room in the
+queue is a :class:`~corral._slots.Slots` (``max_pending`` of it): adders take
+it, cutting a batch gives it back.
 
-Flushers that have nothing to do park in a FIFO. At most one parked flusher is
-woken ("kicked") at a time, and only when its decision may change: the queue
-became non-empty (to arm the age timer, or to flush at once under the natural
-policy), it reached ``max_size``, :meth:`Batcher.flush` was called, or the
-batcher is closing. The age timer is the parked flusher's own cancel-scope
-deadline, so an idle batcher has no timer at all and uses no CPU.
+Flushers that have nothing to do wait in a :class:`~corral._parking.Parking`.
+At most one parked flusher is woken ("kicked") at a time, and only when its
+decision may change: the queue became non-empty (to arm the age timer, or to
+flush at once under the natural policy), it reached ``max_size``,
+:meth:`Batcher.flush` was called, or the batcher is closing. The age timer is
+the parked flusher's own deadline, so an idle batcher has no timer at all and
+uses no CPU.
+
+Everything one entry into the block owns is a :class:`_BatcherRun`, made fresh
+at each entry; the counters that accumulate over entries are a
+:class:`_Counts`; the checked options, a frozen :class:`_Config`.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextvars
 import heapq
 import math
 import random
@@ -35,27 +41,17 @@ from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 import anyio
-import anyio.abc
 import attrs
 from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
-from ._observe import (
-    ObservedBlock,
-    Observer,
-    ProgressBar,
-    logger_for,
-)
-from ._pool import (
-    _clock,
-    _end_task_group,
-    _raise_cancelled,
-    _stray_cancellation,
-    _unwrap_group,
-)
+from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation
+from ._middleware import Layers, Middleware, RateLimiter, Timeout, check_middleware
+from ._observe import Observer, ProgressBar, logger_for
+from ._parking import TIMED_OUT, Parking
 from ._retry import Retry
+from ._slots import Slots
 from ._threads import Threads, holds_of_attempt
 from ._validate import check_int, check_number, check_optional_str
 
@@ -64,50 +60,81 @@ __all__ = ["Batcher", "BatcherStats"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-_NEW, _RUNNING, _CLOSING, _CLOSED = "new", "running", "closing", "closed"
-
 # Waits between failed flushes when `retry` gives none (or retries at once),
 # and the least wait after any failed flush: never a hot loop.
 _FAILURE_BACKOFF = Retry()
 _MIN_FAILURE_WAIT = 0.001
 
+# What became of a submit caller's item (see _Ticket).
+WAITING, RESOLVED, FAILED, HANDED_BACK, SEEN, ABANDONED = (
+    "waiting",
+    "resolved",
+    "failed",
+    "handed back",
+    "seen",
+    "abandoned",
+)
+
 
 class _Ticket:
-    """A ``submit`` caller waiting for its item's result."""
+    """A ``submit`` caller waiting for its item's result. Its ``state``:
 
-    __slots__ = ("abandoned", "error", "event", "handed_back", "result", "traceback")
+    * WAITING: the item is in the batcher; the caller waits.
+    * RESOLVED: the item's batch was flushed; ``result`` is its result.
+    * FAILED: the caller gets ``error``; the item stays accounted for (flushed
+      with a result that does not fit, or unflushed).
+    * HANDED_BACK: a failed flush handed the item (``entry``) back with
+      ``error``: it left the batcher, but the caller has not resumed yet. If
+      the caller is cancelled before it resumes, the batcher takes it back.
+    * SEEN: the caller resumed and raised the error: the item is gone.
+    * ABANDONED: the caller was cancelled: nobody takes the result, and the
+      item is flushed (or queued again) like an added one.
+    """
+
+    __slots__ = ("entry", "error", "event", "result", "state", "traceback")
 
     def __init__(self) -> None:
+        self.state = WAITING
         self.event = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
         self.traceback: TracebackType | None = None
-        self.abandoned = False  # the caller was cancelled: nobody takes the result
-        # the entry, when a failed flush handed the item back with the error
-        self.handed_back: tuple[Any, ...] | None = None
+        self.entry: _Entry[Any] | None = None  # once handed back
 
     def resolve(self, result: Any) -> None:
+        self.state = RESOLVED
         self.result = result
         self.event.set()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, state: str = FAILED) -> None:
+        self.state = state
         self.error = error
         self.traceback = error.__traceback__
         self.event.set()
 
+    def hand_back(self, entry: _Entry[Any], error: BaseException) -> None:
+        self.entry = entry
+        self.fail(error, HANDED_BACK)
+
+    def abandon(self) -> bool:
+        """The caller was cancelled: True if the item was handed back and must
+        be taken back (the caller never saw its error)."""
+        handed_back = self.state is HANDED_BACK
+        if handed_back or self.state is WAITING:
+            self.state = ABANDONED
+        return handed_back
+
+    def outcome(self) -> Any:
+        """The caller resumed: its result, or raise its error."""
+        if self.error is not None:
+            if self.state is HANDED_BACK:
+                self.state = SEEN
+            raise self.error.with_traceback(self.traceback)
+        return self.result
+
 
 # (seq, item, dedupe key, ticket, added_at). A tuple: one is made per item.
 _Entry: TypeAlias = tuple[int, T, Hashable, _Ticket | None, float]
-
-
-class _SpaceWaiter:
-    __slots__ = ("event", "granted", "need", "run")
-
-    def __init__(self, need: int, run: int) -> None:
-        self.need = need
-        self.run = run  # which entry of the batcher it waits in
-        self.granted = False
-        self.event = anyio.Event()
 
 
 class _FlushWaiter:
@@ -119,6 +146,146 @@ class _FlushWaiter:
         self.target = target
         self.error: BaseException | None = None
         self.event = anyio.Event()
+
+
+@attrs.frozen
+class _Config:
+    """A batcher's options, checked (see :func:`_configure`)."""
+
+    flush: Callable[[list[Any]], Any]
+    max_size: int
+    max_wait: float | None
+    concurrency: int
+    max_pending: int
+    dedupe_key: Callable[[Any], Hashable] | None
+    layers: Layers
+    failure_policy: Retry  # the waits between failed flushes
+    give_up_after: int | None  # max_consecutive_failures
+    timed: bool  # whether items need the time they were added (for the age timer)
+
+
+def _configure(
+    flush: Callable[[list[Any]], Any],
+    *,
+    max_size: int,
+    max_wait: float | None,
+    concurrency: int,
+    max_pending: int | None,
+    dedupe_key: Callable[[Any], Hashable] | None,
+    retry: Retry | None,
+    rate_limit: RateLimiter | None,
+    limiter: anyio.CapacityLimiter | None,
+    timeout: float | Timeout | None,
+    middleware: Sequence[Middleware],
+    max_consecutive_failures: int | None,
+) -> _Config:
+    """Check a batcher's options, in the order of its signature."""
+    check_callable("flush", flush)
+    max_size = check_int("max_size", max_size, minimum=1)
+    if max_wait is not None:
+        max_wait = check_number("max_wait", max_wait, finite=False)
+    concurrency = check_int("concurrency", concurrency, minimum=1)
+    max_pending = _check_max_pending(max_pending, max_size, concurrency)
+    _check_dedupe_key(dedupe_key)
+    layers = check_middleware(
+        retry=retry, rate_limit=rate_limit, limiter=limiter, timeout=timeout, middleware=middleware
+    )
+    give_up_after = None
+    if max_consecutive_failures is not None:
+        give_up_after = check_int("max_consecutive_failures", max_consecutive_failures, minimum=1)
+    return _Config(
+        flush=flush,
+        max_size=max_size,
+        max_wait=max_wait,
+        concurrency=concurrency,
+        max_pending=max_pending,
+        dedupe_key=dedupe_key,
+        layers=layers,
+        failure_policy=_failure_policy(layers.retry),
+        give_up_after=give_up_after,
+        timed=max_wait is not None and 0 < max_wait < math.inf,
+    )
+
+
+def _check_max_pending(max_pending: int | None, max_size: int, concurrency: int) -> int:
+    if max_pending is None:
+        return max_size * (concurrency + 1)
+    check_int("max_pending", max_pending, minimum=1)
+    if max_pending < max_size:
+        raise ValueError(
+            f"max_pending must be >= max_size ({max_size}), got {max_pending!r}: "
+            "a full batch could never be queued"
+        )
+    return max_pending
+
+
+def _check_dedupe_key(dedupe_key: object) -> None:
+    check_callable("dedupe_key", dedupe_key, optional=True)
+    if dedupe_key is not None and is_async_callable(dedupe_key):
+        raise TypeError(
+            f"dedupe_key must be a plain function returning a hashable key, got {dedupe_key!r}"
+        )
+
+
+def _failure_policy(retry: Retry | None) -> Retry:
+    """What spaces failed flushes: ``retry`` if it waits at all, else the default."""
+    if retry is not None and retry.wait_initial > 0 and retry.wait_max > 0:
+        return retry
+    return _FAILURE_BACKOFF
+
+
+@attrs.define
+class _Counts:
+    """The counters that accumulate over entries into the block."""
+
+    flushes: int = 0
+    flushed: int = 0
+    deduped: int = 0
+    flush_failures: int = 0
+    failed: int = 0
+    backpressure_waits: int = 0
+    last_flush_time: float | None = None
+
+
+class _BatcherRun(Run, Generic[T]):
+    """What one entry into a batcher owns."""
+
+    def __init__(
+        self,
+        threads: Threads | None,
+        config: _Config,
+        make_room: Callable[[_BatcherRun[T]], None],
+        next_seq: int,
+    ) -> None:
+        super().__init__(threads)
+        # the seq of the next item added; seqs go on from the last entry's,
+        # so that this is also how many items were ever added
+        self.next_seq = next_seq
+        self.queue: deque[_Entry[T]] = deque()
+        self.in_flight: dict[int, list[_Entry[T]]] = {}  # first seq -> the batch
+        self.flushing = 0  # items in in_flight
+        # room in the queue: queued items, and room granted to an adder that
+        # has not queued its items yet (cutting a batch gives its room back)
+        self.slots = Slots(config.max_pending, on_blocked=lambda: make_room(self))
+        self.parking: Parking[None] = Parking()  # idle flushers
+        self.flushers = 0  # flusher tasks alive (at most concurrency, on demand)
+        self.stopped: anyio.Event | None = None  # set when the last flusher exits
+        self.chain: Callable[[list[T]], Awaitable[Any]] = config.flush
+        self.flush_target = 0  # queued items with a seq below this are due now
+        self.flush_waiters: list[_FlushWaiter] = []
+        # seqs of submit items handed back with an error, whose caller has not
+        # resumed yet: if it was cancelled meanwhile, the item comes back
+        self.handed_back: set[int] = set()
+        self.resume_at = -math.inf  # no flush starts before (failure backoff)
+        self.failures = 0  # consecutive failed flushes
+        self.sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
+        # why flushing ended (set together): the error of a final flush that
+        # failed, or of the last of max_consecutive_failures failed flushes
+        self.halt_error: BaseException | None = None
+        self.halt_reason = ""
+        self.submitted = False  # submit was used: batches may carry tickets
+        self.over = False  # the tasks ended: what was left is in unflushed
+        self.unflushed: list[_Entry[T]] = []
 
 
 @attrs.frozen
@@ -155,7 +322,7 @@ class BatcherStats:
     last_flush_time: float | None
 
 
-class Batcher(ObservedBlock, Generic[T, R]):
+class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
     """A batching stage scoped to an ``async with`` block.
 
     Items added with :meth:`add`, :meth:`add_many` or :meth:`submit` are
@@ -353,51 +520,21 @@ class Batcher(ObservedBlock, Generic[T, R]):
         stats_interval: float = 1.0,
         max_consecutive_failures: int | None = None,
     ) -> None:
-        check_callable("flush", flush)
-        self._flush_fn = flush
-        self._max_size = check_int("max_size", max_size, minimum=1)
-        self._max_wait = (
-            None if max_wait is None else check_number("max_wait", max_wait, finite=False)
-        )
-        # whether items need the time they were added (for the age timer)
-        self._timed = self._max_wait is not None and 0 < self._max_wait < math.inf
-        self._concurrency = check_int("concurrency", concurrency, minimum=1)
-        if max_pending is None:
-            max_pending = max_size * (concurrency + 1)
-        check_int("max_pending", max_pending, minimum=1)
-        if max_pending < max_size:
-            raise ValueError(
-                f"max_pending must be >= max_size ({max_size}), got {max_pending!r}: "
-                "a full batch could never be queued"
-            )
-        self._max_pending = max_pending
-        check_callable("dedupe_key", dedupe_key, optional=True)
-        if dedupe_key is not None and is_async_callable(dedupe_key):
-            raise TypeError(
-                f"dedupe_key must be a plain function returning a hashable key, got {dedupe_key!r}"
-            )
-        self._dedupe_key = dedupe_key
-        # no dedupe key and no age timer: an entry needs neither a key nor a time
-        self._plain = dedupe_key is None and not self._timed
-        self._layers = check_middleware(
+        self._config = _configure(
+            flush,
+            max_size=max_size,
+            max_wait=max_wait,
+            concurrency=concurrency,
+            max_pending=max_pending,
+            dedupe_key=dedupe_key,
             retry=retry,
             rate_limit=rate_limit,
             limiter=limiter,
             timeout=timeout,
             middleware=middleware,
+            max_consecutive_failures=max_consecutive_failures,
         )
-        policy = self._layers.retry
-        self._failure_policy = (
-            policy
-            if policy is not None and policy.wait_initial > 0 and policy.wait_max > 0
-            else _FAILURE_BACKOFF
-        )
-        self._give_up_after = (
-            None
-            if max_consecutive_failures is None
-            else check_int("max_consecutive_failures", max_consecutive_failures, minimum=1)
-        )
-        self.name: str | None = check_optional_str("name", name)
+        self.name = check_optional_str("name", name)
         self._observer: Observer[BatcherStats] = Observer(
             progress=progress,
             on_stats=on_stats,
@@ -405,55 +542,16 @@ class Batcher(ObservedBlock, Generic[T, R]):
             count=_batcher_progress,
         )
         self._log = logger_for("batcher", self.name)
-
-        self._state = _NEW
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._clock: Callable[[], float] = anyio.current_time
-        self._queue: deque[_Entry[T]] = deque()
-        self._in_flight: dict[int, list[_Entry[T]]] = {}  # first seq -> the batch
-        self._parked: deque[anyio.Event] = deque()  # idle flushers, FIFO
-        self._kicked = False  # a parked flusher was woken and has not run yet
-        self._space_waiters: deque[_SpaceWaiter] = deque()
-        self._reserved = 0  # queue slots granted to a waiting adder, not used yet
-        self._granting = False  # a waiting adder was granted room, has not resumed
-        self._flush_target = 0  # queued items with a seq below this are due now
-        self._flush_waiters: list[_FlushWaiter] = []
-        # seqs of submit items handed back with an error, whose caller has not
-        # resumed yet: if it was cancelled meanwhile, the item comes back
-        self._handed_back: set[int] = set()
-        self._resume_at = -math.inf  # no flush starts before (failure backoff)
-        self._failures = 0  # consecutive failed flushes
-        self._sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
-        self._running = 0  # flusher tasks alive (at most concurrency, on demand)
-        # per run: the flush chain, and the threads of a plain flush
-        self._chain: Callable[[list[T]], Awaitable[Any]] = self._flush_fn
-        self._threads: Threads | None = None
-        self._context = contextvars.Context()
-        self._stopped: anyio.Event | None = None  # set when the last flusher exits
-        # why flushing ended (set together): the error of a final flush that
-        # failed, or of the last of max_consecutive_failures failed flushes
-        self._halt_error: BaseException | None = None
-        self._halt_reason = ""
-        self._stop_reason: BaseException | None = None  # what broke a flusher
-        self._unflushed: list[_Entry[T]] = []
-        self._submitted = False  # submit was ever used: batches may carry tickets
-        self._run = 0  # counts entries into the block
-        # counters
-        self._next_seq = 0
-        self._flushing = 0
-        self._flushes = 0
-        self._flushed = 0
-        self._deduped = 0
-        self._flush_failures = 0
-        self._failed = 0
-        self._backpressure_waits = 0
-        self._last_flush_time: float | None = None
+        self._state = NEW
+        self._counts = _Counts()
+        self._run = _BatcherRun(None, self._config, self._make_room, 0)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
+        config = self._config
         return (
-            f"<corral.Batcher{label} {self._state} max_size={self._max_size} "
-            f"max_wait={self._max_wait}>"
+            f"<corral.Batcher{label} {self._state} max_size={config.max_size} "
+            f"max_wait={config.max_wait}>"
         )
 
     # ------------------------------------------------------------------ state
@@ -462,161 +560,109 @@ class Batcher(ObservedBlock, Generic[T, R]):
     def stats(self) -> BatcherStats:
         """A frozen snapshot of the counters; cheap, never waits, safe to call
         any time (also before entry and after exit)."""
+        counts = self._counts
+        run = self._run
         return BatcherStats(
-            added=self._next_seq,
-            queued=len(self._queue),
-            flushing=self._flushing,
-            flushes=self._flushes,
-            flushed=self._flushed,
-            deduped=self._deduped,
-            flush_failures=self._flush_failures,
-            failed=self._failed,
-            backpressure_waits=self._backpressure_waits,
-            unflushed=len(self._unflushed),
-            last_flush_time=self._last_flush_time,
+            added=run.next_seq,
+            queued=len(run.queue),
+            flushing=run.flushing,
+            flushes=counts.flushes,
+            flushed=counts.flushed,
+            deduped=counts.deduped,
+            flush_failures=counts.flush_failures,
+            failed=counts.failed,
+            backpressure_waits=counts.backpressure_waits,
+            unflushed=len(run.unflushed),
+            last_flush_time=counts.last_flush_time,
         )
 
     @property
     def unflushed(self) -> list[T]:
         """Items that were added but not flushed when the batcher last exited, in
         the order they were added. Empty after a clean exit; reset on re-entry."""
-        return [entry[1] for entry in self._unflushed]
+        return [entry[1] for entry in self._run.unflushed]
 
     # -------------------------------------------------------------- lifecycle
 
-    async def __aenter__(self) -> Batcher[T, R]:
-        if self._state in (_RUNNING, _CLOSING):
-            raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
-        self._clock = clock = _clock()
+    def _new_run(self) -> _BatcherRun[T]:
+        config = self._config
         # a flusher runs one flush at a time; as many threads again may have
         # been abandoned by timeouts (see _threads)
-        self._threads = self._layers.threads_for(self._flush_fn, 2 * self._concurrency)
-        self._chain = self._layers.chain(self._flush_fn, threads=self._threads, clock=clock)
-        if self._observer.active:  # before the task group: it may raise
-            self._observer.open(self.stats, self.name or "corral")
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        self._unflushed = []
-        self._stop_reason = self._halt_error = None
-        self._stopped = anyio.Event()
-        self._resume_at = -math.inf
-        self._failures = 0
-        self._reserved = 0
-        self._granting = False
-        self._handed_back = set()
-        self._run += 1
-        self._state = _RUNNING
-        self._running = 0
-        self._context = contextvars.copy_context()
-        if self._threads is not None:
-            self._threads.start(tg, self.name or hex(id(self)))
-        self._start_flusher()  # more start as batches are cut (see _cut)
-        if self._observer.active:
-            self._observer.start(tg, lambda: self.stats, self._fail)
-        self._log.debug("%r started", self)
-        return self
+        threads = config.layers.threads_for(config.flush, 2 * config.concurrency)
+        return _BatcherRun(threads, config, self._make_room, self._run.next_seq)
+
+    def _started(self, run: _BatcherRun[T]) -> None:
+        config = self._config
+        run.chain = config.layers.chain(config.flush, threads=run.threads, clock=run.clock)
+        run.stopped = anyio.Event()
+        self._start_flusher(run)  # more start as batches are cut (see _cut)
+
+    def _drain(self, exc: BaseException | None) -> Callable[[], Awaitable[None]] | None:
+        """Leaving the block flushes everything, unless it was cancelled."""
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            return None
+        return self._flush_all
+
+    async def _flush_all(self) -> None:
+        """Take no new items; let the flushers flush what is left, and wait."""
+        run = self._run
+        self._state = STOPPING
+        run.slots.close()  # waiting adders raise PoolClosed
+        run.parking.unpark_all()
+        await checkpoint()
+        assert run.stopped is not None
+        if run.flushers:
+            await run.stopped.wait()
+
+    def _on_close(self, run: _BatcherRun[T]) -> None:
+        run.slots.close()
+
+    def _on_finalize(self, run: _BatcherRun[T]) -> None:
+        """After the flushers stopped: whatever is queued or in flight is unflushed."""
+        entries = list(run.queue)
+        for batch in run.in_flight.values():
+            entries.extend(batch)
+        entries.sort(key=lambda entry: entry[0])
+        run.queue.clear()
+        run.in_flight.clear()
+        run.flushing = 0
+        run.unflushed = entries
+        run.over = True
+        for entry in entries:
+            ticket = entry[3]
+            if ticket is not None and ticket.state is WAITING:
+                ticket.fail(self._not_flushed_error())
+        waiters, run.flush_waiters = run.flush_waiters, []
+        for waiter in waiters:
+            waiter.error = self._not_flushed_error()
+            waiter.event.set()
+
+    def _stop(self, run: _BatcherRun[T]) -> None:
+        """Stop everything (unflushed items stay unflushed)."""
+        assert run.tg is not None
+        run.tg.cancel_scope.cancel()
+
+    def _stop_error(self, run: _BatcherRun[T], *, block_failed: bool) -> BaseException | None:
+        """What broke a flusher (KeyboardInterrupt, on_stats, ...), or the
+        :class:`FlushError` of flushing that ended. A block exception is its
+        ``__context__``."""
+        if run.stop_reason is not None:
+            return run.stop_reason
+        if run.halt_error is None:
+            return None
+        count = len(run.unflushed)
+        error = FlushError(
+            f"{self!r}: {run.halt_reason} ({run.halt_error!r}); "
+            f"{count} item{'s' if count != 1 else ''} not flushed",
+            self.unflushed,
+        )
+        error.__cause__ = run.halt_error
+        return error
 
     def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
         summary = f"{stats.flushed} flushed in {stats.flushes} batches, {stats.unflushed} unflushed"
         return stats, summary
-
-    async def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        tg = self._tg
-        assert tg is not None
-        cancelled = anyio.get_cancelled_exc_class()
-        body_exc = exc
-        flush_all = (exc is None or not isinstance(exc, cancelled)) and self._state is _RUNNING
-        # The flushers never raise (one that breaks records why in
-        # _stop_reason), so what the task group raises is the block's
-        # exception, possibly wrapped, or a cancellation.
-        suppress, raised = await _end_task_group(
-            tg,
-            exc_type,
-            exc,
-            tb,
-            drain=self._flush_all if flush_all else None,
-            close=self._close,
-            finalize=self._finalize,
-        )
-        block_failed = body_exc is not None and not isinstance(body_exc, cancelled)
-        if not block_failed and raised is not None and isinstance(_unwrap_group(raised), cancelled):
-            # cancelled from outside: never swallowed, not by FlushError nor by
-            # why the batcher stopped itself (that is logged)
-            _raise_cancelled(self._log, self, self._stop_reason, _unwrap_group(raised))
-        if self._stop_reason is not None:
-            # what broke a flusher (KeyboardInterrupt, on_stats, ...); a block
-            # exception is its __context__
-            raise self._stop_reason
-        if self._halt_error is not None:
-            count = len(self._unflushed)
-            raise FlushError(
-                f"{self!r}: {self._halt_reason} ({self._halt_error!r}); "
-                f"{count} item{'s' if count != 1 else ''} not flushed",
-                self.unflushed,
-            ) from self._halt_error
-        if block_failed:
-            return False  # the block's own exception, re-raised exactly as it was
-        if raised is not None:
-            raise _unwrap_group(raised)
-        return suppress
-
-    async def _flush_all(self) -> None:
-        """Take no new items; let the flushers flush what is left, and wait."""
-        self._state = _CLOSING
-        self._wake_adders()
-        self._wake_all_parked()
-        await checkpoint()
-        assert self._stopped is not None
-        if self._running:
-            await self._stopped.wait()
-
-    def _wake_all_parked(self) -> None:
-        while self._parked:
-            self._parked.popleft().set()
-        self._kicked = False
-
-    def _close(self) -> None:
-        self._state = _CLOSED
-        self._observer.stop()
-        if self._threads is not None:
-            self._threads.close()
-        self._wake_adders()
-
-    def _wake_adders(self) -> None:
-        while self._space_waiters:
-            self._space_waiters.popleft().event.set()
-
-    def _finalize(self) -> None:
-        """After the flushers stopped: whatever is queued or in flight is unflushed."""
-        self._close()
-        entries = list(self._queue)
-        for batch in self._in_flight.values():
-            entries.extend(batch)
-        entries.sort(key=lambda entry: entry[0])
-        self._queue.clear()
-        self._in_flight.clear()
-        self._flushing = 0
-        self._unflushed = entries
-        for entry in entries:
-            ticket = entry[3]
-            if ticket is not None and not ticket.event.is_set():
-                ticket.fail(self._not_flushed_error())
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for waiter in waiters:
-            waiter.error = self._not_flushed_error()
-            waiter.event.set()
-        self._parked.clear()
-        self._kicked = False
-        self._reserved = 0
-        self._granting = False
-        self._tg = None
 
     def _not_flushed_error(self) -> PoolClosed:
         return PoolClosed(
@@ -624,9 +670,9 @@ class Batcher(ObservedBlock, Generic[T, R]):
         )
 
     def _closed_error(self) -> PoolClosed:
-        if self._state is _NEW:
+        if self._state is NEW:
             return PoolClosed(f"{self!r} is not running yet: add inside `async with batcher:`")
-        if self._state is _CLOSING:
+        if self._state is STOPPING:
             return PoolClosed(f"{self!r} is flushing for exit and takes no new items")
         return PoolClosed(f"{self!r} has exited and takes no new items")
 
@@ -645,21 +691,13 @@ class Batcher(ObservedBlock, Generic[T, R]):
             ``dedupe_key`` raises propagates too).
         """
         await checkpoint()
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
-        key = None if self._dedupe_key is None else self._key(item)
-        queue = self._queue
-        if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
-            await self._wait_for_space(1)
-            self._append(item, key, None)
-            self._release_grant(1)
-        else:
-            # _append, inlined: the hot path of a producer that awaits every add
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
-            if self._parked and not self._kicked:
-                self._kick_if_due()
+        key = None if self._config.dedupe_key is None else self._key(item)
+        run = self._run
+        if not run.slots.take_nowait(1):
+            await self._wait_for_room(run, 1)
+        self._append(run, item, key, None)
 
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
@@ -672,29 +710,27 @@ class Batcher(ObservedBlock, Generic[T, R]):
         :raises PoolClosed: the batcher is not running.
         :raises TypeError: ``dedupe_key`` returned an unhashable key.
         """
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
-        # _append, inlined: this is the hot path of a fast producer
-        queue = self._queue
-        if self._plain:  # no dedupe key, no age timer: the entry needs neither
-            if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
-                raise self._full_error()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            queue.append((seq, item, None, None, 0.0))
-        else:
-            # a bad dedupe key is refused before the room is looked at, as by add()
-            key = None if self._dedupe_key is None else self._key(item)
-            if self._space_waiters or len(queue) + self._reserved >= self._max_pending:
-                raise self._full_error()
-            seq = self._next_seq
-            self._next_seq = seq + 1
-            queue.append((seq, item, key, None, self._clock() if self._timed else 0.0))
-        if self._parked and not self._kicked:
-            self._kick_if_due()
-
-    def _full_error(self) -> QueueFull:
-        return QueueFull(f"{self!r} has max_pending={self._max_pending} items queued")
+        # a bad dedupe key is refused before the room is looked at, as by add()
+        config = self._config
+        key = None if config.dedupe_key is None else self._key(item)
+        run = self._run
+        slots = run.slots
+        # Slots.take_nowait(1), inlined: the call would cost 13% of add_nowait
+        if slots.waiters or slots.granted or slots.used >= slots.capacity:
+            raise QueueFull(f"{self!r} has max_pending={config.max_pending} items queued")
+        slots.used += 1
+        # _append, inlined: the call would cost another 13%
+        seq = run.next_seq
+        run.next_seq = seq + 1
+        queue = run.queue
+        queue.append((seq, item, key, None, run.clock() if config.timed else 0.0))
+        parking = run.parking
+        if parking.spots and not parking.waking:
+            size = len(queue)
+            if size == 1 or size >= config.max_size:
+                parking.unpark()
 
     async def add_many(self, items: Iterable[T]) -> None:
         """Queue all of ``items``, in order and together, or none of them.
@@ -711,23 +747,18 @@ class Batcher(ObservedBlock, Generic[T, R]):
         :raises TypeError: ``items`` is not an iterable (or is a ``str`` or
             ``bytes``), or ``dedupe_key`` returned an unhashable key.
         """
-        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
-            raise TypeError(f"items must be an iterable of items, got {items!r}")
-        batch = list(items)
+        batch = _as_list(items)
         await checkpoint()
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
         if not batch:
             return
-        keys = [None] * len(batch) if self._dedupe_key is None else list(map(self._key, batch))
-        need = len(batch)
-        waited = bool(self._space_waiters) or not self._fits(need)
-        if waited:
-            await self._wait_for_space(need)
-        for item, item_key in zip(batch, keys, strict=True):
-            self._append(item, item_key, None)
-        if waited:
-            self._release_grant(need)
+        keys = self._keys(batch)
+        run = self._run
+        if not run.slots.take_nowait(len(batch)):
+            await self._wait_for_room(run, len(batch))
+        for item, key in zip(batch, keys, strict=True):
+            self._append(run, item, key, None)
 
     async def submit(self, item: T) -> R:
         """Add ``item`` and wait for its result: its element of the sequence that
@@ -749,31 +780,16 @@ class Batcher(ObservedBlock, Generic[T, R]):
             ``add`` items of that batch are queued again).
         """
         await checkpoint()
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
-        key = None if self._dedupe_key is None else self._key(item)
+        key = None if self._config.dedupe_key is None else self._key(item)
+        run = self._run
         ticket = _Ticket()
-        self._submitted = True
-        if self._space_waiters or len(self._queue) + self._reserved >= self._max_pending:
-            await self._wait_for_space(1)
-            self._append(item, key, ticket)
-            self._release_grant(1)
-        else:
-            self._append(item, key, ticket)
-        try:
-            await ticket.event.wait()
-        except BaseException:
-            ticket.abandoned = True
-            if ticket.handed_back is not None:
-                # A failed flush handed the item back with its error, but we
-                # were cancelled before seeing it: the batcher takes it back.
-                self._take_back(ticket.handed_back)
-            raise
-        if ticket.handed_back is not None:
-            self._handed_back_seen(ticket.handed_back)
-        if ticket.error is not None:
-            raise ticket.error.with_traceback(ticket.traceback)
-        result: R = ticket.result
+        run.submitted = True
+        if not run.slots.take_nowait(1):
+            await self._wait_for_room(run, 1)
+        self._append(run, item, key, ticket)
+        result: R = await self._outcome(run, ticket)
         return result
 
     async def flush(self) -> None:
@@ -792,28 +808,44 @@ class Batcher(ObservedBlock, Generic[T, R]):
         :raises PoolClosed: the batcher is not running, or it stopped first.
         """
         await checkpoint()
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
-        target = self._next_seq
-        if self._oldest_pending() >= target:
+        run = self._run
+        target = run.next_seq
+        if self._oldest_pending(run) >= target:
             return
         waiter = _FlushWaiter(target)
-        self._flush_waiters.append(waiter)
-        self._flush_target = target
-        self._kick()
+        run.flush_waiters.append(waiter)
+        run.flush_target = target
+        self._kick(run)
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter in self._flush_waiters:
-                self._flush_waiters.remove(waiter)
+            if waiter in run.flush_waiters:
+                run.flush_waiters.remove(waiter)
             raise
         if waiter.error is not None:
             raise waiter.error
 
+    async def _outcome(self, run: _BatcherRun[T], ticket: _Ticket) -> Any:
+        """Wait for a submitted item's result, or raise its error."""
+        try:
+            await ticket.event.wait()
+        except BaseException:
+            if ticket.abandon():
+                # A failed flush handed the item back with its error, but we
+                # were cancelled before seeing it: the batcher takes it back.
+                self._take_back(run, ticket)
+            raise
+        if ticket.state is HANDED_BACK:
+            self._handed_back_seen(run, ticket)
+        return ticket.outcome()
+
     def _key(self, item: T) -> Hashable:
         """``dedupe_key(item)``, checked to be hashable (only with a dedupe_key)."""
-        assert self._dedupe_key is not None
-        key = self._dedupe_key(item)
+        dedupe_key = self._config.dedupe_key
+        assert dedupe_key is not None
+        key = dedupe_key(item)
         try:
             hash(key)
         except TypeError:
@@ -822,204 +854,107 @@ class Batcher(ObservedBlock, Generic[T, R]):
             ) from None
         return key
 
-    def _append(self, item: T, key: Hashable, ticket: _Ticket | None) -> None:
-        seq = self._next_seq
-        self._next_seq = seq + 1
-        self._queue.append((seq, item, key, ticket, self._clock() if self._timed else 0.0))
-        if self._parked and not self._kicked:
-            self._kick_if_due()
+    def _keys(self, batch: list[T]) -> list[Hashable]:
+        """The dedupe key of each item (None with no dedupe_key)."""
+        if self._config.dedupe_key is None:
+            return [None] * len(batch)
+        return list(map(self._key, batch))
 
-    def _kick_if_due(self) -> None:
-        """An item was queued and a flusher is parked: wake it if its decision may
-        change (the queue was empty: flush it at once, or arm the age timer; or
-        it just became a full batch)."""
-        size = len(self._queue)
-        if size == 1 or size >= self._max_size:
-            self._kick()
+    async def _wait_for_room(self, run: _BatcherRun[T], need: int) -> None:
+        """Wait in line until ``need`` queue slots are ours. The caller queues
+        its items as soon as this returns, with no checkpoint in between."""
+        self._counts.backpressure_waits += 1
+        if not await run.slots.take(need):
+            raise self._closed_error()
 
-    async def _wait_for_space(self, need: int) -> None:
-        """Wait until ``need`` queue slots are granted to us.
+    def _append(self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | None) -> None:
+        """Queue an item (its room is taken); wake a parked flusher if its
+        decision may change: the queue was empty (flush it at once, or arm the
+        age timer), or it is a full batch."""
+        seq = run.next_seq
+        run.next_seq = seq + 1
+        queue = run.queue
+        config = self._config
+        queue.append((seq, item, key, ticket, run.clock() if config.timed else 0.0))
+        parking = run.parking
+        if parking.spots and not parking.waking:
+            size = len(queue)
+            if size == 1 or size >= config.max_size:
+                parking.unpark()
 
-        Grants go to one waiter at a time, in line order: the next is granted
-        only once this one has resumed (and the caller, with no checkpoint in
-        between, queues its items), so waiters queue their items in the order
-        they came, whatever order the scheduler resumes tasks in.
+    def _make_room(self, run: _BatcherRun[T]) -> None:
+        """An adder waits for room: what is queued is due now, whatever its age,
+        and so are the items of an adder granted room that it has not used yet
+        (it queues them right after this).
+
+        Otherwise ``add_many`` of more items than are free could wait for a
+        batch that is neither full nor old enough, and everyone behind it too.
         """
-        self._backpressure_waits += 1
-        waiter = _SpaceWaiter(need, self._run)
-        self._space_waiters.append(waiter)
-        if self._space_waiters[0] is waiter:
-            self._make_room()
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            if waiter.granted and waiter.run == self._run:  # granted, then interrupted
-                self._release_grant(need)  # pass the grant on
-            elif waiter in self._space_waiters:
-                was_head = self._space_waiters[0] is waiter
-                self._space_waiters.remove(waiter)
-                if was_head:
-                    self._grant()
-            raise
-        if not waiter.granted or waiter.run != self._run:  # the batcher closed
-            raise self._closed_error()
-        if self._state is not _RUNNING:  # granted, but it closed before we ran
-            self._release_grant(need)
-            raise self._closed_error()
-        # The caller queues its items now, with no checkpoint in between, then
-        # calls _release_grant: the slots stay reserved until they are used.
+        target = run.next_seq + run.slots.used - len(run.queue)
+        if run.flush_target < target:
+            run.flush_target = target
+            self._kick(run)
 
-    def _release_grant(self, need: int) -> None:
-        """The granted slots were used (or given up): let the next waiter in."""
-        if self._tg is None:  # finalized: counts were reset
-            return
-        self._reserved -= need
-        self._granting = False
-        self._grant()
-
-    def _requeue(self, entries: list[_Entry[T]]) -> None:
+    def _requeue(self, run: _BatcherRun[T], entries: list[_Entry[T]]) -> None:
         """Put entries (in seq order) back into the queue, in their place by add
         order: ahead of every newer item. The queue stays in seq order."""
         if not entries:
             return
-        queue = self._queue
+        run.slots.force(len(entries))
+        queue = run.queue
         if not queue or entries[-1][0] < queue[0][0]:
             queue.extendleft(reversed(entries))  # the usual case: all at the front
         else:  # another batch that failed earlier is older (concurrency > 1)
             merged = list(heapq.merge(queue, entries, key=lambda entry: entry[0]))
             queue.clear()
             queue.extend(merged)
-        if self._parked and not self._kicked:
-            self._kick()
+        self._kick(run)
 
-    def _handed_back_seen(self, entry: _Entry[T]) -> None:
-        """A submit caller saw the error its item was handed back with."""
-        self._handed_back.discard(entry[0])
-        if not self._handed_back:
-            if self._state is not _RUNNING:
-                self._wake_all_parked()  # flushers wait for this before they exit
-            if self._flush_waiters:
-                self._settle_flush_waiters()
+    def _handed_back_seen(self, run: _BatcherRun[T], ticket: _Ticket) -> None:
+        """A submit caller resumed to see the error its item was handed back with."""
+        assert ticket.entry is not None
+        run.handed_back.discard(ticket.entry[0])
+        if not run.handed_back:
+            if self._state is not RUNNING:
+                run.parking.unpark_all()  # flushers wait for this before they exit
+            if run.flush_waiters:
+                self._settle_flush_waiters(run)
 
-    def _take_back(self, entry: _Entry[T]) -> None:
+    def _take_back(self, run: _BatcherRun[T], ticket: _Ticket) -> None:
         """Queue again (or, once stopped, list as unflushed) an item whose failure
         its ``submit`` caller never saw, in its place by add order."""
-        self._failed -= 1
-        self._handed_back.discard(entry[0])
-        if self._tg is None:  # finalized: the queue was already listed
-            keys = [queued[0] for queued in self._unflushed]
-            self._unflushed.insert(bisect.bisect(keys, entry[0]), entry)
+        entry = ticket.entry
+        assert entry is not None
+        self._counts.failed -= 1
+        run.handed_back.discard(entry[0])
+        current = self._run  # run, or the batcher's next entry
+        if current.over:  # the queue was already listed
+            keys = [queued[0] for queued in current.unflushed]
+            current.unflushed.insert(bisect.bisect(keys, entry[0]), entry)
             return
-        self._requeue([entry])
-        if not self._handed_back and self._state is not _RUNNING:
-            self._wake_all_parked()
-
-    def _fits(self, need: int) -> bool:
-        """Whether ``need`` more items may be queued now (more than max_pending
-        fit only into an empty queue)."""
-        return len(self._queue) + self._reserved + min(need, self._max_pending) <= self._max_pending
-
-    def _grant(self) -> None:
-        """Queue slots were freed: grant them to the first waiting adder."""
-        waiters = self._space_waiters
-        if not waiters or self._granting:
-            return
-        if self._fits(waiters[0].need):
-            waiter = waiters.popleft()
-            waiter.granted = True
-            self._granting = True
-            self._reserved += waiter.need
-            waiter.event.set()
-        else:
-            self._make_room()
-
-    def _make_room(self) -> None:
-        """An adder waits for room: what is queued is due now, whatever its age.
-
-        Otherwise ``add_many`` of more items than are free could wait for a
-        batch that is neither full nor old enough, and everyone behind it too.
-        """
-        if self._flush_target < self._next_seq:
-            self._flush_target = self._next_seq
-            self._kick()
+        self._requeue(current, [entry])
+        if not run.handed_back and self._state is not RUNNING:
+            run.parking.unpark_all()
 
     # --------------------------------------------------------------- flushers
 
-    def _kick(self) -> None:
+    def _kick(self, run: _BatcherRun[T]) -> None:
         """Wake the first parked flusher, unless one was woken and has not run."""
-        if self._parked and not self._kicked:
-            self._kicked = True
-            self._parked.popleft().set()
+        parking = run.parking
+        if parking.spots and not parking.waking:
+            parking.unpark()
 
-    def _start_flusher(self) -> None:
+    def _start_flusher(self, run: _BatcherRun[T]) -> None:
         """Start one more flusher; it parks until a batch is due."""
-        assert self._tg is not None
-        number = self._running
-        self._running = number + 1
+        number = run.flushers
+        run.flushers = number + 1
         name = f"corral flusher {self.name or hex(id(self))}#{number}"
-        # in the context of the task that entered the block, as if all had
-        # started there (a spare is started by a flusher)
-        tg, chain = self._tg, self._chain
-        self._context.run(lambda: tg.start_soon(self._flusher, chain, name=name))
+        run.start_soon(self._flusher, run, name=name)
 
-    async def _flusher(self, chain: Callable[[list[T]], Awaitable[Any]]) -> None:
+    async def _flusher(self, run: _BatcherRun[T]) -> None:
         holds_of_attempt.set(None)  # not the holds of whoever started this flusher
-        queue = self._queue
-        in_flight = self._in_flight
-        clock = self._clock
-        max_size = self._max_size
-        natural = self._max_wait is None
-        dedupe = self._dedupe_key is not None
-        cancelled = anyio.get_cancelled_exc_class()
         try:
-            batch = await self._next_batch()
-            while batch is not None:
-                # -- flush the batch --
-                final = self._state is not _RUNNING  # started after the block ended
-                positions: list[int] | None = None
-                if dedupe:
-                    items, positions = _dedupe(batch)
-                else:
-                    items = [entry[1] for entry in batch]
-                error: Exception | None = None
-                streak = self._failures  # failed flushes in a row as this one starts
-                try:
-                    result = await chain(items)
-                except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
-                    error = exc
-                except cancelled as exc:
-                    error = _stray_cancellation(exc)  # re-raised if we are being cancelled
-                # -- one step: the batch leaves in_flight --
-                del in_flight[batch[0][0]]
-                self._flushing -= len(batch)
-                if error is None:
-                    self._failures = 0
-                    self._flushes += 1
-                    self._flushed += len(items)
-                    self._deduped += len(batch) - len(items)
-                    self._last_flush_time = clock()
-                    if self._submitted:
-                        self._resolve(batch, items, positions, result)
-                    if self._flush_waiters:
-                        self._settle_flush_waiters()
-                else:
-                    self._failed_flush(batch, error, final, streak)
-                # -- the next batch --
-                if not queue:
-                    # Let the tasks that are ready run first: items they add
-                    # now are seen without parking and being woken (cheaper).
-                    await checkpoint()
-                # The next batch is due at once (what _next_batch would decide
-                # first thing): cut it here, without its coroutine.
-                if (
-                    queue
-                    and (natural or len(queue) >= max_size)
-                    and self._halt_error is None
-                    and self._resume_at == -math.inf
-                ):
-                    batch = self._cut()
-                else:
-                    batch = await self._next_batch()
+            await self._flush_batches(run)
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -1027,212 +962,257 @@ class Batcher(ObservedBlock, Generic[T, R]):
             # has a bug): stop everything; the block re-raises this exception
             self._fail(error)
         finally:
-            self._running -= 1
-            if not self._running and self._stopped is not None:
-                self._stopped.set()
+            run.flushers -= 1
+            if not run.flushers and run.stopped is not None:
+                run.stopped.set()
 
-    def _fail(self, error: BaseException) -> None:
-        """Stop everything (unflushed items stay unflushed); the block re-raises ``error``."""
-        if self._stop_reason is None:
-            self._stop_reason = error
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
+    async def _flush_batches(self, run: _BatcherRun[T]) -> None:
+        """Flush batches as they are due, until flushing is over.
 
-    async def _next_batch(self) -> list[_Entry[T]] | None:
+        The per-batch path (under natural batching, one batch may be one
+        item): what it needs is inlined, each call here costs about 1%.
+        """
+        chain = run.chain
+        dedupe = self._config.dedupe_key is not None
+        natural = self._config.max_wait is None
+        cancelled = anyio.get_cancelled_exc_class()
+        batch = await self._next_batch(run)
+        while batch is not None:
+            positions: list[int] | None = None
+            if dedupe:
+                items, positions = _dedupe(batch)
+            else:
+                items = [entry[1] for entry in batch]
+            final = self._state is not RUNNING  # started after the block ended
+            streak = run.failures  # failed flushes in a row as this one starts
+            error: Exception | None = None
+            try:
+                result = await chain(items)
+            except Exception as exc:  # noqa: BLE001 - a failed flush is handled below
+                error = exc
+            except cancelled as exc:
+                error = stray_cancellation(exc)  # re-raised if we are being cancelled
+            # -- one step: the batch leaves in_flight, and what follows --
+            del run.in_flight[batch[0][0]]
+            run.flushing -= len(batch)
+            if error is None:
+                self._flushed(run, batch, items, positions, result)
+            else:
+                self._failed_flush(run, batch, error, final, streak)
+            if not run.queue:
+                # Let the tasks that are ready run first: items they add
+                # now are seen without parking and being woken (cheaper).
+                await checkpoint()
+            # The next batch, cut here if it is due at once (what _next_batch
+            # would decide first thing, without its coroutine; natural
+            # batching is always due: _due_at's first case, without the call).
+            if (
+                run.queue
+                and run.halt_error is None
+                and run.resume_at == -math.inf
+                and (natural or self._due_at(run, -1) == -math.inf)
+            ):
+                batch = self._cut(run)
+            else:
+                batch = await self._next_batch(run)
+
+    def _due_at(self, run: _BatcherRun[T], fired_for: int) -> float:
+        """When the batch at the head of the (non-empty) queue is due: -inf if
+        it is due now whatever the time (natural batching, a full batch, exit,
+        :meth:`flush`, making room, or the age timer fired for its head entry),
+        else when its oldest item has waited ``max_wait``."""
+        queue = run.queue
+        max_wait = self._config.max_wait
+        head_seq = queue[0][0]
+        if (
+            max_wait is None
+            or len(queue) >= self._config.max_size
+            or self._state is not RUNNING
+            or head_seq < run.flush_target
+            or head_seq <= fired_for
+        ):
+            return -math.inf
+        return queue[0][4] + max_wait
+
+    async def _next_batch(self, run: _BatcherRun[T]) -> list[_Entry[T]] | None:
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
-        queue = self._queue
-        clock = self._clock
-        max_wait = self._max_wait
         fired_for = -1  # the age timer fired for the entry with this seq
         while True:
-            if self._halt_error is not None or (not queue and self._state is not _RUNNING):
-                if not self._handed_back:
+            if run.halt_error is not None or not run.queue:
+                if self._flushing_over(run):
                     return None
-                # A submit caller has not resumed to see its item's error yet;
-                # if it was cancelled meanwhile, the item comes back: wait.
-                await self._park(math.inf)
+                await run.parking.park()
                 continue
-            if not queue:
-                await self._park(math.inf)
+            now = run.clock()
+            if now < run.resume_at:  # backing off after a failed flush
+                await self._back_off(run)
                 continue
-            now = clock()
-            if now < self._resume_at:  # backing off after a failed flush
-                await self._back_off()
-                continue
-            self._resume_at = -math.inf  # the backoff (if any) is over
-            head_seq = queue[0][0]
-            if (
-                max_wait is None
-                or len(queue) >= self._max_size
-                or self._state is not _RUNNING
-                or head_seq < self._flush_target
-                or head_seq <= fired_for
-            ):
-                return self._cut()
-            deadline = queue[0][4] + max_wait
-            if now >= deadline:
-                return self._cut()
-            if await self._park(deadline):
+            run.resume_at = -math.inf  # the backoff (if any) is over
+            head_seq = run.queue[0][0]
+            due = self._due_at(run, fired_for)
+            if now >= due:
+                return self._cut(run)
+            if await run.parking.park(due) is TIMED_OUT:
                 # The timer fired: the head entry is due, even if a coarse clock
                 # (uvloop's moves in whole milliseconds) reads a hair earlier.
                 fired_for = head_seq
 
-    async def _back_off(self) -> None:
+    def _flushing_over(self, run: _BatcherRun[T]) -> bool:
+        """Nothing queued is ever to be flushed by this run (it halted, or the
+        queue is empty at exit), and no handed-back item may come back (a
+        ``submit`` caller cancelled before it saw its error)."""
+        over = run.halt_error is not None or self._state is not RUNNING
+        return over and not run.handed_back
+
+    async def _back_off(self, run: _BatcherRun[T]) -> None:
         """Sleep until the failure backoff ends (cut short if flushing ends)."""
-        with anyio.CancelScope(deadline=self._resume_at) as scope:
-            self._sleepers.add(scope)
+        with anyio.CancelScope(deadline=run.resume_at) as scope:
+            run.sleepers.add(scope)
             try:
                 await anyio.sleep_forever()
             finally:
-                self._sleepers.discard(scope)
+                run.sleepers.discard(scope)
 
-    async def _park(self, deadline: float) -> bool:
-        """Wait to be kicked or until ``deadline``; True if the deadline passed."""
-        event = anyio.Event()
-        self._parked.append(event)
-        try:
-            if deadline == math.inf:  # no timer: a cancel scope costs more than the wait
-                await event.wait()
-            else:
-                with anyio.CancelScope(deadline=deadline):
-                    await event.wait()
-        except BaseException:
-            if event.is_set():
-                self._kicked = False
-            elif event in self._parked:
-                self._parked.remove(event)
-            raise
-        if event.is_set():
-            self._kicked = False
-            return False
-        self._parked.remove(event)
-        return True
-
-    def _cut(self) -> list[_Entry[T]]:
+    def _cut(self, run: _BatcherRun[T]) -> list[_Entry[T]]:
         """Take the next batch off the queue (at most ``max_size`` entries)."""
-        queue = self._queue
-        if len(queue) <= self._max_size:
+        queue = run.queue
+        max_size = self._config.max_size
+        if len(queue) <= max_size:
             batch = list(queue)
             queue.clear()
         else:
-            batch = [queue.popleft() for _ in range(self._max_size)]
-        self._flushing += len(batch)
-        self._in_flight[batch[0][0]] = batch
-        if not self._parked and self._running < self._concurrency:
+            batch = [queue.popleft() for _ in range(max_size)]
+        run.flushing += len(batch)
+        run.in_flight[batch[0][0]] = batch
+        if not run.parking.spots and run.flushers < self._config.concurrency:
             # flushers start on demand: one spare stays parked, for the next
             # batch that is due while this one is flushed
-            self._start_flusher()
-        if self._space_waiters:
-            self._grant()
+            self._start_flusher(run)
+        run.slots.release(len(batch))  # the next waiting adder may fit now
         if queue:
-            self._kick()  # another parked flusher: flush or time what is left
+            self._kick(run)  # another parked flusher: flush or time what is left
         return batch
 
-    def _resolve(
+    def _flushed(
         self,
+        run: _BatcherRun[T],
         batch: list[_Entry[T]],
         items: list[T],
         positions: list[int] | None,
         result: Any,
     ) -> None:
-        """A flush succeeded: give its ``submit`` callers their results."""
-        tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
-        if tickets:
-            try:
-                results, problem = _check_results(result, len(items))
-            except Exception as error:  # noqa: BLE001 - the result object's own len()
-                results, problem = None, f"flush's result has no usable length: {error!r}"
-            for number, ticket in tickets:
-                if ticket.abandoned:
-                    continue
-                if problem is None:
-                    position = number if positions is None else positions[number]
-                    try:
-                        ticket.resolve(None if results is None else results[position])
-                        continue
-                    except Exception as error:  # noqa: BLE001 - the result's own indexing
-                        problem = f"flush's result could not be indexed: {error!r}"
-                ticket.fail(ValueError(problem))
+        """A flush succeeded."""
+        run.failures = 0
+        counts = self._counts
+        counts.flushes += 1
+        counts.flushed += len(items)
+        counts.deduped += len(batch) - len(items)
+        counts.last_flush_time = run.clock()
+        if run.submitted:
+            _resolve(batch, items, positions, result)
+        if run.flush_waiters:
+            self._settle_flush_waiters(run)
 
     def _failed_flush(
-        self, batch: list[_Entry[T]], error: Exception, final: bool, streak: int
+        self,
+        run: _BatcherRun[T],
+        batch: list[_Entry[T]],
+        error: Exception,
+        final: bool,
+        streak: int,
     ) -> None:
-        self._flush_failures += 1
-        if self._failures == streak:
+        """A flush failed after its retry policy."""
+        self._counts.flush_failures += 1
+        if run.failures == streak:
             # (flushes that ran at the same time, concurrency > 1, and failed
             # together count once: the backoff between them had no chance)
-            self._failures += 1
-        delay = self._failure_policy._wait(self._failures, error, _equal_jitter)
+            run.failures += 1
+        self._schedule_backoff(run, error)
+        kept = self._hand_back(run, batch, error)
+        self._requeue(run, kept)
+        give_up_after = self._config.give_up_after
+        give_up = give_up_after is not None and run.failures >= give_up_after
+        self._log_flush_failure(len(batch), len(kept), error, final or give_up)
+        if run.flush_waiters:
+            self._settle_flush_waiters(run, batch, error)
+        if final or give_up:
+            self._halt(run, error, final)
+
+    def _schedule_backoff(self, run: _BatcherRun[T], error: Exception) -> None:
+        """No flush starts before the backoff after this failure."""
+        delay = self._config.failure_policy._wait(run.failures, error, _equal_jitter)
         if not math.isfinite(delay):
             delay = _FAILURE_BACKOFF.wait_max
         delay = max(delay, _MIN_FAILURE_WAIT)
-        self._resume_at = max(self._resume_at, self._clock() + delay)
-        keep: list[_Entry[T]] = []
+        run.resume_at = max(run.resume_at, run.clock() + delay)
+
+    def _hand_back(
+        self, run: _BatcherRun[T], batch: list[_Entry[T]], error: Exception
+    ) -> list[_Entry[T]]:
+        """Give the batch's ``submit`` callers the error (their items leave the
+        batcher); the rest are kept, to be queued again."""
+        kept: list[_Entry[T]] = []
         for entry in batch:
             ticket = entry[3]
-            if ticket is None or ticket.abandoned:
-                keep.append(entry)
-            else:  # the caller takes the error; the item leaves the batcher
-                self._failed += 1
-                ticket.handed_back = entry
-                self._handed_back.add(entry[0])
-                ticket.fail(error)
-        self._requeue(keep)
-        give_up = self._give_up_after is not None and self._failures >= self._give_up_after
-        self._log_flush_failure(len(batch), len(keep), error, final or give_up)
-        if self._flush_waiters:
-            self._settle_flush_waiters(batch, error)
-        if (final or give_up) and self._halt_error is None:
-            self._halt_error = error  # flushing ends; the rest is unflushed
-            if final:
-                self._halt_reason = "a final flush failed"
+            if ticket is None or ticket.state is ABANDONED:
+                kept.append(entry)
             else:
-                self._halt_reason = f"{self._failures} consecutive flushes failed"
-                if self._tg is not None:  # the block ends with FlushError
-                    self._tg.cancel_scope.cancel()
-            self._wake_all_parked()
-            for scope in self._sleepers:
-                scope.cancel()
+                self._counts.failed += 1
+                run.handed_back.add(entry[0])
+                ticket.hand_back(entry, error)
+        return kept
+
+    def _halt(self, run: _BatcherRun[T], error: Exception, final: bool) -> None:
+        """Flushing ends; what is left is unflushed."""
+        if run.halt_error is not None:
+            return
+        run.halt_error = error
+        if final:
+            run.halt_reason = "a final flush failed"
+        else:
+            run.halt_reason = f"{run.failures} consecutive flushes failed"
+            self._stop(run)  # the block ends with FlushError
+        run.parking.unpark_all()
+        for scope in run.sleepers:
+            scope.cancel()
 
     def _log_flush_failure(self, size: int, kept: int, error: Exception, final: bool) -> None:
         """A failed flush, at WARNING, with what becomes of its items."""
-        fates = []
-        if kept:
-            fates.append(f"{kept} back in the queue" if not final else f"{kept} left unflushed")
-        if size - kept:
-            fates.append(f"{size - kept} handed back to their submit callers")
         self._log.warning(
             "%s: a flush of %d item%s failed (%s)%s: %r",
             self.name or "batcher",
             size,
             "" if size == 1 else "s",
-            ", ".join(fates),
+            _fates(size, kept, final),
             "; flushing ends" if final else "",
             error,
             exc_info=error,
         )
 
-    def _oldest_pending(self) -> float:
+    def _oldest_pending(self, run: _BatcherRun[T]) -> float:
         """The lowest seq of an item not flushed yet: queued, in flight, or handed
         back to a ``submit`` caller that has not seen the error (it may come
         back); infinite if none. Batches and the queue are in seq order."""
         oldest = math.inf
-        if self._queue:
-            oldest = self._queue[0][0]
-        for first in self._in_flight:  # keyed by the batch's first (lowest) seq
+        if run.queue:
+            oldest = run.queue[0][0]
+        for first in run.in_flight:  # keyed by the batch's first (lowest) seq
             oldest = min(oldest, first)
-        if self._handed_back:
-            oldest = min(oldest, min(self._handed_back))
+        if run.handed_back:
+            oldest = min(oldest, min(run.handed_back))
         return oldest
 
     def _settle_flush_waiters(
-        self, failed: list[_Entry[T]] | None = None, error: Exception | None = None
+        self,
+        run: _BatcherRun[T],
+        failed: list[_Entry[T]] | None = None,
+        error: Exception | None = None,
     ) -> None:
         """Wake the flush() callers whose items are all flushed, or one of whose
         items was in the ``failed`` batch (they get its ``error``)."""
-        oldest = self._oldest_pending()
+        oldest = self._oldest_pending(run)
         still: list[_FlushWaiter] = []
-        for waiter in self._flush_waiters:
+        for waiter in run.flush_waiters:
             if failed is not None and failed[0][0] < waiter.target:
                 waiter.error = error
                 waiter.event.set()
@@ -1240,7 +1220,62 @@ class Batcher(ObservedBlock, Generic[T, R]):
                 waiter.event.set()
             else:
                 still.append(waiter)
-        self._flush_waiters = still
+        run.flush_waiters = still
+
+
+def _resolve(
+    batch: list[_Entry[T]], items: list[T], positions: list[int] | None, result: Any
+) -> None:
+    """A flush succeeded: give its ``submit`` callers their results."""
+    tickets = [(number, entry[3]) for number, entry in enumerate(batch) if entry[3] is not None]
+    if not tickets:
+        return
+    results, problem = _results(result, len(items))
+    for number, ticket in tickets:
+        if ticket.state is not ABANDONED:
+            position = number if positions is None else positions[number]
+            problem = _give_result(ticket, results, position, problem)
+
+
+def _results(result: Any, size: int) -> tuple[Any, str | None]:
+    """``flush``'s return value as per-item results (None: every result is
+    None), or why it cannot be."""
+    try:
+        return _check_results(result, size)
+    except Exception as error:  # noqa: BLE001 - the result object's own len()
+        return None, f"flush's result has no usable length: {error!r}"
+
+
+def _give_result(ticket: _Ticket, results: Any, position: int, problem: str | None) -> str | None:
+    """Resolve ``ticket`` with its result, or fail it with a ValueError if the
+    results have a ``problem`` (or have one now: then the callers after it
+    get the same)."""
+    if problem is None:
+        try:
+            ticket.resolve(None if results is None else results[position])
+        except Exception as error:  # noqa: BLE001 - the result's own indexing
+            problem = f"flush's result could not be indexed: {error!r}"
+        else:
+            return None
+    ticket.fail(ValueError(problem))
+    return problem
+
+
+def _fates(size: int, kept: int, final: bool) -> str:
+    """What becomes of the items of a failed flush of ``size``, ``kept`` of
+    them added (not submitted)."""
+    fates = []
+    if kept:
+        fates.append(f"{kept} back in the queue" if not final else f"{kept} left unflushed")
+    if size - kept:
+        fates.append(f"{size - kept} handed back to their submit callers")
+    return ", ".join(fates)
+
+
+def _as_list(items: Iterable[T]) -> list[T]:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"items must be an iterable of items, got {items!r}")
+    return list(items)
 
 
 def _batcher_progress(stats: BatcherStats) -> tuple[int, dict[str, int]]:

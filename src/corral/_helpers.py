@@ -172,7 +172,7 @@ async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
     try:
         await pool.submit(item)
     except BaseException:
-        pool._orphans.append(item)
+        pool._run.orphans.append(item)
         raise
 
 
@@ -452,19 +452,20 @@ class ApplyToEach(Generic[T, R]):
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Outcomes[T, R]]:
         pool = self._pool
-        window = pool._workers + pool._max_pending
+        window = pool._limit.workers + pool._max_pending
         outcomes = Outcomes(pool, ordered=self._ordered, window=window)
         pool._add_sink(outcomes._deliver)
         try:
             async with pool:
-                assert pool._tg is not None
-                pool._tg.start_soon(outcomes._feed, self._items, name="corral apply_to_each feeder")
+                pool._run.start_soon(
+                    outcomes._feed, self._items, name="corral apply_to_each feeder"
+                )
                 yield outcomes
                 if not outcomes._finished:
                     # An early exit (`break`): what is still queued or running is
                     # not wanted any more. Otherwise the pool exits normally and
                     # waits for any async on_outcome callbacks still running.
-                    pool._stop()
+                    pool._stop(pool._run)
         finally:
             outcomes._close()
 

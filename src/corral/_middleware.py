@@ -142,12 +142,21 @@ def check_middleware(
             f"limiter must be an anyio.CapacityLimiter (or another async context "
             f"manager), got {limiter!r}"
         )
-    if timeout is not None and not isinstance(timeout, Timeout):
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(
-                f"timeout must be a number of seconds, a corral.Timeout or None, got {timeout!r}"
-            )
-        timeout = Timeout(check_number("timeout", timeout, positive=True))
+    layers = _check_layers(middleware)
+    return Layers(retry, rate_limit, limiter, _check_timeout(timeout), layers)  # type: ignore[arg-type]
+
+
+def _check_timeout(timeout: object) -> Timeout | None:
+    if timeout is None or isinstance(timeout, Timeout):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"timeout must be a number of seconds, a corral.Timeout or None, got {timeout!r}"
+        )
+    return Timeout(check_number("timeout", timeout, positive=True))
+
+
+def _check_layers(middleware: object) -> tuple[Middleware, ...]:
     if isinstance(middleware, (str, bytes)) or not isinstance(middleware, Sequence):
         raise TypeError(f"middleware must be a sequence of middleware, got {middleware!r}")
     for index, layer in enumerate(middleware):
@@ -157,7 +166,7 @@ def check_middleware(
                 f"middleware[{index}] must be async: "
                 f"`async def __call__(self, item, call_next)`, got {layer!r}"
             )
-    return Layers(retry, rate_limit, limiter, timeout, tuple(middleware))  # type: ignore[arg-type]
+    return tuple(middleware)
 
 
 @attrs.frozen

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import anyio
@@ -24,7 +23,6 @@ from ._handlers import is_async_callable
 from ._validate import check_number
 
 __all__ = [
-    "ObservedBlock",
     "Observer",
     "ProgressBar",
     "check_on_stats",
@@ -230,51 +228,3 @@ class Observer(Generic[S]):
         if done != self._shown:
             bar.update(done - self._shown)
             self._shown = done
-
-
-class ObservedBlock:
-    """``__aexit__`` for Pool and Batcher: their own ``_exit``, then the stop
-    is logged and the observer finishes (last bar update, last ``on_stats``).
-
-    What ``on_stats`` raises at exit comes out of the block, unless the block
-    is raising an exception already: then it is logged instead.
-    """
-
-    _observer: Observer[Any]
-    _log: logging.Logger
-
-    async def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        raise NotImplementedError
-
-    def _exit_summary(self) -> tuple[object, str]:
-        """The final stats snapshot, and how the stop is logged."""
-        raise NotImplementedError
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        try:
-            suppress = await self._exit(exc_type, exc, tb)
-        except BaseException:
-            self._after_exit(raising=True)
-            raise
-        self._after_exit(raising=exc is not None and not suppress)
-        return suppress
-
-    def _after_exit(self, *, raising: bool) -> None:
-        stats, summary = self._exit_summary()
-        self._log.debug("%r stopped: %s", self, summary)
-        try:
-            self._observer.finish(stats)
-        except Exception:
-            if not raising:
-                raise  # the block ends with on_stats's error
-            self._log.exception("on_stats raised at exit, while the block was raising")

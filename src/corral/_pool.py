@@ -1,34 +1,27 @@
-"""Pool: one task group, one queue, ``workers`` worker tasks.
+"""Pool: one task group, one queue, up to ``workers`` worker tasks.
 
-How an item travels::
+How an item travels (ARCHITECTURE.md draws the whole engine)::
 
-    submit ──► live[index] = entry ──► handed to a parked worker, or queued ──► worker
-                                                                                 │
-            del live[index]; job gets its outcome; on_outcome ◄── Outcome ◄──────┘
+    submit ──► Slots (room: max_pending) ──► live[index] = entry ──► handed to a
+    parked worker (Parking), or queued (the discipline) ──► worker: take → run
+    (the middleware chain) → record (_Recorder: outcome, job, on_outcome)
 
 ``live`` (a dict in submission order) is the single record of every item that
 has no outcome yet; whatever is in it when the pool stops is ``unfinished``.
-``max_pending`` is enforced by :meth:`Pool.submit` with its own FIFO of waiting
-submitters, so that a submit interrupted at any point (also by a native asyncio
-cancellation) either enqueued or did not, and so that submits from the pool's
-own workers can bypass the bound.
+Everything one entry into the block owns lives in a fresh :class:`_PoolRun`.
 
 Why not an anyio memory object stream between submitters and workers: its
 blocking ``send`` hands the item over before the sender resumes, so a native
 asyncio cancellation arriving in between makes ``send`` raise although the
-item was delivered, and its receivers wake one per item. The queue here keeps
-the submit side exact and wakes parked workers in a chain (see ``_enqueue``).
+item was delivered, and its receivers wake one per item. Slots keep the submit
+side exact, and Parking wakes parked workers in a chain (see ``_enqueue``).
 """
 
 from __future__ import annotations
 
 import contextvars
-import logging
-import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, cast, overload
+from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -37,15 +30,14 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
+from ._lifecycle import CLOSED, NEW, RUNNING, STOPPING, Block, Run, stray_cancellation
 from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
-from ._observe import (
-    ObservedBlock,
-    Observer,
-    ProgressBar,
-    logger_for,
-)
+from ._observe import Observer, ProgressBar, logger_for
 from ._outcome import Job, Outcome, _make_outcome
+from ._parking import Parking
 from ._retry import Retry
+from ._scheduling import FifoQueue, WorkerLimit
+from ._slots import Slots
 from ._threads import Threads, holds_of_attempt
 from ._validate import check_bool, check_int, check_optional_str
 
@@ -58,8 +50,6 @@ R = TypeVar("R")
 # A tuple, not an object, because it is made once per item; the Job is None for
 # items fed by the helpers, which nobody can wait on.
 _Entry: TypeAlias = tuple[int, T, Hashable, Job[T, R] | None]
-
-_NEW, _RUNNING, _STOPPING, _CLOSED = "new", "running", "stopping", "closed"
 
 # A worker task sets this to its pool, so that submits made from inside a
 # handler (or from tasks the handler starts) can bypass ``max_pending``.
@@ -95,89 +85,69 @@ class PoolStats:
     unfinished: int
 
 
-def _clock() -> Callable[[], float]:
-    """The running event loop's clock, looked up once instead of once per read.
+@attrs.define
+class _Counters:
+    """What a pool counts over all its entries."""
 
-    Always the clock :func:`anyio.current_time` reads (so trio's MockClock and
-    any asyncio loop with its own ``time()`` apply): on asyncio the loop's own
-    ``time`` method, on trio anyio's backend function.
-    """
-    try:
-        native = anyio.lowlevel.current_token().native_token
-        loop_time = getattr(native, "time", None)  # an asyncio event loop
-        if callable(loop_time):
-            return cast("Callable[[], float]", loop_time)
-        from anyio._core._eventloop import get_async_backend
-
-        return get_async_backend().current_time
-    except (ImportError, AttributeError):  # pragma: no cover - anyio changed
-        return anyio.current_time
+    submitted: int = 0  # also the next submission index
+    failed: int = 0
+    lost: int = 0  # submitted items that ended unfinished
+    retried: int = 0
+    backpressure_waits: int = 0
 
 
-async def _end_task_group(
-    tg: anyio.abc.TaskGroup,
-    exc_type: type[BaseException] | None,
-    exc: BaseException | None,
-    tb: TracebackType | None,
-    *,
-    drain: Callable[[], Awaitable[None]] | None,
-    close: Callable[[], None],
-    finalize: Callable[[], None],
-) -> tuple[bool, BaseException | None]:
-    """The end of a Pool's or Batcher's block, shared.
+class _Watch:
+    """Who waits for outcomes: ``join`` callers and the exit's wait for idle."""
 
-    ``drain`` (if given) lets the work run out; if it is interrupted (a
-    cancellation), the task group exits with that instead. Then ``close``
-    takes no more work, the task group exits (cancelling what is left when
-    there is an exception), and ``finalize`` records what did not finish, also
-    if the exit itself raised. Returns the task group's ``__aexit__`` result
-    and what it raised, for the caller to sort out.
-    """
-    if drain is not None:
-        try:
-            await drain()
-        except BaseException as interrupted:  # noqa: BLE001 - cancellation, re-raised by tg
-            exc, exc_type, tb = interrupted, type(interrupted), interrupted.__traceback__
-    close()
-    try:
-        return await tg.__aexit__(exc_type, exc, tb), None
-    except BaseException as error:  # noqa: BLE001 - sorted out by the caller
-        return False, error
-    finally:
-        finalize()
+    __slots__ = ("callbacks", "idle", "joiners", "watched")
+
+    def __init__(self) -> None:
+        self.joiners: list[_Joiner] = []
+        self.idle: anyio.Event | None = None  # set when nothing is live
+        self.callbacks = 0  # workers awaiting an async on_outcome
+        self.watched = False  # someone waits: record steps must notify
+
+    def notify(self, index: int | None, live: int) -> None:
+        """Wake the waiters an outcome (``index``) or a callback's end concerns."""
+        if self.joiners and index is not None:
+            for joiner in self.joiners:
+                if index < joiner.target:
+                    joiner.remaining -= 1
+                    if joiner.remaining == 0:
+                        joiner.event.set()
+            self.joiners = [joiner for joiner in self.joiners if joiner.remaining]
+        if not live and not self.callbacks and self.idle is not None:
+            self.idle.set()
+            self.idle = None
+        self.watched = bool(self.joiners) or self.idle is not None
+
+    def release_all(self) -> None:
+        joiners, self.joiners = self.joiners, []
+        for joiner in joiners:
+            joiner.event.set()
 
 
-def _raise_cancelled(
-    log: logging.Logger, block: object, reason: BaseException | None, cancelled: BaseException
-) -> NoReturn:
-    """The block is cancelled from outside while it stopped itself because of
-    ``reason``: the cancellation propagates, as in ``asyncio.TaskGroup``, and
-    ``reason`` is logged, not lost (fail_fast's failure is also its item's
-    outcome). A ``KeyboardInterrupt`` or ``SystemExit`` beats the cancellation."""
-    if reason is not None and not isinstance(reason, Exception):
-        raise reason
-    if reason is not None:
-        log.error(
-            "%r stopped because of %r and was cancelled meanwhile; the cancellation propagates",
-            block,
-            reason,
-            exc_info=reason,
-        )
-    raise cancelled
+class _PoolRun(Run, Generic[T, R]):
+    """What one entry into a pool owns."""
+
+    def __init__(
+        self,
+        threads: Threads | None,
+        max_pending: int,
+        give_back: Callable[[_Entry[T, R]], None],
+    ) -> None:
+        super().__init__(threads)
+        self.queue: FifoQueue[_Entry[T, R]] = FifoQueue()  # waiting for a worker
+        # idle workers; give_back: one was handed an entry and cancelled before running it
+        self.parking: Parking[_Entry[T, R]] = Parking(give_back)
+        self.slots = Slots(max_pending)  # room for queued items
+        self.live: dict[int, _Entry[T, R]] = {}  # every item without an outcome
+        self.watch = _Watch()
+        self.started = 0  # workers started, on demand
+        self.orphans: list[T] = []  # taken from a helper's input, never submitted
 
 
-def _unwrap_group(exc: BaseException) -> BaseException:
-    """Undo the one group the task group wrapped a single exception in.
-
-    Only one level: a group that the block, a handler or a callback raised
-    itself comes out as it was raised.
-    """
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return exc.exceptions[0]
-    return exc
-
-
-class Pool(ObservedBlock, Generic[T, R]):
+class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     """A worker pool scoped to an ``async with`` block.
 
     ``handler`` is called once per item (async, or plain in a worker thread).
@@ -313,7 +283,7 @@ class Pool(ObservedBlock, Generic[T, R]):
     ) -> None:
         check_callable("handler", handler)
         self._handler = handler
-        self._workers = check_int("workers", workers, minimum=1)
+        self._limit = WorkerLimit(check_int("workers", workers, minimum=1))
         if max_pending is None:
             max_pending = max(2 * workers, 16)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
@@ -325,16 +295,11 @@ class Pool(ObservedBlock, Generic[T, R]):
             middleware=middleware,
         )
         check_callable("on_outcome", on_outcome, optional=True)
-        self._on_outcome_sync: Callable[[Outcome[T, R]], Any] | None = None
-        self._on_outcome_async: Callable[[Outcome[T, R]], Awaitable[Any]] | None = None
+        self._on_outcome = on_outcome
         # apply_to_all's record: every outcome is stored at its index, first
         # thing in the recording step (cheaper than a sink function per item)
         self._collected: _Collected[T, R] | None = None
-        if on_outcome is not None:
-            if is_async_callable(on_outcome):
-                self._on_outcome_async = on_outcome
-            else:
-                self._on_outcome_sync = on_outcome
+        self._sinks: list[Callable[[Outcome[T, R]], None]] = []  # the helpers'
         self._fail_fast = check_bool("fail_fast", fail_fast)
         self.name: str | None = check_optional_str("name", name)
         self._observer: Observer[PoolStats] = Observer(
@@ -344,41 +309,14 @@ class Pool(ObservedBlock, Generic[T, R]):
             count=_pool_progress,
         )
         self._log = logger_for("pool", self.name)
-
-        self._state = _NEW
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._queue: deque[_Entry[T, R]] = deque()  # waiting for a worker
-        self._idle_workers: deque[_IdleWorker[T, R]] = deque()  # waiting for work
-        self._live: dict[int, _Entry[T, R]] = {}
-        self._space_waiters: deque[anyio.Event] = deque()
-        self._idle_event: anyio.Event | None = None
-        # per run: the threads of a plain handler, the loop's clock, and how
-        # many workers have been started (at most ``workers``, on demand)
-        self._threads: Threads | None = None
-        self._context = contextvars.Context()
-        self._clock: Callable[[], float] = anyio.current_time
-        self._started = 0
-        self._watched = False  # someone waits for idle or join: workers notify
-        self._in_callbacks = 0  # workers awaiting an async on_outcome
-        self._waking = False  # a parked worker was handed an entry, has not run yet
-        self._joiners: list[_Joiner] = []
+        self._state = NEW
+        self._run: _PoolRun[T, R] = _PoolRun(None, self._max_pending, self._give_back)
+        self._counters = _Counters()
         self._unfinished: list[T] = []
-        self._orphans: list[T] = []  # taken from a helper's input, never submitted
-        # why the pool stopped itself: fail_fast's failure, or an exception that
-        # broke a worker or feeder (on_outcome raised, KeyboardInterrupt, ...)
-        self._stop_reason: BaseException | None = None
-        # counters
-        self._next_index = 0
-        self._queued = 0  # in the queue, plus slots granted to waiting submitters
-        self._reserved = 0  # slots granted to waiting submitters, not yet used
-        self._failed = 0
-        self._lost = 0  # submitted items that ended unfinished, over all entries
-        self._retried = 0
-        self._backpressure_waits = 0
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
-        return f"<corral.Pool{label} {self._state} workers={self._workers}>"
+        return f"<corral.Pool{label} {self._state} workers={self._limit.workers}>"
 
     # ------------------------------------------------------------------ state
 
@@ -386,16 +324,18 @@ class Pool(ObservedBlock, Generic[T, R]):
     def stats(self) -> PoolStats:
         """A frozen snapshot of the counters; cheap, never waits, safe to call
         any time (also before entry and after exit)."""
-        queued = self._queued - self._reserved
-        live = len(self._live)
+        counters, run = self._counters, self._run
+        live = len(run.live)
+        # room is held from submit until a worker takes the entry (after exit: none)
+        queued = run.slots.used - run.slots.granted if live else 0
         return PoolStats(
-            submitted=self._next_index,
+            submitted=counters.submitted,
             queued=queued,
             running=live - queued,
-            succeeded=self._next_index - live - self._lost - self._failed,
-            failed=self._failed,
-            retried=self._retried,
-            backpressure_waits=self._backpressure_waits,
+            succeeded=counters.submitted - live - counters.lost - counters.failed,
+            failed=counters.failed,
+            retried=counters.retried,
+            backpressure_waits=counters.backpressure_waits,
             unfinished=len(self._unfinished),
         )
 
@@ -405,58 +345,64 @@ class Pool(ObservedBlock, Generic[T, R]):
         order. Empty after a clean exit; reset when the pool is entered again."""
         return list(self._unfinished)
 
+    @property
+    def _live(self) -> dict[int, _Entry[T, R]]:
+        """The items of the current run without an outcome, by index."""
+        return self._run.live
+
+    @property
+    def _tg(self) -> anyio.abc.TaskGroup | None:
+        """The current run's task group (None before the first entry)."""
+        return self._run.tg
+
     # -------------------------------------------------------------- lifecycle
 
-    async def __aenter__(self) -> Pool[T, R]:
-        if self._state in (_RUNNING, _STOPPING):
-            raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
-        self._clock = _clock()
+    def _new_run(self) -> _PoolRun[T, R]:
         # a worker runs one call at a time; as many threads again may have
         # been abandoned by timeouts (see _threads)
-        self._threads = self._layers.threads_for(self._handler, 2 * self._workers)
-        if self._observer.active:  # before the task group: it may raise
-            self._observer.open(self.stats, self.name or "corral")
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        threads = self._layers.threads_for(self._handler, 2 * self._limit.workers)
         self._unfinished = []
-        self._stop_reason = None
-        self._started = 0  # workers start as items arrive (see _enqueue)
-        # ... in the context of the task that entered the block, as if all had
-        # started here, not in that of whichever submitter happened to start one
-        self._context = contextvars.copy_context()
-        self._state = _RUNNING
-        if self._threads is not None:
-            self._threads.start(tg, self.name or hex(id(self)))
-        if self._observer.active:
-            self._observer.start(tg, lambda: self.stats, self._fail)
-        self._log.debug("%r started", self)
-        return self
+        return _PoolRun(threads, self._max_pending, self._give_back)
 
-    def _start_worker(self) -> None:
-        """Start one more worker (the caller checked the bound); it takes the
-        entry at the head of the queue when it runs."""
-        tg = self._tg
-        assert tg is not None
-        number = self._started
-        self._started = number + 1
-        self._waking = True  # cleared by the new worker's _wake_next
-        name = f"corral worker {self.name or hex(id(self))}#{number}"
-        call, attempts = self._worker_call()
-        clock = self._clock
-        self._context.run(lambda: tg.start_soon(self._work, call, attempts, clock, name=name))
+    def _drain(self, exc: BaseException | None) -> Callable[[], Awaitable[None]] | None:
+        """A block that ended well waits until the pool is idle."""
+        return self._wait_idle if exc is None else None
 
-    def _worker_call(self) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
-        """What a new worker calls per item: the handler, or a chain of its own
-        around a counter of handler calls (the counter's list: calls, start)."""
-        layers, clock, threads = self._layers, self._clock, self._threads
-        if not layers.configured:
-            return layers.chain(self._handler, threads=threads, clock=clock), None
-        attempts: list[float] = [0, 0.0]
-        chain = layers.chain(
-            self._handler, threads=threads, clock=clock, on_start=_counter(attempts, clock)
-        )
-        return chain, attempts
+    def _on_close(self, run: _PoolRun[T, R]) -> None:
+        """Accept no more items; wake parked workers and waiting submitters."""
+        run.parking.unpark_all()  # woken with no entry, they find the pool closed
+        run.slots.close()
+
+    def _on_finalize(self, run: _PoolRun[T, R]) -> None:
+        """After the workers stopped: whatever is still live is unfinished."""
+        entries = list(run.live.values())
+        run.live.clear()
+        run.queue.clear()
+        self._counters.lost += len(entries)
+        self._unfinished = [entry[1] for entry in entries] + run.orphans
+        run.orphans = []
+        for entry in entries:
+            if entry[3] is not None:
+                entry[3]._abandon()
+        run.watch.release_all()
+
+    def _stop(self, run: _PoolRun[T, R]) -> None:
+        """Cancel the workers and the block's own code; take no new items.
+
+        Queued items do not start: cancellation reaches a worker only at its
+        next checkpoint, and a handler that does not await would otherwise
+        let it run on through the queue. They stay in ``live``, so they end
+        unfinished.
+        """
+        if self._state is RUNNING:
+            self._state = STOPPING
+        run.queue.clear()
+        if run.tg is not None:
+            run.tg.cancel_scope.cancel()
+
+    def _stop_error(self, run: _PoolRun[T, R], *, block_failed: bool) -> BaseException | None:
+        # fail_fast's failure, or what broke a worker; the block's own exception wins
+        return None if block_failed else run.stop_reason
 
     def _exit_summary(self) -> tuple[object, str]:
         stats = self.stats
@@ -465,77 +411,19 @@ class Pool(ObservedBlock, Generic[T, R]):
         )
         return stats, summary
 
-    async def _exit(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        tg = self._tg
-        assert tg is not None
-        cancelled = anyio.get_cancelled_exc_class()
-        body_exc = exc
-        # The pool's own tasks never raise (a worker or feeder that breaks
-        # records why in _stop_reason), so what the task group raises is the
-        # block's exception, possibly wrapped, or a cancellation.
-        suppress, raised = await _end_task_group(
-            tg,
-            exc_type,
-            exc,
-            tb,
-            drain=self._wait_idle if exc is None and self._state is _RUNNING else None,
-            close=self._close,
-            finalize=self._finalize,
-        )
-        if body_exc is not None and not isinstance(body_exc, cancelled):
-            return False  # the block's own exception, re-raised exactly as it was
-        if raised is not None:
-            # a cancellation from outside (an outer scope, a native asyncio
-            # cancellation): it wins over why the pool stopped itself, as in
-            # asyncio.TaskGroup, or asyncio.timeout would never see it
-            _raise_cancelled(self._log, self, self._stop_reason, _unwrap_group(raised))
-        if self._stop_reason is not None:
-            raise self._stop_reason  # fail_fast's failure, or what broke a worker
-        return suppress
-
-    def _close(self) -> None:
-        """Accept no more items; wake everyone waiting to submit."""
-        if self._state is _CLOSED:
-            return
-        self._state = _CLOSED
-        self._observer.stop()
-        if self._threads is not None:
-            self._threads.close()
-        while self._idle_workers:  # woken with no entry, they find the pool closed
-            self._idle_workers.popleft().event.set()
-        while self._space_waiters:
-            self._space_waiters.popleft().set()
-
-    def _finalize(self) -> None:
-        """After the workers stopped: whatever is still live is unfinished."""
-        self._close()
-        entries = list(self._live.values())
-        self._live.clear()
-        self._lost += len(entries)
-        self._unfinished = [entry[1] for entry in entries] + self._orphans
-        self._orphans = []
-        for entry in entries:
-            if entry[3] is not None:
-                entry[3]._abandon()
-        joiners, self._joiners = self._joiners, []
-        for joiner in joiners:
-            joiner.event.set()
-        self._queued = self._reserved = self._in_callbacks = 0
-        self._watched = self._waking = False
-        self._queue.clear()
-        self._tg = None
-
     def _closed_error(self) -> PoolClosed:
-        if self._state is _NEW:
+        if self._state is NEW:
             return PoolClosed(f"{self!r} is not running yet: submit inside `async with pool:`")
-        if self._state is _STOPPING:
+        if self._state is STOPPING:
             return PoolClosed(f"{self!r} is stopping and takes no new items")
         return PoolClosed(f"{self!r} has exited and takes no new items")
+
+    async def _raise_closed(self) -> NoReturn:
+        # If the pool is being cancelled (fail_fast, an exception, an early exit
+        # from a helper), a caller inside it gets that cancellation here rather
+        # than a PoolClosed that would mask why the pool stopped.
+        await checkpoint()
+        raise self._closed_error()
 
     # ---------------------------------------------------------------- submit
 
@@ -557,16 +445,20 @@ class Pool(ObservedBlock, Generic[T, R]):
         await checkpoint()
         if id is not None:
             _check_id(id)
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             await self._raise_closed()
-        if (self._queued >= self._max_pending or self._space_waiters) and (
-            _worker_of.get() is not self
-        ):
-            await self._wait_for_space()
-            self._reserved -= 1  # the slot granted to us is now used
-        else:
-            self._queued += 1
-        return self._put(item, id)
+        run = self._run
+        if not run.slots.take_nowait():
+            if _worker_of.get() is self:
+                run.slots.force()  # the pool's own handler never waits for room
+            else:
+                await self._wait_for_room(run)
+        return self._put(run, item, id)
+
+    async def _wait_for_room(self, run: _PoolRun[T, R]) -> None:
+        self._counters.backpressure_waits += 1
+        if not await run.slots.take() or self._state is not RUNNING:
+            await self._raise_closed()
 
     def submit_nowait(self, item: T, *, id: Hashable = None) -> Job[T, R]:
         """Enqueue ``item`` without waiting, or raise.
@@ -583,32 +475,32 @@ class Pool(ObservedBlock, Generic[T, R]):
         """
         if id is not None:
             _check_id(id)
-        if self._state is not _RUNNING:
+        if self._state is not RUNNING:
             raise self._closed_error()
-        if (self._queued >= self._max_pending or self._space_waiters) and (
-            _worker_of.get() is not self
-        ):
-            raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
-        self._queued += 1
-        return self._put(item, id)
+        run = self._run
+        if not run.slots.take_nowait():
+            if _worker_of.get() is not self:
+                raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
+            run.slots.force()
+        return self._put(run, item, id)
 
-    def _put(self, item: T, id: Hashable) -> Job[T, R]:
-        index = self._next_index
-        self._next_index = index + 1
+    def _put(self, run: _PoolRun[T, R], item: T, id: Hashable) -> Job[T, R]:
+        index = self._counters.submitted
+        self._counters.submitted = index + 1
         job: Job[T, R] = Job(item, index, index if id is None else id)
-        self._live[index] = entry = (index, item, job.id, job)
-        self._enqueue(entry)
+        run.live[index] = entry = (index, item, job.id, job)
+        self._enqueue(run, entry)
         return job
 
     def _submit_if_room(self, item: T) -> bool:
         """Enqueue without a checkpoint or a Job if there is room (the helpers)."""
-        if self._state is not _RUNNING or self._queued >= self._max_pending or self._space_waiters:
+        run = self._run
+        if self._state is not RUNNING or not run.slots.take_nowait():
             return False
-        self._queued += 1
-        index = self._next_index
-        self._next_index = index + 1
-        self._live[index] = entry = (index, item, index, None)
-        self._enqueue(entry)
+        index = self._counters.submitted
+        self._counters.submitted = index + 1
+        run.live[index] = entry = (index, item, index, None)
+        self._enqueue(run, entry)
         return True
 
     def _fill(self, iterator: Iterator[T]) -> bool:
@@ -617,29 +509,36 @@ class Pool(ObservedBlock, Generic[T, R]):
 
         An item is taken only when there is room for it. True when ``iterator``
         is exhausted; False when there is no room (or the pool is not running).
+        The room check and the enqueue decision are inlined (the per-item path
+        of apply_to_all); each has the same rule as the function it copies.
         """
-        live = self._live
-        queue = self._queue
-        idle_workers = self._idle_workers
-        max_pending = self._max_pending
-        if self._state is not _RUNNING or self._queued >= max_pending or self._space_waiters:
+        run = self._run
+        slots, live, queue, parking = run.slots, run.live, run.queue, run.parking
+        counters, capacity, limit = self._counters, slots.capacity, self._limit
+        if self._state is not RUNNING or not slots.take_nowait():
             return False
         for item in iterator:
-            self._queued += 1
-            index = self._next_index
-            self._next_index = index + 1
+            index = counters.submitted
+            counters.submitted = index + 1
             live[index] = entry = (index, item, index, None)
-            if not self._waking and (idle_workers or self._started < self._workers):
-                self._enqueue(entry)
+            if parking.waking or not (parking.spots or limit.allows(run.started)):
+                queue.put(entry)  # what _enqueue would do, without the call
             else:
-                queue.append(entry)
-            if self._state is not _RUNNING or self._queued >= max_pending or self._space_waiters:
+                self._enqueue(run, entry)
+            # room for the next item: Slots.take_nowait
+            if self._state is not RUNNING or slots.waiters or slots.granted:
                 return False
+            if slots.used >= capacity:
+                return False
+            slots.used += 1
+        slots.release()  # the room taken for an item the iterator did not have
         return True
 
-    def _enqueue(self, entry: _Entry[T, R]) -> None:
+    # ------------------------------------------------------------- scheduling
+
+    def _enqueue(self, run: _PoolRun[T, R], entry: _Entry[T, R]) -> None:
         """Hand ``entry`` to an idle worker, or queue it (starting a new worker
-        for it while there are fewer than ``workers``).
+        for it while the limit allows).
 
         Wake-ups are chained: at most one parked worker is being woken (or one
         new worker started) at a time, and each, once it runs, passes the
@@ -649,51 +548,61 @@ class Pool(ObservedBlock, Generic[T, R]):
         step apart, for one that does), so a generous ``workers`` costs
         nothing until the work needs it.
         """
-        if self._waking:
-            self._queue.append(entry)
-        elif self._idle_workers:
-            self._waking = True
-            idle = self._idle_workers.popleft()
-            idle.entry = entry
-            idle.event.set()
+        parking = run.parking
+        if parking.waking:
+            run.queue.put(entry)
+        elif parking.spots:
+            parking.unpark(entry)
         else:
-            self._queue.append(entry)
-            if self._started < self._workers:
-                self._start_worker()
+            run.queue.put(entry)
+            if self._limit.allows(run.started):
+                self._start_worker(run)
 
-    async def _wait_for_space(self) -> None:
-        """Wait until a queue slot is handed to us (then counted in ``_reserved``)."""
-        self._backpressure_waits += 1
-        event = anyio.Event()
-        self._space_waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                # granted, then interrupted: hand the slot on, keep nothing
-                if self._state is _RUNNING:
-                    self._reserved -= 1
-                    self._free_slot()
-            else:
-                self._space_waiters.remove(event)
-            raise
-        if self._state is not _RUNNING:
-            await self._raise_closed()
+    def _wake_next(self, run: _PoolRun[T, R]) -> None:
+        """A woken or new worker runs: pass the wake-up on if work is still queued.
 
-    async def _raise_closed(self) -> NoReturn:
-        # If the pool is being cancelled (fail_fast, an exception, an early exit
-        # from a helper), a caller inside it gets that cancellation here rather
-        # than a PoolClosed that would mask why the pool stopped.
-        await checkpoint()
-        raise self._closed_error()
+        (A new worker calls this before it takes an entry: if the queue then
+        holds only the one it takes, the worker started for it finds nothing
+        and parks, a spare.)
+        """
+        run.parking.waking = False
+        if not run.queue:
+            return
+        if run.parking.spots:
+            self._enqueue(run, run.queue.take())
+        elif self._limit.allows(run.started) and self._state is RUNNING:
+            self._start_worker(run)
 
-    def _free_slot(self) -> None:
-        """A queued item left the queue: hand its slot to the first waiter."""
-        if self._space_waiters and self._queued <= self._max_pending:
-            self._space_waiters.popleft().set()
-            self._reserved += 1
-        else:
-            self._queued -= 1
+    def _give_back(self, entry: _Entry[T, R]) -> None:
+        """A worker handed ``entry`` was cancelled before it ran it: it runs next."""
+        run = self._run
+        run.queue.put_back(entry)
+        self._wake_next(run)
+
+    def _start_worker(self, run: _PoolRun[T, R]) -> None:
+        """Start one more worker; it takes the entry at the head of the queue."""
+        number = run.started
+        run.started = number + 1
+        run.parking.waking = True  # cleared by the new worker's _wake_next
+        call, attempts = self._worker_call(run)
+        name = f"corral worker {self.name or hex(id(self))}#{number}"
+        run.start_soon(self._work, run, call, attempts, name=name)
+
+    def _worker_call(
+        self, run: _PoolRun[T, R]
+    ) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
+        """What a new worker calls per item: the handler, or a chain of its own
+        around a counter of handler calls (the counter's list: calls, start)."""
+        layers, clock, threads = self._layers, run.clock, run.threads
+        if not layers.configured:
+            return layers.chain(self._handler, threads=threads, clock=clock), None
+        attempts: list[float] = [0, 0.0]
+        on_start = _counter(attempts, clock)
+        return layers.chain(
+            self._handler, threads=threads, clock=clock, on_start=on_start
+        ), attempts
+
+    # ------------------------------------------------------------------ join
 
     async def join(self) -> None:
         """Wait until every item submitted before this call has its outcome.
@@ -709,150 +618,85 @@ class Pool(ObservedBlock, Generic[T, R]):
             them had an outcome.
         """
         await checkpoint()
-        if self._state is _NEW or self._state is _CLOSED:
+        if self._state is NEW or self._state is CLOSED:
             raise self._closed_error()
-        target = self._next_index
-        remaining = sum(1 for index in self._live if index < target)
+        run = self._run
+        target = self._counters.submitted
+        remaining = sum(1 for index in run.live if index < target)
         if not remaining:
             return
         joiner = _Joiner(target, remaining)
-        self._joiners.append(joiner)
-        self._watched = True
+        run.watch.joiners.append(joiner)
+        run.watch.watched = True
         try:
             await joiner.event.wait()
         except BaseException:
-            if joiner in self._joiners:
-                self._joiners.remove(joiner)
+            if joiner in run.watch.joiners:
+                run.watch.joiners.remove(joiner)
             raise
         if joiner.remaining:
             raise PoolClosed(f"{self!r} exited before the joined items had outcomes")
 
     async def _wait_idle(self) -> None:
         await checkpoint()
-        while self._live or self._in_callbacks:
-            self._idle_event = event = anyio.Event()
-            self._watched = True
+        run = self._run
+        while run.live or run.watch.callbacks:
+            run.watch.idle = event = anyio.Event()
+            run.watch.watched = True
             await event.wait()
 
     # ---------------------------------------------------------------- workers
 
     async def _work(
         self,
+        run: _PoolRun[T, R],
         call: Callable[[T], Awaitable[R]],
         attempts: list[float] | None,
-        clock: Callable[[], float],
     ) -> None:
-        # Everything the loop touches is bound to a local once: the per-item path
-        # is the engine's hot path (see benchmarks/bench_apply.py).
+        """A worker: take an entry, run it, record its outcome; until closed.
+
+        The loop binds what it touches to locals once: it is the engine's per-item
+        path (see benchmarks/bench_apply.py).
+        """
         _worker_of.set(self)
         holds_of_attempt.set(None)  # not the holds of whoever started this worker
-        self._wake_next()  # a new worker: the chain of wake-ups goes on
-        queue = self._queue
-        live = self._live
-        space_waiters = self._space_waiters
-        sink = self._on_outcome_sync
-        after = self._on_outcome_async
-        collected = self._collected
-        # Successes that nobody sees in the recording step (apply_to_all with no
-        # on_outcome) are kept as plain columns; their Outcomes are made at the
-        # end. So corral leaves no new object for the garbage collector per item
-        # while the workers run (its collections then walk every coroutine in
-        # flight, which costs the more the more workers there are).
-        defer = collected is not None and sink is None and after is None
-        if collected is not None:
-            outcomes, kept_items, kept_results, kept_elapsed = (
-                collected.outcomes,
-                collected.items,
-                collected.results,
-                collected.elapsed,
-            )
-        fail_fast = self._fail_fast
+        self._wake_next(run)  # a new worker: the chain of wake-ups goes on
+        queue, slots, clock = run.queue, run.slots, run.clock
+        record = _Recorder(self, run)
+        succeeded, failed, after = record.succeeded, record.failed, record.after
         cancelled = anyio.get_cancelled_exc_class()
         streak = 0
         try:
             while True:
-                if queue:
-                    if streak == _MAX_STREAK:
-                        streak = 0
-                        await checkpoint()
-                        continue
-                    index, item, id_, job = queue.popleft()
+                if queue and streak < _MAX_STREAK:
+                    entry = queue.take()
                     streak += 1
-                elif self._state is _CLOSED:
-                    return
                 else:
                     streak = 0
-                    handed = await self._wait_for_work()
-                    if handed is None:  # woken by _close
-                        continue
-                    index, item, id_, job = handed
-                if space_waiters and self._queued <= self._max_pending:
-                    space_waiters.popleft().set()  # its slot goes to the first waiter
-                    self._reserved += 1
+                    next_entry = await self._next_entry(run)
+                    if next_entry is None:
+                        return
+                    entry = next_entry
+                # the entry left the queue: its room goes to the first waiter
+                # (Slots.release, inlined: every item passes here)
+                if slots.waiters:
+                    slots.release()
                 else:
-                    self._queued -= 1
+                    slots.used -= 1
                 start = clock()
-                if attempts is None:
-                    try:
-                        result = await call(item)
-                    except Exception as error:  # noqa: BLE001 - errors are values
-                        outcome: Outcome[T, R] = _make_outcome(
-                            item, index, id_, None, error, 1, clock() - start
-                        )
-                        self._failed += 1
-                        self._log_failure(outcome)
-                    except cancelled as exc:
-                        outcome = _make_outcome(
-                            item, index, id_, None, _stray_cancellation(exc), 1, clock() - start
-                        )
-                        self._failed += 1
-                        self._log_failure(outcome)
-                    else:
-                        if defer and job is None:
-                            try:
-                                kept_items[index] = item
-                            except IndexError:
-                                collected.grow(index)  # type: ignore[union-attr]
-                                kept_items[index] = item
-                            kept_results[index] = result
-                            kept_elapsed[index] = clock() - start
-                            # -- the step, for an outcome that is made later --
-                            del live[index]
-                            if self._watched:
-                                self._notify(index)
-                            continue
-                        outcome = _make_outcome(item, index, id_, result, None, 1, clock() - start)
+                if attempts is not None:
+                    outcome = await self._call_layered(record, call, attempts, start, entry)
                 else:
-                    outcome = await self._call_layered(
-                        call, attempts, clock, start, item, index, id_
-                    )
-                # -- one step: the item leaves `live` and gets its outcome --
-                del live[index]
-                if job is not None:
-                    job._outcome = outcome
-                    if job._event is not None:
-                        job._event.set()
-                if collected is not None:
                     try:
-                        outcomes[index] = outcome
-                    except IndexError:
-                        collected.grow(index)
-                        outcomes[index] = outcome
-                if sink is not None:
-                    sink(outcome)
-                if self._watched:
-                    self._notify(index)
-                if fail_fast and outcome.error is not None:
-                    self._fail(outcome.error)
-                # -- end of the step --
-                if after is not None:
-                    self._in_callbacks += 1
-                    try:
-                        await after(outcome)
-                    finally:
-                        self._in_callbacks -= 1
-                    if self._watched:
-                        self._notify(None)
+                        result = await call(entry[1])
+                    except Exception as error:  # noqa: BLE001 - errors are values
+                        outcome = failed(entry, error, 1, clock() - start)
+                    except cancelled as exc:
+                        outcome = failed(entry, stray_cancellation(exc), 1, clock() - start)
+                    else:
+                        outcome = succeeded(entry, result, clock() - start)
+                if after is not None and outcome is not None:
+                    await record.call_after(after, outcome)
         except cancelled:
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
@@ -860,39 +704,47 @@ class Pool(ObservedBlock, Generic[T, R]):
             # stop everything; the block re-raises this very exception.
             self._fail(error)
 
+    async def _next_entry(self, run: _PoolRun[T, R]) -> _Entry[T, R] | None:
+        """After a long streak, a checkpoint; with nothing queued, park until
+        handed an entry. None: the pool closed."""
+        while True:
+            if run.queue:
+                await checkpoint()  # a long streak: let other tasks run
+                if run.queue:
+                    return run.queue.take()
+            if self._state is CLOSED:
+                return None
+            handed = await run.parking.park()
+            if handed is not None:
+                self._wake_next(run)
+                return handed  # type: ignore[return-value]  # no deadline: never TIMED_OUT
+
     async def _call_layered(
         self,
+        record: _Recorder[T, R],
         chain: Callable[[T], Awaitable[R]],
         attempts: list[float],
-        clock: Callable[[], float],
         start: float,
-        item: T,
-        index: int,
-        id_: Hashable,
-    ) -> Outcome[T, R]:
-        """Run ``item`` through the middleware chain; count the handler's calls."""
+        entry: _Entry[T, R],
+    ) -> Outcome[T, R] | None:
+        """Run an entry through the middleware chain, counting the handler's calls."""
         attempts[0] = 0
-        error: Exception | None = None
-        result: R | None = None
         try:
-            result = await chain(item)
+            result = await chain(entry[1])
         except Exception as exc:  # noqa: BLE001 - errors are values
-            error = exc
-            self._failed += 1
+            error: Exception | None = exc
         except anyio.get_cancelled_exc_class() as exc:
-            error = _stray_cancellation(exc)
-            self._failed += 1
+            error = stray_cancellation(exc)
+        else:
+            error = None
         finally:  # extra calls count also for an item that ends unfinished
             calls = int(attempts[0])
             if calls > 1:
-                self._retried += calls - 1
-        end = clock()
-        if calls:
-            start = attempts[1]  # elapsed runs from the first attempt's start
-        outcome = _make_outcome(item, index, id_, result, error, calls, end - start)
+                self._counters.retried += calls - 1
+        elapsed = record.clock() - (attempts[1] if calls else start)  # from the first call
         if error is not None:
-            self._log_failure(outcome)
-        return outcome
+            return record.failed(entry, error, calls, elapsed)
+        return record.succeeded(entry, result, elapsed, calls)
 
     def _log_failure(self, outcome: Outcome[T, R]) -> None:
         """A final failure, at WARNING, with its traceback."""
@@ -906,84 +758,110 @@ class Pool(ObservedBlock, Generic[T, R]):
             exc_info=outcome.error,
         )
 
-    async def _wait_for_work(self) -> _Entry[T, R] | None:
-        """Park until an entry is handed over (None: the pool closed)."""
-        idle: _IdleWorker[T, R] = _IdleWorker()
-        self._idle_workers.append(idle)
-        try:
-            await idle.event.wait()
-        except BaseException:
-            if idle.entry is not None:  # handed an entry, then cancelled: pass it on
-                self._queue.appendleft(idle.entry)
-                self._wake_next()
-            elif not idle.event.is_set():
-                self._idle_workers.remove(idle)
-            raise
-        if idle.entry is not None:
-            self._wake_next()
-        return idle.entry
-
-    def _wake_next(self) -> None:
-        """A woken or new worker runs: pass the wake-up on if work is still queued.
-
-        (A new worker calls this before it takes an entry: if the queue then
-        holds only the one it takes, the worker started for it finds nothing
-        and parks, a spare.)
-        """
-        self._waking = False
-        if not self._queue:
-            return
-        if self._idle_workers:
-            self._enqueue(self._queue.popleft())
-        elif self._started < self._workers and self._state is _RUNNING:
-            self._start_worker()
-
-    def _notify(self, index: int | None) -> None:
-        """Wake ``join`` and idle waiters an outcome (or a callback's end) concerns."""
-        if self._joiners and index is not None:
-            for joiner in self._joiners:
-                if index < joiner.target:
-                    joiner.remaining -= 1
-                    if joiner.remaining == 0:
-                        joiner.event.set()
-            self._joiners = [joiner for joiner in self._joiners if joiner.remaining]
-        if not self._live and not self._in_callbacks and self._idle_event is not None:
-            self._idle_event.set()
-            self._idle_event = None
-        self._watched = bool(self._joiners) or self._idle_event is not None
-
-    def _fail(self, error: BaseException) -> None:
-        """Stop the pool because of ``error``, which its block will re-raise."""
-        if self._stop_reason is None:
-            self._stop_reason = error
-            self._stop()
-
-    def _stop(self) -> None:
-        """Cancel the workers and the block's own code; take no new items.
-
-        Queued items do not start: cancellation reaches a worker only at its
-        next checkpoint, and a handler that does not await would otherwise
-        let it run on through the queue. They stay in ``live``, so they end
-        unfinished.
-        """
-        if self._state is _RUNNING:
-            self._state = _STOPPING
-        self._queue.clear()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-
     def _add_sink(self, sink: Callable[[Outcome[T, R]], None]) -> None:
         """Deliver every outcome to ``sink`` first, in the recording step."""
-        user = self._on_outcome_sync
-        if user is None:
-            self._on_outcome_sync = sink
-        else:
+        self._sinks.append(sink)
 
-            def both(outcome: Outcome[T, R]) -> None:
-                sink(outcome)
-                user(outcome)
 
-            self._on_outcome_sync = both
+class _Recorder(Generic[T, R]):
+    """A worker's record step: the item leaves ``live`` and gets its outcome, in
+    one step (its job, apply_to_all's store, the helpers' sinks, on_outcome,
+    join and idle waiters, fail_fast)."""
+
+    __slots__ = (
+        "after",
+        "clock",
+        "collected",
+        "columns",
+        "counters",
+        "fail_fast",
+        "live",
+        "pool",
+        "sinks",
+        "watch",
+    )
+
+    def __init__(self, pool: Pool[T, R], run: _PoolRun[T, R]) -> None:
+        on_outcome = pool._on_outcome
+        is_async = on_outcome is not None and is_async_callable(on_outcome)
+        self.pool, self.live, self.watch, self.clock = pool, run.live, run.watch, run.clock
+        self.counters, self.fail_fast, self.collected = (
+            pool._counters,
+            pool._fail_fast,
+            pool._collected,
+        )
+        self.sinks: tuple[Callable[[Outcome[T, R]], Any], ...] = tuple(pool._sinks) + (
+            () if on_outcome is None or is_async else (on_outcome,)
+        )
+        self.after: Callable[[Outcome[T, R]], Awaitable[Any]] | None = (
+            on_outcome if is_async else None
+        )
+        # Successes that nobody sees in the record step (apply_to_all with no
+        # on_outcome) are kept as plain columns; their Outcomes are made at the
+        # end. So corral leaves no new object for the garbage collector per item
+        # while the workers run (its collections then walk every coroutine in
+        # flight, which costs the more the more workers there are).
+        self.columns = self.collected is not None and not self.sinks and self.after is None
+
+    def succeeded(
+        self, entry: _Entry[T, R], result: R, elapsed: float, attempts: int = 1
+    ) -> Outcome[T, R] | None:
+        index, item, id_, job = entry
+        if self.columns and job is None and attempts == 1:
+            # _Collected.keep, inlined: apply_to_all's every success
+            collected = self.collected
+            assert collected is not None
+            if index >= len(collected.items):
+                collected.grow(index)
+            collected.items[index] = item
+            collected.results[index] = result
+            collected.elapsed[index] = elapsed
+            del self.live[index]
+            if self.watch.watched:
+                self.watch.notify(index, len(self.live))
+            return None
+        outcome: Outcome[T, R] = _make_outcome(item, index, id_, result, None, attempts, elapsed)
+        self.record(entry, outcome)
+        return outcome
+
+    def failed(
+        self, entry: _Entry[T, R], error: Exception, attempts: int, elapsed: float
+    ) -> Outcome[T, R]:
+        index, item, id_, _ = entry
+        outcome: Outcome[T, R] = _make_outcome(item, index, id_, None, error, attempts, elapsed)
+        self.counters.failed += 1
+        self.pool._log_failure(outcome)
+        self.record(entry, outcome)
+        if self.fail_fast:
+            self.pool._fail(error)
+        return outcome
+
+    def record(self, entry: _Entry[T, R], outcome: Outcome[T, R]) -> None:
+        index, job = entry[0], entry[3]
+        del self.live[index]
+        if job is not None:
+            job._outcome = outcome
+            if job._event is not None:
+                job._event.set()
+        if self.collected is not None:
+            self.collected.store(index, outcome)
+        for sink in self.sinks:
+            sink(outcome)
+        if self.watch.watched:
+            self.watch.notify(index, len(self.live))
+
+    async def call_after(
+        self, after: Callable[[Outcome[T, R]], Awaitable[Any]], outcome: Outcome[T, R]
+    ) -> None:
+        """An async ``on_outcome``, awaited by the worker after the record step."""
+        watch = self.watch
+        watch.callbacks += 1
+        try:
+            await after(outcome)
+        finally:
+            watch.callbacks -= 1
+        if watch.watched:
+            watch.notify(None, len(self.live))
 
 
 def _pool_progress(stats: PoolStats) -> tuple[int, dict[str, int]]:
@@ -996,20 +874,6 @@ def _check_id(id: object) -> None:
         hash(id)
     except TypeError:
         raise TypeError(f"id must be hashable, got {id!r}") from None
-
-
-def _stray_cancellation(exc: BaseException) -> Exception:
-    """A cancellation exception that reached a worker: re-raise it if the worker
-    is being cancelled; otherwise (asyncio: a handler awaited something that was
-    cancelled, or raised CancelledError itself) it is that item's error."""
-    if anyio.current_effective_deadline() == -math.inf:
-        raise exc
-    error = RuntimeError(
-        f"the handler raised {type(exc).__name__} although its worker was not "
-        "cancelled (did it await a task or future that was cancelled?)"
-    )
-    error.__cause__ = exc
-    return error
 
 
 def _counter(attempts: list[float], clock: Callable[[], float]) -> Callable[[], None]:
@@ -1042,6 +906,19 @@ class _Collected(Generic[T, R]):
         self.results: list[Any] = []
         self.elapsed: list[float] = []
 
+    def store(self, index: int, outcome: Outcome[T, R]) -> None:
+        if index >= len(self.outcomes):
+            self.grow(index)
+        self.outcomes[index] = outcome
+
+    def keep(self, index: int, item: T, result: R, elapsed: float) -> None:
+        """A success whose Outcome :meth:`finish` makes."""
+        if index >= len(self.items):
+            self.grow(index)
+        self.items[index] = item
+        self.results[index] = result
+        self.elapsed[index] = elapsed
+
     def grow(self, index: int) -> None:
         """Make room for ``index``."""
         more = max(1024, index + 1 - len(self.outcomes))
@@ -1069,16 +946,6 @@ class _Collected(Generic[T, R]):
             del items[start:], results[start:], elapsed[start:]
             end = start
         return outcomes  # type: ignore[return-value]  # no None is left
-
-
-class _IdleWorker(Generic[T, R]):
-    """A parked worker: set ``entry``, then ``event``, to hand it work."""
-
-    __slots__ = ("entry", "event")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.entry: _Entry[T, R] | None = None
 
 
 class _Joiner:

@@ -305,25 +305,13 @@ class StreamSource(Generic[AnyStr]):
         self.consumer: str = check_name("consumer", consumer)
         self.max_in_flight: int = check_int("max_in_flight", max_in_flight, minimum=1)
         self.max_deliveries: int = check_int("max_deliveries", max_deliveries, minimum=1)
-        self.dead_letter: str = (
-            f"{stream}:dead" if dead_letter is None else check_name("dead_letter", dead_letter)
-        )
-        if self.dead_letter == stream:
-            raise ValueError(f"dead_letter must differ from stream, got {dead_letter!r}")
+        self.dead_letter: str = _check_dead_letter(stream, dead_letter)
         if dead_letter_on is not None:
             check_on(dead_letter_on, "dead_letter_on")
         self.dead_letter_on = dead_letter_on
-        self.min_idle: float = check_number("min_idle", min_idle, positive=True)
-        self.redeliver_after: float = (
-            self.min_idle
-            if redeliver_after is None
-            else check_number("redeliver_after", redeliver_after)
-        )
-        if self.redeliver_after > self.min_idle:
-            raise ValueError(
-                f"redeliver_after must be <= min_idle ({min_idle!r}), got {redeliver_after!r}: "
-                "after min_idle any consumer may claim the entry anyway"
-            )
+        self.min_idle: float
+        self.redeliver_after: float
+        self.min_idle, self.redeliver_after = _check_redelivery(min_idle, redeliver_after)
         self._claim_every = max(min(self.min_idle, self.redeliver_after) / 2, 0.001)
         self._min_idle_ms = max(1, round(self.min_idle * 1000))
         self.block: float = check_number("block", block, positive=True)
@@ -344,18 +332,19 @@ class StreamSource(Generic[AnyStr]):
         self._reading = False  # one task iterates at a time
         self._claim_cursor: str = "0-0"
         self._next_claim = -float("inf")
-        # Acknowledgements wait up to 10 ms to share one XACK: with natural
-        # batching a fast pool sent one XACK per ~6 entries, and the round trips
-        # halved its throughput. A late XACK only widens the window in which a
-        # crash makes an entry run twice.
-        self._acks: Batcher[str, None] = Batcher(
-            self._ack, max_size=max(100, self.max_in_flight), max_wait=_ACK_WAIT,
-            name=f"acks for {self._what}",
-        )  # fmt: skip
+        self._acks: Batcher[str, None] = self._ack_batcher()
         self._delivered = self._claimed = self._acked = self._failed = self._buried = 0
 
     def __repr__(self) -> str:
         return self._what
+
+    def _ack_batcher(self) -> Batcher[str, None]:
+        """Acknowledgements wait up to 10 ms to share one XACK: with natural
+        batching a fast pool sent one XACK per ~6 entries, and the round trips
+        halved its throughput. A late XACK only widens the window in which a
+        crash makes an entry run twice."""
+        size = max(100, self.max_in_flight)
+        return Batcher(self._ack, max_size=size, max_wait=_ACK_WAIT, name=f"acks for {self._what}")
 
     @property
     def stats(self) -> StreamStats:
@@ -789,3 +778,23 @@ class StreamSink(Generic[AnyStr]):
             return [_text(entry_id) for entry_id in ids]
 
         return await round_trip(write(), within=self.timeout, what=self._what)
+
+
+def _check_dead_letter(stream: str, dead_letter: str | None) -> str:
+    """The dead-letter stream's name: ``<stream>:dead`` by default."""
+    name = f"{stream}:dead" if dead_letter is None else check_name("dead_letter", dead_letter)
+    if name == stream:
+        raise ValueError(f"dead_letter must differ from stream, got {dead_letter!r}")
+    return name
+
+
+def _check_redelivery(min_idle: float, redeliver_after: float | None) -> tuple[float, float]:
+    """``min_idle`` and ``redeliver_after`` (default ``min_idle``), checked."""
+    idle = check_number("min_idle", min_idle, positive=True)
+    after = idle if redeliver_after is None else check_number("redeliver_after", redeliver_after)
+    if after > idle:
+        raise ValueError(
+            f"redeliver_after must be <= min_idle ({min_idle!r}), got {redeliver_after!r}: "
+            "after min_idle any consumer may claim the entry anyway"
+        )
+    return idle, after
