@@ -80,8 +80,9 @@ def tests(session: nox.Session) -> None:
     """The whole suite, every async test on asyncio, asyncio+uvloop and trio, with
     branch coverage of corral (the floor is enforced when no arguments are given).
 
-    The tests marked ``realtime`` (bounds on the real clock; see conftest.py) run
-    in a second pytest run outside coverage: its tracer slows every line."""
+    The tests marked ``untraced`` (bounds on the real clock or on memory; see
+    conftest.py) run in a second pytest run outside coverage: its tracer slows
+    every line, by a third or more, and tenfold under tracemalloc."""
     session.install("-e", ".")
     install_group(session, "test")
     # each Python's session keeps its own data file: they all run in this directory.
@@ -94,8 +95,8 @@ def tests(session: nox.Session) -> None:
     # choose the tests, never for the whole suite
     chosen = [0, 5] if args else [0]
     coverage_run = ("python", "-m", "coverage", "run", "-m", "pytest")
-    session.run(*coverage_run, "-m", "not realtime", *args, env=env, success_codes=chosen)
-    session.run("python", "-m", "pytest", "-m", "realtime", *args, success_codes=chosen)
+    session.run(*coverage_run, "-m", "not untraced", *args, env=env, success_codes=chosen)
+    session.run("python", "-m", "pytest", "-m", "untraced", *args, success_codes=chosen)
     # a subset of the tests (arguments after `--`) covers less: report it, no floor
     floor = ["--fail-under=0"] if args else []
     session.run("python", "-m", "coverage", "report", *floor, env=env)

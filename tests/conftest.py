@@ -28,17 +28,18 @@ BACKENDS = [
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``realtime`` the tests that check timing on the real clock: those
-    that take ``exact`` on a backend without trio's MockClock (a few others are
-    marked where they are defined). ``nox -s tests`` runs them outside
-    coverage's tracer, which slows every line it measures (by a third or more)
-    and would stretch the intervals they bound."""
+    """Mark ``untraced`` the tests that check timing on the real clock: those
+    that take ``exact`` on a backend without trio's MockClock (a few others, and
+    those that measure memory with tracemalloc, are marked where they are
+    defined). ``nox -s tests`` runs them outside coverage's tracer, which slows
+    every line it measures (by a third or more) and would stretch the intervals
+    they bound."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         on_mock_clock = callspec is not None and "mockclock" in callspec.id
         fixtures = getattr(item, "fixturenames", ())
         if "exact" in fixtures and not on_mock_clock:
-            item.add_marker(pytest.mark.realtime)
+            item.add_marker(pytest.mark.untraced)
 
 
 @pytest.fixture(params=BACKENDS)

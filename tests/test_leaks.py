@@ -75,3 +75,29 @@ async def test_no_task_thread_or_object_outlives_the_blocks() -> None:
     gc.collect()
     alive = [ref() for ref in refs if ref() is not None]
     assert alive == [], f"{len(alive)} pools/batchers are still referenced"
+
+
+async def test_a_thread_abandoned_by_a_cancelled_pool_does_not_keep_it_alive() -> None:
+    """A plain handler's thread runs on after its pool was cancelled; the pool
+    (with everything it holds) can be collected before that thread ends."""
+    release = threading.Event()
+    started = anyio.Event()
+
+    def blocking(x: int) -> int:
+        anyio.from_thread.run_sync(started.set)
+        release.wait(10)
+        return x
+
+    pool: Pool[int, int] = Pool(blocking, workers=1)
+    ref = weakref.ref(pool)
+    try:
+        with anyio.CancelScope() as scope:
+            async with pool:
+                await pool.submit(1)
+                await started.wait()
+                scope.cancel()
+        del pool
+        gc.collect()
+        assert ref() is None, "the abandoned thread keeps the pool alive"
+    finally:
+        release.set()

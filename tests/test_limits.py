@@ -322,7 +322,7 @@ async def test_sliding_window_exact_spacing_on_float_boundaries(exact: bool) -> 
     assert all(b - a >= Fraction(0.1) for a, b in itertools.pairwise(times))
 
 
-@pytest.mark.realtime  # a burst of 64 must be taken within one token's time (1 ms)
+@pytest.mark.untraced  # a burst of 64 must be taken within one token's time (1 ms)
 async def test_fresh_token_bucket_admits_its_burst_at_once_at_any_time() -> None:
     """A new bucket is full whatever the clock reads: `burst` admissions at once."""
     await anyio.sleep(0.01)  # the clock reads something other than its start

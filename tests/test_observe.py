@@ -536,9 +536,9 @@ class DrawingBar(FakeBar):
         self._draw()
 
 
-# realtime: while the flush's thread runs, trio's MockClock jumps from timer to
+# untraced: while the flush's thread runs, trio's MockClock jumps from timer to
 # timer; under coverage's tracer the thread took long enough to reach fail_after
-@pytest.mark.realtime
+@pytest.mark.untraced
 async def test_a_batcher_bar_shows_failed_flushes_before_anything_is_flushed() -> None:
     """A flush that never succeeds: the bar, stuck at 0 items, still shows the
     failed flushes from the first one (it looked like a silent hang)."""

@@ -76,6 +76,9 @@ async def test_batcher_queue_stays_within_max_pending_under_a_fast_producer() ->
     assert batcher.stats.flushed == ITEMS // 10
 
 
+# untraced: under coverage's tracer and tracemalloc together, 24,000 items took
+# a minute per backend
+@pytest.mark.untraced
 async def test_memory_does_not_grow_with_the_number_of_items() -> None:
     """Peak traced memory for 10,000 and for 50,000 items through a pool and a
     batcher is the same within a small margin: nothing is kept per item."""

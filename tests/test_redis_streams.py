@@ -46,7 +46,7 @@ def source(client: coredis.Redis[Any], **options: Any) -> StreamSource[Any]:
     return StreamSource(client, "jobs", "workers", "c1", **{**defaults, **options})
 
 
-@pytest.mark.realtime  # a delivery is claimed again after min_idle=0.05 s
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
 async def test_successes_are_acked_and_failures_dead_lettered(redis: coredis.Redis[str]) -> None:
     ids = await fill(redis, "jobs", 200)
     handled: list[str] = []
@@ -80,7 +80,7 @@ async def test_successes_are_acked_and_failures_dead_lettered(redis: coredis.Red
     )
 
 
-@pytest.mark.realtime  # a delivery is claimed again after min_idle=0.05 s
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
 async def test_a_failure_is_redelivered_and_can_succeed(redis: coredis.Redis[str]) -> None:
     await fill(redis, "jobs", 5)
     calls: list[tuple[str, int]] = []
@@ -133,7 +133,7 @@ async def test_entries_of_a_dead_consumer_are_claimed(redis: coredis.Redis[str])
     assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
 
 
-@pytest.mark.realtime  # a delivery is claimed again after min_idle=0.05 s
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
 async def test_an_entry_that_kills_its_consumers_is_dead_lettered_on_claim(
     redis: coredis.Redis[str],
 ) -> None:
@@ -219,7 +219,7 @@ async def test_stop_ends_iteration_and_settled_entries_are_acked(
     assert info["pending"] == info["entries-read"] - len(outcomes)
 
 
-@pytest.mark.realtime  # a delivery is claimed again after min_idle=0.05 s
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
 async def test_cancellation_loses_nothing(redis: coredis.Redis[str]) -> None:
     """A consumer cancelled midway: whatever it did not finish is delivered
     again to the next one (at least once), and nothing is lost."""
@@ -502,7 +502,7 @@ async def test_an_idle_entry_behind_many_busy_ones_is_claimed_at_once(
     assert delivery.id == ids[-1]
 
 
-@pytest.mark.realtime  # a delivery is claimed again after min_idle=0.05 s
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
 async def test_entries_deleted_while_pending_are_dead_lettered(redis: coredis.Redis[str]) -> None:
     ids = await fill(redis, "jobs", 5)
     await redis.xgroup_create("jobs", "workers", "0")

@@ -20,6 +20,7 @@ side exact, and Parking wakes parked workers in a chain (see ``_enqueue``).
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, overload
 
@@ -52,10 +53,18 @@ R = TypeVar("R")
 _Entry: TypeAlias = tuple[int, T, Hashable, Job[T, R] | None]
 
 # A worker task sets this to its pool, so that submits made from inside a
-# handler (or from tasks the handler starts) can bypass ``max_pending``.
-_worker_of: contextvars.ContextVar[Pool[Any, Any] | None] = contextvars.ContextVar(
+# handler (or from tasks the handler starts) can bypass ``max_pending``. A weak
+# reference: a thread the pool abandoned as it was cancelled runs on in a copy
+# of the worker's context, and must not keep the pool alive.
+_worker_of: contextvars.ContextVar[weakref.ref[Pool[Any, Any]] | None] = contextvars.ContextVar(
     "corral_worker_of", default=None
 )
+
+
+def _in_worker_of(pool: Pool[Any, Any]) -> bool:
+    """Whether the running task is one of ``pool``'s workers (or started by one)."""
+    ref = _worker_of.get()
+    return ref is not None and ref() is pool
 
 # A worker checkpoints at least once every this many items, so that a handler
 # that never awaits cannot starve the event loop or delay cancellation.
@@ -449,7 +458,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             await self._raise_closed()
         run = self._run
         if not run.slots.take_nowait():
-            if _worker_of.get() is self:
+            if _in_worker_of(self):
                 run.slots.force()  # the pool's own handler never waits for room
             else:
                 await self._wait_for_room(run)
@@ -479,7 +488,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             raise self._closed_error()
         run = self._run
         if not run.slots.take_nowait():
-            if _worker_of.get() is not self:
+            if not _in_worker_of(self):
                 raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
             run.slots.force()
         return self._put(run, item, id)
@@ -658,7 +667,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         The loop binds what it touches to locals once: it is the engine's per-item
         path (see benchmarks/bench_apply.py).
         """
-        _worker_of.set(self)
+        _worker_of.set(weakref.ref(self))
         holds_of_attempt.set(None)  # not the holds of whoever started this worker
         self._wake_next(run)  # a new worker: the chain of wake-ups goes on
         queue, slots, clock = run.queue, run.slots, run.clock
