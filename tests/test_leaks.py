@@ -9,6 +9,7 @@ import random
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -101,3 +102,31 @@ async def test_a_thread_abandoned_by_a_cancelled_pool_does_not_keep_it_alive() -
         assert ref() is None, "the abandoned thread keeps the pool alive"
     finally:
         release.set()
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+@pytest.mark.usefixtures("no_cyclic_gc")
+async def test_a_block_that_ended_cleanly_is_freed_without_the_cyclic_collector() -> None:
+    """No reference cycle keeps a pool or a batcher (and what it holds, such as
+    apply_to_all's outcomes) alive after its block: it goes as soon as the last
+    reference does, not at some later run of the garbage collector."""
+    refs: list[weakref.ref[Any]] = []
+    pool: Pool[int, int] = Pool(async_handler, workers=4, max_pending=2, retry=Retry(2))
+    batcher = Batcher(sink, max_size=3, max_wait=0.001, max_pending=4)
+    refs += [weakref.ref(pool), weakref.ref(batcher)]
+    async with pool, batcher:
+        for i in range(20):
+            job = await pool.submit(i)
+            await batcher.add(i)
+        await job.wait()
+    del pool, batcher, job
+    assert [ref() for ref in refs] == [None, None]

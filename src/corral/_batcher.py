@@ -46,7 +46,7 @@ from anyio.lowlevel import checkpoint
 
 from ._errors import FlushError, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
-from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation
+from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
 from ._middleware import Layers, Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import Observer, ProgressBar, logger_for
 from ._parking import TIMED_OUT, Parking
@@ -254,7 +254,7 @@ class _BatcherRun(Run, Generic[T]):
         self,
         threads: Threads | None,
         config: _Config,
-        make_room: Callable[[_BatcherRun[T]], None],
+        make_room: Callable[[], None],
         next_seq: int,
     ) -> None:
         super().__init__(threads)
@@ -266,7 +266,7 @@ class _BatcherRun(Run, Generic[T]):
         self.flushing = 0  # items in in_flight
         # room in the queue: queued items, and room granted to an adder that
         # has not queued its items yet (cutting a batch gives its room back)
-        self.slots = Slots(config.max_pending, on_blocked=lambda: make_room(self))
+        self.slots = Slots(config.max_pending, on_blocked=make_room)
         self.parking: Parking[None] = Parking()  # idle flushers
         self.flushers = 0  # flusher tasks alive (at most concurrency, on demand)
         self.stopped: anyio.Event | None = None  # set when the last flusher exits
@@ -534,7 +534,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             middleware=middleware,
             max_consecutive_failures=max_consecutive_failures,
         )
-        self.name = check_optional_str("name", name)
+        self.name: str | None = check_optional_str("name", name)
         self._observer: Observer[BatcherStats] = Observer(
             progress=progress,
             on_stats=on_stats,
@@ -544,7 +544,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         self._log = logger_for("batcher", self.name)
         self._state = NEW
         self._counts = _Counts()
-        self._run = _BatcherRun(None, self._config, self._make_room, 0)
+        self._run = _BatcherRun(None, self._config, weakly(self._make_room), 0)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
@@ -589,7 +589,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         # a flusher runs one flush at a time; as many threads again may have
         # been abandoned by timeouts (see _threads)
         threads = config.layers.threads_for(config.flush, 2 * config.concurrency)
-        return _BatcherRun(threads, config, self._make_room, self._run.next_seq)
+        return _BatcherRun(threads, config, weakly(self._make_room), self._run.next_seq)
 
     def _started(self, run: _BatcherRun[T]) -> None:
         config = self._config
@@ -882,7 +882,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             if size == 1 or size >= config.max_size:
                 parking.unpark()
 
-    def _make_room(self, run: _BatcherRun[T]) -> None:
+    def _make_room(self) -> None:
         """An adder waits for room: what is queued is due now, whatever its age,
         and so are the items of an adder granted room that it has not used yet
         (it queues them right after this).
@@ -890,6 +890,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         Otherwise ``add_many`` of more items than are free could wait for a
         batch that is neither full nor old enough, and everyone behind it too.
         """
+        run = self._run
         target = run.next_seq + run.slots.used - len(run.queue)
         if run.flush_target < target:
             run.flush_target = target

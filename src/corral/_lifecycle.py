@@ -17,17 +17,19 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Generic, NoReturn, Self, TypeVar, cast
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._observe import Observer
 from ._threads import Threads
 
-__all__ = ["CLOSED", "NEW", "RUNNING", "STOPPING", "Block", "Run", "stray_cancellation"]
+__all__ = ["CLOSED", "NEW", "RUNNING", "STOPPING", "Block", "Run", "stray_cancellation", "weakly"]
 
 NEW, RUNNING, STOPPING, CLOSED = "new", "running", "stopping", "closed"
 
@@ -248,20 +250,15 @@ def _loop_clock() -> Callable[[], float]:
 
     Always the clock :func:`anyio.current_time` reads (so trio's MockClock and
     any asyncio loop with its own ``time()`` apply): on asyncio the loop's own
-    ``time`` method; elsewhere anyio's backend function. The one private anyio
-    name corral uses: :func:`anyio.current_time` finds the backend on every
-    call, about 0.9 µs on trio, and the per-item path reads the clock twice.
+    ``time`` method; elsewhere the backend's, from anyio's event loop token.
+    :func:`anyio.current_time` finds the backend on every call, about 0.9 µs on
+    trio, and the per-item path reads the clock twice.
     """
-    native = anyio.lowlevel.current_token().native_token
-    loop_time = getattr(native, "time", None)  # an asyncio event loop
+    token = anyio.lowlevel.current_token()
+    loop_time = getattr(token.native_token, "time", None)  # an asyncio event loop
     if callable(loop_time):
         return cast("Callable[[], float]", loop_time)
-    try:
-        from anyio._core._eventloop import get_async_backend
-
-        return get_async_backend().current_time
-    except (ImportError, AttributeError):  # pragma: no cover - anyio changed
-        return anyio.current_time
+    return token.backend_class.current_time
 
 
 def _unwrap_group(exc: BaseException) -> BaseException:
@@ -287,3 +284,20 @@ def stray_cancellation(exc: BaseException) -> Exception:
     )
     error.__cause__ = exc
     return error
+
+
+def weakly(method: Callable[..., None]) -> Callable[..., None]:
+    """``method`` (bound to a block), as a callback that does not keep the block
+    alive: a primitive in the block's run state calls it, and a strong reference
+    back would make a cycle, so that a block and all it holds (apply_to_all's
+    outcomes, say) would wait for the cyclic garbage collector instead of going
+    as soon as the last reference does. Once the block is gone it does nothing.
+    """
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+
+    return call
