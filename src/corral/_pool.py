@@ -663,74 +663,83 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         call: Callable[[T], Awaitable[R]],
         attempts: list[float] | None,
     ) -> None:
-        """A worker: take an entry, run it, record its outcome; until closed.
+        """A worker task: serve entries until the pool closes; an exception that
+        is no handler's error (on_outcome raised, a handler raised
+        KeyboardInterrupt/SystemExit) stops everything, and the block re-raises
+        this very exception."""
+        _worker_of.set(weakref.ref(self))
+        holds_of_attempt.set(None)  # not the holds of whoever started this worker
+        self._wake_next(run)  # a new worker: the chain of wake-ups goes on
+        try:
+            await self._serve(run, call, attempts)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
+            self._fail(error)
+
+    async def _serve(
+        self,
+        run: _PoolRun[T, R],
+        call: Callable[[T], Awaitable[R]],
+        attempts: list[float] | None,
+    ) -> None:
+        """The worker loop: take an entry, run it, record its outcome; until closed.
 
         The loop binds what it touches to locals once: it is the engine's per-item
         path (see benchmarks/bench_apply.py).
         """
-        _worker_of.set(weakref.ref(self))
-        holds_of_attempt.set(None)  # not the holds of whoever started this worker
-        self._wake_next(run)  # a new worker: the chain of wake-ups goes on
         queue, slots, clock = run.queue, run.slots, run.clock
         record = _Recorder(self, run)
         record_step, after = record.record, record.after
         live, watch, kept = run.live, run.watch, record.kept()
-        items, results, times = (kept.items, kept.results, kept.elapsed) if kept else ([], [], [])
+        items, results, times = record.kept_lists()
         cancelled = anyio.get_cancelled_exc_class()
         streak = 0
-        try:
-            while True:
-                if queue and streak < _MAX_STREAK:
-                    entry = queue.take()
-                    streak += 1
+        while True:
+            if queue and streak < _MAX_STREAK:
+                entry = queue.take()
+                streak += 1
+            else:
+                streak = 0
+                if (handed := await self._next_entry(run)) is None:
+                    return  # closed
+                entry = handed
+            # the entry left the queue: its room goes to the first waiter
+            # (Slots.release, inlined: every item passes here)
+            if slots.waiters:
+                slots.release()
+            else:
+                slots.used -= 1
+            start = clock()
+            if attempts is not None:
+                outcome = await self._call_layered(record, call, attempts, start, entry)
+            else:
+                try:
+                    result = await call(entry[1])
+                except Exception as error:  # noqa: BLE001 - errors are values
+                    outcome = record_step(entry, None, error, 1, clock() - start)
+                except cancelled as exc:
+                    stray = stray_cancellation(exc)
+                    outcome = record_step(entry, None, stray, 1, clock() - start)
                 else:
-                    streak = 0
-                    next_entry = await self._next_entry(run)
-                    if next_entry is None:
-                        return
-                    entry = next_entry
-                # the entry left the queue: its room goes to the first waiter
-                # (Slots.release, inlined: every item passes here)
-                if slots.waiters:
-                    slots.release()
-                else:
-                    slots.used -= 1
-                start = clock()
-                if attempts is not None:
-                    outcome = await self._call_layered(record, call, attempts, start, entry)
-                else:
-                    try:
-                        result = await call(entry[1])
-                    except Exception as error:  # noqa: BLE001 - errors are values
-                        outcome = record_step(entry, None, error, 1, clock() - start)
-                    except cancelled as exc:
-                        stray = stray_cancellation(exc)
-                        outcome = record_step(entry, None, stray, 1, clock() - start)
-                    else:
-                        if kept is not None and entry[3] is None:
-                            # _Recorder.succeeded's column store, inlined (apply_to_all's
-                            # every success): the call cost 8-10% of a no-await
-                            # handler's per-item instructions
-                            index = entry[0]
-                            try:
-                                items[index] = entry[1]
-                            except IndexError:
-                                kept.grow(index)  # the lists grow in place
-                                items[index] = entry[1]
-                            results[index], times[index] = result, clock() - start
-                            del live[index]
-                            if watch.watched:
-                                watch.notify(index, len(live))
-                            continue
-                        outcome = record_step(entry, result, None, 1, clock() - start)
-                if after is not None and outcome is not None:
-                    await record.call_after(after, outcome)
-        except cancelled:
-            raise
-        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
-            # on_outcome raised, or a handler raised KeyboardInterrupt/SystemExit:
-            # stop everything; the block re-raises this very exception.
-            self._fail(error)
+                    if kept is not None and entry[3] is None:
+                        # _Recorder.succeeded's column store, inlined (apply_to_all's
+                        # every success): the call cost 8-10% of a no-await
+                        # handler's per-item instructions
+                        index = entry[0]
+                        try:
+                            items[index] = entry[1]
+                        except IndexError:
+                            kept.grow(index)  # the lists grow in place
+                            items[index] = entry[1]
+                        results[index], times[index] = result, clock() - start
+                        del live[index]
+                        if watch.watched:
+                            watch.notify(index, len(live))
+                        continue
+                    outcome = record_step(entry, result, None, 1, clock() - start)
+            if after is not None:
+                await record.call_after(after, outcome)
 
     async def _next_entry(self, run: _PoolRun[T, R]) -> _Entry[T, R] | None:
         """After a long streak, a checkpoint; with nothing queued, park until
@@ -835,6 +844,11 @@ class _Recorder(Generic[T, R]):
         """Where successes are kept as columns (see ``columns``), the columns."""
         return self.collected if self.columns else None
 
+    def kept_lists(self) -> tuple[list[Any], list[Any], list[float]]:
+        """The columns' lists (items, results, elapsed), or three empty ones."""
+        kept = self.kept()
+        return (kept.items, kept.results, kept.elapsed) if kept else ([], [], [])
+
     def succeeded(
         self, entry: _Entry[T, R], result: R, elapsed: float, attempts: int
     ) -> Outcome[T, R] | None:
@@ -880,9 +894,10 @@ class _Recorder(Generic[T, R]):
         return outcome
 
     async def call_after(
-        self, after: Callable[[Outcome[T, R]], Awaitable[Any]], outcome: Outcome[T, R]
+        self, after: Callable[[Outcome[T, R]], Awaitable[Any]], outcome: Outcome[T, R] | None
     ) -> None:
         """An async ``on_outcome``, awaited by the worker after the record step."""
+        assert outcome is not None  # successes are kept as columns only without one
         watch = self.watch
         watch.callbacks += 1
         try:
