@@ -366,6 +366,41 @@ async def test_entering_twice_at_once_is_an_error() -> None:
             await pool.__aenter__()
 
 
+async def test_entering_while_the_last_exit_is_still_ending_is_an_error() -> None:
+    """Another task cannot enter the pool while the last block's exit still waits
+    for its workers to end (a handler that finishes its work while cancelled):
+    the two entries would share the workers and the room."""
+    release = anyio.Event()
+    running = anyio.Event()
+
+    async def stubborn(x: int) -> int:
+        running.set()
+        with anyio.CancelScope(shield=True):
+            await release.wait()
+        return x
+
+    pool = Pool(stubborn, workers=1)
+
+    async def first_block() -> None:
+        with pytest.raises(LookupError):
+            async with pool:
+                await pool.submit(1)
+                await running.wait()
+                raise LookupError("the block failed")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_block)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        try:
+            with pytest.raises(RuntimeError, match="already running"):
+                await pool.__aenter__()
+        finally:
+            release.set()
+    async with pool:  # its exit returned: it can be entered again
+        assert (await (await pool.submit(2)).wait()).result == 2
+
+
 async def test_exit_waits_until_idle_and_handlers_can_submit_follow_ups() -> None:
     """A crawler: handlers submit follow-up work to their own pool (never blocking on
     max_pending); leaving the block waits until the work runs out."""

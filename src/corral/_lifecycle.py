@@ -39,6 +39,7 @@ class Run:
 
     def __init__(self, threads: Threads | None) -> None:
         self.tg: anyio.abc.TaskGroup | None = None
+        self.ended = False  # its task group has exited (after CLOSED: tasks end)
         self.threads = threads  # a plain handler's or flush's threads, if any
         self.clock: Callable[[], float] = anyio.current_time  # the loop's, once entered
         # the context of the task that entered the block: tasks started later
@@ -109,7 +110,8 @@ class Block(Generic[RunT]):
     # --------------------------------------------------------------- entering
 
     async def __aenter__(self) -> Self:
-        if self._state in (RUNNING, STOPPING):
+        if self._state in (RUNNING, STOPPING) or (self._run.tg and not self._run.ended):
+            # (closed, but its tasks are still ending: its exit has not returned)
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         run = self._new_run()
         run.clock = _loop_clock()
@@ -205,6 +207,7 @@ class Block(Generic[RunT]):
         finally:
             self._close()
             self._on_finalize(run)
+            run.ended = True
 
     def _close(self) -> None:
         if self._state is CLOSED:

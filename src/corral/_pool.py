@@ -467,7 +467,10 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
     async def _wait_for_room(self, run: _PoolRun[T, R]) -> None:
         self._counters.backpressure_waits += 1
-        if not await run.slots.take() or self._state is not RUNNING:
+        if not await run.slots.take():
+            await self._raise_closed()
+        if self._state is not RUNNING:  # granted room, but the pool stopped meanwhile
+            run.slots.release()
             await self._raise_closed()
 
     def submit_nowait(self, item: T, *, id: Hashable = None) -> Job[T, R]:
@@ -488,10 +491,13 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         if self._state is not RUNNING:
             raise self._closed_error()
         run = self._run
-        if not run.slots.take_nowait():
-            if not _in_worker_of(self):
-                raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
-            run.slots.force()
+        slots = run.slots
+        # Slots.take_nowait(), inlined (every submit_nowait passes here); the
+        # pool's own handler takes the room whatever is used (Slots.force)
+        full = slots.waiters or slots.granted or slots.used >= slots.capacity
+        if full and not _in_worker_of(self):
+            raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
+        slots.used += 1
         return self._put(run, item, id)
 
     def _put(self, run: _PoolRun[T, R], item: T, id: Hashable) -> Job[T, R]:
@@ -527,20 +533,24 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         counters, capacity, limit = self._counters, slots.capacity, self._limit
         if self._state is not RUNNING or not slots.take_nowait():
             return False
-        for item in iterator:
-            index = counters.submitted
-            counters.submitted = index + 1
-            live[index] = entry = (index, item, index, None)
-            if parking.waking or not (parking.spots or limit.allows(run.started)):
-                queue.put(entry)  # what _enqueue would do, without the call
-            else:
-                self._enqueue(run, entry)
-            # room for the next item: Slots.take_nowait
-            if self._state is not RUNNING or slots.waiters or slots.granted:
-                return False
-            if slots.used >= capacity:
-                return False
-            slots.used += 1
+        try:
+            for item in iterator:
+                index = counters.submitted
+                counters.submitted = index + 1
+                live[index] = entry = (index, item, index, None)
+                if parking.waking or not (parking.spots or limit.allows(run.started)):
+                    queue.put(entry)  # what _enqueue would do, without the call
+                else:
+                    self._enqueue(run, entry)
+                # room for the next item: Slots.take_nowait
+                if self._state is not RUNNING or slots.waiters or slots.granted:
+                    return False
+                if slots.used >= capacity:
+                    return False
+                slots.used += 1
+        except BaseException:
+            slots.release()  # the iterator raised: no item for the room taken
+            raise
         slots.release()  # the room taken for an item the iterator did not have
         return True
 

@@ -90,6 +90,7 @@ class Slots:
         if waiter.granted:
             self.granted = 0
             if self.closed:
+                self.used -= waiter.need  # granted, then closed: nothing is held
                 return False
             self._grant()  # the next one resumes after us: no checkpoint between
             return True
