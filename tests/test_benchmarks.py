@@ -76,3 +76,16 @@ def test_machine_description() -> None:
     )
     assert "Python 3." in result.stdout
     assert "corral" in result.stdout
+
+
+@pytest.mark.parametrize("scenario", ["apply", "apply0", "nowait", "nowait0", "add", "add_nowait"])
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_per_item_scenario_runs(scenario: str, backend: str) -> None:
+    """benchmarks/per_item.py (the scenarios whose instructions BENCHMARKS.md
+    counts) runs each scenario, also with no items (the baseline)."""
+    for items in ("0", "2000"):
+        subprocess.run(
+            [sys.executable, str(BENCHMARKS / "per_item.py"), scenario, backend, items],
+            timeout=60,
+            check=True,
+        )
