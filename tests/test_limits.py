@@ -67,12 +67,31 @@ async def admit_concurrently(limiter: Any, tasks: int, each: int, costs: int = 1
 
 async def test_sliding_window_never_exceeds_limit_in_any_window(exact: bool) -> None:
     """1,000 admissions from 50 concurrent tasks: every window of `per` seconds
-    holds at most `limit` of them, and the limiter runs at its full rate."""
+    holds at most `limit` of them, and the limiter runs at 99% of its rate or
+    more, paced: (per + 1% of per) / limit apart."""
     limiter = SlidingWindow(50, per=0.05)
     admitted = admissions_of(limiter)
     start = anyio.current_time()
     times = await admit_concurrently(limiter, tasks=50, each=20)
     assert len(times) == len(admitted) == 1000
+    assert max_in_any_window(admitted, 0.05, 0.0) <= 50
+    duration = anyio.current_time() - start
+    spacing = 0.0505 / 50
+    if exact:  # on time: every one (per + slack) / limit after the one before
+        assert duration == pytest.approx(999 * spacing, abs=1e-6)
+        gaps = [b - a for a, b in itertools.pairwise(sorted(admitted))]
+        assert min(gaps) == pytest.approx(spacing, abs=1e-6)
+    else:  # uvloop's timers fire on whole milliseconds: late by more than the slack
+        assert 999 * spacing - 0.002 <= duration < 3 * 999 * spacing
+
+
+async def test_sliding_window_with_burst_is_the_unpaced_window(exact: bool) -> None:
+    """SlidingWindow(50, 0.05, burst=50): the whole window at once, 20 full
+    windows for 1,000 admissions, never more than 50 in any window."""
+    limiter = SlidingWindow(50, per=0.05, burst=50)
+    admitted = admissions_of(limiter)
+    start = anyio.current_time()
+    await admit_concurrently(limiter, tasks=50, each=20)
     assert max_in_any_window(admitted, 0.05, 0.0) <= 50
     duration = anyio.current_time() - start
     if exact:
@@ -82,9 +101,22 @@ async def test_sliding_window_never_exceeds_limit_in_any_window(exact: bool) -> 
 
 
 async def test_sliding_window_first_period(exact: bool) -> None:
-    """SlidingWindow(3, 0.1): a burst of 3 at once, then one each time the oldest
-    admission leaves the window."""
+    """SlidingWindow(3, 0.1): paced, one every (0.1 + 0.001) / 3 s, so that
+    any four span 1 ms more than the window."""
     limiter = SlidingWindow(3, per=0.1)
+    start = anyio.current_time()
+    times = [t - start for t in await admit_concurrently(limiter, tasks=1, each=7)]
+    expected = [k * 0.101 / 3 for k in range(7)]
+    if exact:
+        assert times == pytest.approx(expected, abs=1e-6)
+    else:
+        assert all(e - slack(exact) <= t < e + 0.05 for t, e in zip(times, expected, strict=True))
+
+
+async def test_sliding_window_burst_first_period(exact: bool) -> None:
+    """SlidingWindow(3, 0.1, burst=3): 3 at once, then one each time the oldest
+    admission leaves the window."""
+    limiter = SlidingWindow(3, per=0.1, burst=3)
     start = anyio.current_time()
     times = [t - start for t in await admit_concurrently(limiter, tasks=1, each=7)]
     if exact:
@@ -103,20 +135,38 @@ async def test_sliding_window_cost_counts_as_several_admissions(exact: bool) -> 
     assert max_in_any_window(admitted, 0.02, 0.0) <= 5
 
 
-@pytest.mark.parametrize(("rate", "per", "burst"), [(200, 1.0, 1), (100, 0.5, 7), (500, 1.0, 3)])
+@pytest.mark.parametrize(
+    ("rate", "per", "burst"), [(200, 1.0, 1), (100, 0.5, 7), (500, 1.0, 3), (500, 1.0, None)]
+)
 async def test_token_bucket_bound_over_every_pair(
-    exact: bool, rate: float, per: float, burst: int
+    exact: bool, rate: float, per: float, burst: int | None
 ) -> None:
-    """For every pair of admissions i < j: j - i + 1 <= burst + rate * t / per."""
+    """For every pair of admissions i < j: j - i + 1 <= burst + rate * t / per
+    (without burst=, with the burst the bucket reports)."""
     limiter = TokenBucket(rate, per, burst=burst)
     admitted = admissions_of(limiter)
     await admit_concurrently(limiter, tasks=10, each=10)
     times = sorted(admitted)
     assert len(times) == 100
-    eps = 1e-9
+    eps = 1e-6  # uvloop's times are whole milliseconds, their differences a hair off
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
-            assert j - i + 1 <= burst + rate * (times[j] - times[i]) / per + eps
+            assert j - i + 1 <= limiter.burst + rate * (times[j] - times[i]) / per + eps
+
+
+@pytest.mark.parametrize(("rate", "per"), [(50, 0.1), (7, 0.3), (1000, 1.0)])
+async def test_token_bucket_is_a_quota_without_burst(exact: bool, rate: float, per: float) -> None:
+    """TokenBucket(rate, per): never more than rate in any per seconds, and at
+    least 99% of the rate over a busy run."""
+    limiter = TokenBucket(rate, per)
+    admitted = admissions_of(limiter)
+    start = anyio.current_time()
+    each = 30 if exact or rate / per > 100 else 3  # 23 a second in real time: a few
+    await admit_concurrently(limiter, tasks=10, each=each)
+    duration = anyio.current_time() - start
+    assert max_in_any_window(admitted, per, 0.0) <= rate
+    if exact:
+        assert (len(admitted) - 1) / duration >= 0.99 * rate / per
 
 
 async def test_token_bucket_starts_full_then_is_smooth(exact: bool) -> None:
@@ -159,7 +209,7 @@ async def test_waiters_are_served_in_arrival_order_whatever_their_cost(
 async def test_cancelled_waiter_consumes_nothing_and_gives_its_place_back(exact: bool) -> None:
     """A waiter cancelled while waiting leaves the line; the one behind it is
     admitted as early as if the cancelled one had never come."""
-    limiter = SlidingWindow(1, per=1.0)
+    limiter = SlidingWindow(1, per=1.0, burst=1)
     start = anyio.current_time()
     await limiter.acquire()
     admitted: list[float] = []
@@ -182,7 +232,7 @@ async def test_cancelled_waiter_consumes_nothing_and_gives_its_place_back(exact:
         assert doomed.cancelled_caught
     assert limiter.waiting == 0
     if exact:
-        assert admitted == [1.0]
+        assert admitted == [pytest.approx(1.0, abs=1e-9)]
     else:
         assert 0.995 <= admitted[0] < 1.5
 
@@ -279,12 +329,16 @@ async def test_rate_limiter_sees_every_attempt(exact: bool) -> None:
 async def test_acquire_nowait_admits_or_raises_would_block(kind: str) -> None:
     """The *_nowait twin: admits when no wait is needed, raises WouldBlock (having
     consumed nothing) otherwise, and never jumps the line."""
-    limiter: Any = SlidingWindow(2, per=10.0) if kind == "window" else TokenBucket(0.2, burst=2)
+    limiter: Any = (
+        SlidingWindow(2, per=10.0, burst=2) if kind == "window" else TokenBucket(0.2, burst=2)
+    )
     limiter.acquire_nowait()
     limiter.acquire_nowait()
     with pytest.raises(anyio.WouldBlock):
         limiter.acquire_nowait()
-    fresh: Any = SlidingWindow(2, per=10.0) if kind == "window" else TokenBucket(0.2, burst=2)
+    fresh: Any = (
+        SlidingWindow(2, per=10.0, burst=2) if kind == "window" else TokenBucket(0.2, burst=2)
+    )
     fresh.acquire_nowait(2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(fresh.acquire)

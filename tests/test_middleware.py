@@ -215,7 +215,7 @@ async def test_user_middleware_sees_each_item_once_while_rate_limit_sees_every_a
 async def test_limiter_as_user_middleware_admits_each_item_once() -> None:
     """In middleware=[...] a limiter is outside retry: one admission per item,
     however many attempts the item needs."""
-    limiter = SlidingWindow(5, per=60.0)  # one admission per attempt would stall here
+    limiter = SlidingWindow(5, per=60.0, burst=5)  # one admission per attempt would stall here
     calls: dict[int, int] = {}
 
     async def handler(x: int) -> int:

@@ -240,3 +240,47 @@ async def test_is_a_rate_limiter(redis: coredis.Redis[str]) -> None:
     assert isinstance(limiter, corral.RateLimiter)
     assert isinstance(limiter, corral.Middleware)
     assert repr(limiter) == "RedisRateLimiter(key='proto', rate=10.0, per=1.0, burst=2, lease=2)"
+
+
+class Throttled(Exception):
+    def __init__(self, retry_after: str) -> None:
+        super().__init__("429")
+        self.response = type("Response", (), {"headers": {"Retry-After": retry_after}})()
+
+
+@pytest.mark.parametrize("burst", [1, 5])
+async def test_pause_holds_every_process_sharing_the_key(
+    redis: coredis.Redis[str], burst: int
+) -> None:
+    """A Retry-After seen by one pool pauses the limit in Redis: another
+    limiter object on the same key (another process) admits nothing until
+    the pause ends; another key is not paused."""
+    first = RedisRateLimiter(redis, "paused", 1000, burst=burst)
+    second = RedisRateLimiter(redis, "paused", 1000, burst=burst)
+    other = RedisRateLimiter(redis, "not-paused", 1000, burst=burst)
+
+    async def handler(item: int) -> int:
+        raise Throttled("0.3")
+
+    async with corral.Pool(handler, rate_limit=first) as pool:
+        await pool.submit(1)
+    start = time.monotonic()
+    await other.acquire()
+    assert time.monotonic() - start < 0.1
+    await second.acquire()
+    assert 0.3 - 0.1 <= time.monotonic() - start < 0.3 + 0.25
+    with pytest.raises(ValueError, match="seconds"):
+        await first.pause(-1)
+
+
+async def test_redis_limiter_as_middleware_pauses_on_retry_after(redis: coredis.Redis[str]) -> None:
+    limiter = RedisRateLimiter(redis, "middleware-paused", 1000)
+
+    async def handler(item: int) -> int:
+        raise Throttled("0.3")
+
+    async with corral.Pool(handler, middleware=[limiter]) as pool:
+        await pool.submit(1)
+    start = time.monotonic()
+    await limiter.acquire()
+    assert 0.3 - 0.1 <= time.monotonic() - start < 0.3 + 0.25

@@ -174,9 +174,11 @@ def _good_options() -> dict[str, dict[str, Any]]:
             "wait_jitter": True,
             "deadline": 5.0,
             "cap_retry_after": False,
+            "retry_after": None,
         },
         "TokenBucket": {"rate": 10, "per": 1.0, "burst": 2},
-        "SlidingWindow": {"limit": 10, "per": 1.0},
+        "SlidingWindow": {"limit": 10, "per": 1.0, "burst": 3},
+        "AdaptiveRate": {"initial": 10, "min": 1.0, "max": 100.0, "on": ValueError},
     }
 
 
@@ -194,7 +196,10 @@ def _is_accepted(factory: str, name: str, value: Any) -> bool:
             "timeout",
             "name",
         },
-        "Retry": {"deadline"},
+        "Retry": {"deadline", "retry_after"},
+        "TokenBucket": {"burst"},  # a quota, paced
+        "SlidingWindow": {"burst"},
+        "AdaptiveRate": {"min", "max", "on"},
     }
     if value is None and name in optional.get(factory, set()):
         return True
@@ -204,6 +209,10 @@ def _is_accepted(factory: str, name: str, value: Any) -> bool:
         return True
     if name == "on_outcome" and callable(value):
         return True  # a plain or async callback
+    if name == "retry_after" and callable(value) and value not in (handler,):
+        return True  # a plain function reading the error
+    if factory == "AdaptiveRate" and name == "max" and value == float("inf"):
+        return True  # no ceiling
     if name == "on" and callable(value) and value not in (object, handler):
         return True  # a plain predicate (an async one would always be true)
     if name == "dedupe_key" and value is object:
@@ -222,9 +231,10 @@ def test_random_bad_values_raise_value_or_type_error_naming_the_parameter() -> N
     once): a ValueError or TypeError naming a bad parameter, never anything else."""
     import random
 
-    from corral import Batcher, Retry, SlidingWindow, TokenBucket
+    from corral import AdaptiveRate, Batcher, Retry, SlidingWindow, TokenBucket
 
     factories: dict[str, Any] = {
+        "AdaptiveRate": AdaptiveRate,
         "Pool": lambda **kw: Pool(handler, **kw),
         "Batcher": lambda **kw: Batcher(handler, **kw),
         "Retry": Retry,

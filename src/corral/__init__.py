@@ -4,6 +4,8 @@ Push many items through an async (or plain) function with bounded memory,
 errors as values and every item accounted for, on asyncio, uvloop and trio.
 """
 
+from ._adaptive import AdaptiveRate as AdaptiveRate
+from ._adaptive import AdaptiveRateStatistics as AdaptiveRateStatistics
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStats as BatcherStats
 from ._errors import CorralError as CorralError
@@ -28,6 +30,8 @@ from ._retry import Retry as Retry
 from ._retry import backoff as backoff
 
 __all__ = [
+    "AdaptiveRate",
+    "AdaptiveRateStatistics",
     "ApplyToEach",
     "Batcher",
     "BatcherStats",

@@ -18,6 +18,7 @@ from typing import TypeVar
 import anyio
 from anyio.lowlevel import checkpoint
 
+from ._retry import read_retry_after
 from ._validate import check_int, check_number
 
 __all__ = ["SlidingWindow", "TokenBucket"]
@@ -55,6 +56,31 @@ class _FairLimiter:
 
     def __init__(self) -> None:
         self._waiters: deque[_Waiter] = deque()
+        self._paused_until = -math.inf  # nothing is admitted before this time
+
+    def pause(self, seconds: float) -> None:
+        """Admit nothing for ``seconds`` from now, as a server's ``Retry-After``
+        asks: every waiter, in every pool that shares this limiter, waits.
+
+        A pause that already lasts longer stays. Pools call it for you when an
+        attempt fails with an error that carries a Retry-After. Not a
+        checkpoint; needs a running event loop (it reads its clock).
+
+        :raises ValueError: ``seconds`` is negative or NaN.
+        :raises TypeError: ``seconds`` is not a number.
+        """
+        seconds = check_number("seconds", seconds, finite=False)
+        self._pause_until(anyio.current_time() + seconds)
+
+    def _pause_until(self, until: float) -> None:
+        if until > self._paused_until:
+            self._paused_until = until
+
+    def _failed(self, error: Exception, retry_after: float | None) -> None:
+        """An attempt this limiter admitted failed with ``error``, whose
+        Retry-After (seconds, if it had one) was ``retry_after``."""
+        if retry_after:
+            self._pause_until(anyio.current_time() + retry_after)
 
     def _ready_at(self, cost: int, now: float) -> float:
         """The earliest time at which ``cost`` could be admitted (<= now: at once)."""
@@ -83,7 +109,7 @@ class _FairLimiter:
         :func:`anyio.current_time` reads) if nobody waits and they fit: True if
         admitted. The middleware calls it with the clock it holds, sparing a
         clock lookup and an exception per attempt."""
-        if not self._waiters and self._ready_at(cost, now) <= now:
+        if not self._waiters and self._paused_until <= now and self._ready_at(cost, now) <= now:
             self._admit(cost, now)
             return True
         return False
@@ -116,7 +142,7 @@ class _FairLimiter:
             woke_early = False
             while True:  # the head of the line is the limiter's only timer
                 now = anyio.current_time()
-                ready_at = self._ready_at(cost, now)
+                ready_at = max(self._ready_at(cost, now), self._paused_until)
                 if ready_at <= now:
                     break
                 if woke_early:
@@ -124,7 +150,9 @@ class _FairLimiter:
                     # timer that fires a hair early: wait a tick instead of
                     # spinning until the clock catches up.
                     ready_at = max(ready_at, now + _TICK)
-                await anyio.sleep_until(ready_at)
+                # a hair late: sleep_until adds the time left to a clock
+                # reading, and the rounding could wake it a hair early
+                await anyio.sleep_until(ready_at + abs(ready_at) * 4e-16 + 1e-12)
                 woke_early = True
         except BaseException:
             was_head = waiters[0] is waiter
@@ -153,7 +181,11 @@ class _FairLimiter:
             self.acquire_nowait()
         except anyio.WouldBlock:
             await self.acquire()
-        return await call_next(item)
+        try:
+            return await call_next(item)
+        except Exception as error:
+            self._failed(error, read_retry_after(error))
+            raise
 
     @property
     def waiting(self) -> int:
@@ -162,37 +194,70 @@ class _FairLimiter:
         return len(self._waiters)
 
 
+def _slack(per: float) -> float:
+    """The slack of a limiter spelled as a quota: late wake-ups up to this many
+    seconds behind are caught up, and the same time is added to each period,
+    so that no ``per`` seconds hold more than the quota however late the
+    admissions came, and a request delivered up to this much later than its
+    neighbour still fits the server's window. 1% of ``per``, at most 10 ms:
+    measured against a real server on loopback, 5 ms of slack still drew a
+    429 now and then, 10 ms none."""
+    return min(0.01, per / 100)
+
+
 class SlidingWindow(_FairLimiter):
-    """Never more than ``limit`` admissions in any window of ``per`` seconds.
+    """Never more than ``limit`` admissions in any window of ``per`` seconds,
+    spread evenly over the window.
 
     Exact: for any two admissions less than ``per`` seconds apart, they and
-    everything admitted between them number at most ``limit``. A fresh
-    limiter admits ``limit`` at once, then the next one exactly ``per``
-    seconds after the first, and so on: the first second of
-    ``SlidingWindow(10, 1.0)`` under load is a burst of 10 at t=0, then
-    nothing until t=1.0. ``acquire(cost=k)`` counts as ``k`` admissions at
-    the same instant.
+    everything admitted between them number at most ``limit``. Under load the
+    admissions are paced, one every ``(per + slack) / limit`` seconds, where
+    ``slack`` is 1% of ``per`` but at most 10 ms: a wake-up that came up to
+    that late is caught up, and a request that reaches the server that much
+    later than its neighbour still finds room in the server's own window. So
+    ``SlidingWindow(300, per=1.0)`` admits one call every 3.37 ms, 99% of the
+    quota, and never bursts: a burst admitted at once reaches the server
+    spread out by the client and the network, and part of it lands in the
+    server's next window (measured: dozens of 429s in 5,000 calls, where
+    pacing has none).
+
+    ``burst=k`` admits up to ``k`` at once instead, pacing at ``limit`` per
+    ``per``: ``burst=limit`` is the unpaced window, ``limit`` at once and then
+    each one ``per`` seconds after the one it replaces. ``acquire(cost=k)``
+    counts as ``k`` admissions at the same instant.
 
     Use it with :meth:`acquire` (first come, first served; a ``cost`` of at
-    most ``limit``), :meth:`acquire_nowait` and :attr:`waiting`, or as a
-    :class:`~corral.Middleware`: as ``rate_limit=`` it sees every attempt, in
-    ``middleware=[...]`` each item once.
+    most ``limit``), :meth:`acquire_nowait`, :meth:`pause` and
+    :attr:`waiting`, or as a :class:`~corral.Middleware`: as ``rate_limit=``
+    it sees every attempt, in ``middleware=[...]`` each item once.
 
     >>> limiter = SlidingWindow(100, per=60.0)  # 100 calls a minute, exactly
     """
 
-    def __init__(self, limit: int, per: float = 1.0) -> None:
+    def __init__(self, limit: int, per: float = 1.0, *, burst: int | None = None) -> None:
         super().__init__()
         self.limit: int = check_int("limit", limit, minimum=1)
         self.per: float = check_number("per", per, positive=True)
+        if burst is not None:
+            check_int("burst", burst, minimum=1)
+            if burst > limit:
+                raise ValueError(f"burst must be <= limit ({limit}), got {burst!r}")
+        self.burst: int | None = burst
         self._capacity = limit
+        self._pace = TokenBucket(limit, per, burst=burst if burst is not None else limit)
+        if burst is None:
+            self._pace._set_slack(_slack(self.per), limit)
         self._expiries: deque[tuple[float, int]] = deque()  # (admitted + per, cost)
         self._in_window = 0
 
     def __repr__(self) -> str:
-        return f"SlidingWindow(limit={self.limit}, per={self.per})"
+        burst = "" if self.burst is None else f", burst={self.burst}"
+        return f"SlidingWindow(limit={self.limit}, per={self.per}{burst})"
 
     def _ready_at(self, cost: int, now: float) -> float:
+        return max(self._window_ready_at(cost, now), self._pace._ready_at(cost, now))
+
+    def _window_ready_at(self, cost: int, now: float) -> float:
         expiries = self._expiries
         while expiries and expiries[0][0] <= now:
             self._in_window -= expiries.popleft()[1]
@@ -206,6 +271,7 @@ class SlidingWindow(_FairLimiter):
         raise AssertionError("unreachable: cost <= limit")  # pragma: no cover
 
     def _admit(self, cost: int, now: float) -> None:
+        self._pace._admit(cost, now)
         expiry = now + self.per
         while expiry - now < self.per:  # rounded down: never let it expire early
             expiry = math.nextafter(expiry, math.inf)
@@ -214,49 +280,81 @@ class SlidingWindow(_FairLimiter):
 
 
 class TokenBucket(_FairLimiter):
-    """A smooth limiter: at most ``burst + rate * t / per`` admissions in any
-    interval of length ``t``.
+    """A smooth limiter: ``rate`` admissions per ``per`` seconds, evenly spaced.
 
-    Tokens refill continuously at ``rate`` per ``per`` seconds up to
-    ``burst``; the bucket starts full. ``TokenBucket(10, 1.0)`` (burst 1)
-    admits one call every 0.1 s; ``TokenBucket(10, 1.0, burst=5)`` admits 5
-    at once, then one every 0.1 s. Implemented as GCRA: one timestamp, O(1)
-    per call, no refill task.
+    With ``burst=k``: at most ``k + rate * t / per`` admissions in any
+    interval of length ``t``. Tokens refill continuously at ``rate`` per
+    ``per`` seconds up to ``burst``; the bucket starts full.
+    ``TokenBucket(10, 1.0, burst=5)`` admits 5 at once, then one every 0.1 s.
 
-    Use it with :meth:`acquire` (first come, first served; a ``cost`` of at
-    most ``burst``), :meth:`acquire_nowait` and :attr:`waiting`, or as a
-    :class:`~corral.Middleware`: as ``rate_limit=`` it sees every attempt, in
-    ``middleware=[...]`` each item once.
+    Without ``burst`` (the default) it reads ``rate`` per ``per`` as a quota,
+    like :class:`SlidingWindow`: never more than ``rate`` admissions in any
+    ``per`` seconds, paced one every ``(per + slack) / rate`` seconds, where
+    ``slack`` is 1% of ``per`` but at most 10 ms. A wake-up up to that late
+    is caught up instead of being lost for good (with one token, every late
+    wake-up costs the time it was late: 12% of the rate on a busy loop), and
+    a request that reaches the server up to that much later than its
+    neighbour still fits the server's window. ``TokenBucket(300)`` admits
+    one call every 3.37 ms under load, 99% of 300 a second. :attr:`burst`
+    then says how many a catch-up can admit at once (1 + slack / spacing,
+    rounded up), and ``burst + rate * t / per`` holds.
+
+    Implemented as GCRA: one timestamp, O(1) per call, no refill task. Use it
+    with :meth:`acquire` (first come, first served; a ``cost`` of at most
+    ``burst``), :meth:`acquire_nowait`, :meth:`pause` and :attr:`waiting`, or
+    as a :class:`~corral.Middleware`: as ``rate_limit=`` it sees every
+    attempt, in ``middleware=[...]`` each item once.
 
     >>> limiter = TokenBucket(5, per=1.0, burst=2)
     """
 
-    def __init__(self, rate: float, per: float = 1.0, *, burst: int = 1) -> None:
+    def __init__(self, rate: float, per: float = 1.0, *, burst: int | None = None) -> None:
         super().__init__()
         self.rate: float = check_number("rate", rate, positive=True)
         self.per: float = check_number("per", per, positive=True)
-        self.burst: int = check_int("burst", burst, minimum=1)
-        self._capacity = burst
+        if burst is not None:
+            check_int("burst", burst, minimum=1)
         self._interval = self.per / self.rate  # seconds per token
-        if not math.isfinite(self._interval * self.burst):
+        if not math.isfinite(self._interval * (burst or 1)):
             raise ValueError(f"rate must be larger for per={per!r}, got {rate!r}")
         # The schedule is anchor + n * interval: one multiplication per reading,
         # so rounding never accumulates over a long busy run (a sum would drift).
         # The anchor moves to `now` whenever the bucket has refilled completely.
         self._anchor = -math.inf
         self._spent = 0  # tokens admitted since the anchor
+        self._quota = burst is None
+        self.burst: int = 1
+        if burst is None:
+            self._set_slack(_slack(self.per), self.rate)
+        else:
+            self._set_burst(burst)
+
+    def _set_burst(self, burst: int) -> None:
+        self.burst = self._capacity = burst
+        self._early = burst - 1  # how many intervals ahead of its time a token may go
+        self._behind = 0.0  # how many seconds late the schedule may be and still hold
+
+    def _set_slack(self, slack: float, rate: float) -> None:
+        """Pace ``rate`` per ``per`` as a quota, with ``slack`` seconds of
+        tolerance (see the class's docstring)."""
+        self._interval = (self.per + slack) / rate
+        self._early = 0
+        self._behind = slack
+        self.burst = self._capacity = 1 + math.ceil(slack / self._interval)
 
     def __repr__(self) -> str:
-        return f"TokenBucket(rate={self.rate}, per={self.per}, burst={self.burst})"
+        burst = "" if self._quota else f", burst={self.burst}"
+        return f"TokenBucket(rate={self.rate}, per={self.per}{burst})"
 
     def _idle(self, now: float) -> bool:
-        """The theoretical arrival time is not ahead of ``now``: a full bucket."""
-        return self._anchor + self._spent * self._interval <= now
+        """The schedule fell behind ``now`` by more than it catches up: it
+        starts again from ``now`` (for a bucket with a burst: it is full)."""
+        return self._anchor + self._spent * self._interval + self._behind <= now
 
     def _ready_at(self, cost: int, now: float) -> float:
         if self._idle(now):
             return now  # cost <= burst: a full bucket admits it at once
-        ahead = self._spent + cost - self.burst  # tokens beyond the burst
+        ahead = self._spent + cost - 1 - self._early  # intervals beyond the tolerance
         if ahead <= 0:
             return self._anchor  # due at or before the anchor, a past admission
         # rounded up, so that no admission comes before its exact time

@@ -11,18 +11,23 @@ during a retry's backoff. With nothing configured the chain *is* the handler.
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import attrs
 
+from ._adaptive import AdaptiveRate
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
 from ._limits import SlidingWindow, TokenBucket
-from ._retry import Retry
+from ._retry import Retry, read_retry_after, retry_after_of
 from ._threads import Holds, Threads, holds_of_attempt
 from ._validate import check_number
+
+_log = logging.getLogger("corral.limits")
 
 __all__ = [
     "Layers",
@@ -264,7 +269,8 @@ def build_chain(
     if timeout is not None:
         chain = _with_timeout(chain, timeout.seconds, clock)
     if rate_limit is not None:
-        chain = _with_rate_limit(chain, rate_limit, clock)
+        where = retry.retry_after if retry is not None and retry.retry_after else retry_after_of
+        chain = _with_rate_limit(chain, rate_limit, clock, where)
     if limiter is not None:
         chain = _with_limiter(chain, limiter, threaded)
     if retry is not None:
@@ -299,34 +305,90 @@ def _with_timeout(call_next: Call, seconds: float, clock: Callable[[], float]) -
     return timed
 
 
-def _with_rate_limit(call_next: Call, rate_limit: RateLimiter, clock: Callable[[], float]) -> Call:
+RetryAfterReader = Callable[[Exception], object]
+
+
+def _with_rate_limit(
+    call_next: Call, rate_limit: RateLimiter, clock: Callable[[], float], where: RetryAfterReader
+) -> Call:
+    """The rate limiter's layer: an admission per attempt, and a failed
+    attempt's Retry-After (read by ``where``) pauses the limiter, so that every
+    worker sharing it slows down, not only the one that was told to."""
+    if isinstance(rate_limit, AdaptiveRate):
+        return _with_adaptive_rate(call_next, rate_limit, clock, where)
     acquire = rate_limit.acquire
     if type(rate_limit) in (SlidingWindow, TokenBucket):  # ours, not a subclass
-        admit_at = cast("SlidingWindow | TokenBucket", rate_limit)._admit_at
+        own = cast("SlidingWindow | TokenBucket", rate_limit)
+        admit_at, failed = own._admit_at, own._failed
 
         async def rate_limited_own(item: Any) -> Any:
             if not admit_at(1, clock()):
                 await acquire()
-            return await call_next(item)
+            try:
+                return await call_next(item)
+            except Exception as error:
+                failed(error, read_retry_after(error, where))
+                raise
 
         return rate_limited_own
     acquire_nowait = getattr(rate_limit, "acquire_nowait", None)
     if not callable(acquire_nowait):
+        acquire_nowait = None
+    pause = getattr(rate_limit, "pause", None)
 
-        async def rate_limited(item: Any) -> Any:
+    async def rate_limited(item: Any) -> Any:
+        if acquire_nowait is None:
             await acquire()
-            return await call_next(item)
-
-        return rate_limited
-
-    async def rate_limited_fast(item: Any) -> Any:
+        else:
+            try:
+                acquire_nowait()
+            except anyio.WouldBlock:
+                await acquire()
         try:
-            acquire_nowait()
-        except anyio.WouldBlock:
-            await acquire()
-        return await call_next(item)
+            return await call_next(item)
+        except Exception as error:
+            if callable(pause):
+                seconds = read_retry_after(error, where)
+                if seconds:
+                    await pause_limiter(pause, seconds)
+            raise
 
-    return rate_limited_fast
+    return rate_limited
+
+
+async def pause_limiter(pause: Callable[[float], object], seconds: float) -> None:
+    """Call a third-party limiter's ``pause(seconds)`` (awaited if it is a
+    coroutine, as a shared limiter's round trip is). If it fails, the attempt's
+    own error is what propagates; the failure is logged."""
+    try:
+        paused = pause(seconds)
+        if inspect.isawaitable(paused):
+            await paused
+    except Exception:  # noqa: BLE001 - the attempt's own error must propagate, not this
+        _log.warning("could not pause the rate limiter for %.3g s", seconds, exc_info=True)
+
+
+def _with_adaptive_rate(
+    call_next: Call, rate: AdaptiveRate, clock: Callable[[], float], where: RetryAfterReader
+) -> Call:
+    """As :func:`_with_rate_limit`, and the limiter hears how every attempt it
+    admitted ended, with the time it was admitted."""
+    admit_at, acquire, ended = rate._admit_at, rate.acquire, rate._ended
+
+    async def rate_limited_adaptive(item: Any) -> Any:
+        admitted_at = clock()
+        if not admit_at(1, admitted_at):
+            await acquire()
+            admitted_at = clock()
+        try:
+            result = await call_next(item)
+        except Exception as error:
+            ended(admitted_at, error, read_retry_after(error, where))
+            raise
+        ended(admitted_at, None, None)
+        return result
+
+    return rate_limited_adaptive
 
 
 def _with_limiter(call_next: Call, limiter: Any, threaded: bool) -> Call:

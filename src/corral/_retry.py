@@ -134,15 +134,40 @@ def _seconds_until(text: str, now: Callable[[], float]) -> float:
     return max(0.0, at - now())
 
 
-def _retry_after(error: Exception) -> float | None:
-    """Seconds the error's ``retry_after`` attribute asks to wait, if it has one.
+def retry_after_of(error: Exception) -> object:
+    """The Retry-After an error carries, as it came, or None.
 
-    Read by :func:`_parse_retry_after`, only after a failure. A value that
-    cannot be read is logged at DEBUG to ``corral.retry`` and ignored (None).
-    One too large for a float is infinite, which no deadline or wait can
-    honour: the item is not retried.
+    Looked for, in order: the error's ``retry_after`` attribute (corral's own
+    convention); the ``Retry-After`` header of ``error.response`` (httpx's
+    ``HTTPStatusError``, requests' ``HTTPError``); ``error.headers`` (aiohttp's
+    ``ClientResponseError``). Duck-typed: no HTTP library is imported.
     """
     value = getattr(error, "retry_after", None)
+    if value is not None:
+        return value
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None) if response is not None else None
+    if headers is None:
+        headers = getattr(error, "headers", None)
+    if headers is None:
+        return None
+    get = getattr(headers, "get", None)
+    if not callable(get):
+        return None  # not a mapping after all: no hint
+    return get("Retry-After") or get("retry-after")
+
+
+def read_retry_after(
+    error: Exception, where: Callable[[Exception], object] = retry_after_of
+) -> float | None:
+    """Seconds the Retry-After found by ``where(error)`` asks to wait, if any.
+
+    Read by :func:`_parse_retry_after`, only after a failure. A value that
+    cannot be read is logged at DEBUG to ``corral.retry`` and ignored (None);
+    an exception ``where`` raises propagates. One too large for a float is
+    infinite, which no deadline or wait can honour: the item is not retried.
+    """
+    value = where(error)
     if value is None:
         return None
     try:
@@ -233,6 +258,7 @@ class Retry:
     wait_jitter: bool = attrs.field(default=True, kw_only=True)
     deadline: float | None = attrs.field(default=None, kw_only=True)
     cap_retry_after: bool = attrs.field(default=False, kw_only=True)
+    retry_after: Callable[[Exception], object] | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         check_int("attempts", self.attempts, minimum=1)
@@ -246,6 +272,14 @@ class Retry:
         if self.deadline is not None:
             check_number("deadline", self.deadline, positive=True)
         check_bool("cap_retry_after", self.cap_retry_after)
+        if self.retry_after is not None and (
+            not callable(self.retry_after) or is_async_callable(self.retry_after)
+        ):
+            raise TypeError(
+                "retry_after must be a plain function taking the error and returning "
+                f"its Retry-After (seconds, a timedelta, the header's text) or None, "
+                f"got {self.retry_after!r}"
+            )
 
     def should_retry(self, error: Exception) -> bool:
         """Whether ``error`` matches ``on`` (an exception a predicate raises
@@ -267,7 +301,7 @@ class Retry:
             wait_max=self.wait_max,
             wait_exp_base=self.wait_exp_base,
             jitter=self.wait_jitter,
-            retry_after=_retry_after(error),
+            retry_after=read_retry_after(error, self.retry_after or retry_after_of),
             cap_retry_after=self.cap_retry_after,
             uniform=uniform,
         )

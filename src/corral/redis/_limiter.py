@@ -23,6 +23,8 @@ import coredis
 from anyio.lowlevel import checkpoint
 
 from .._limits import check_cost
+from .._middleware import pause_limiter
+from .._retry import read_retry_after
 from .._validate import check_int, check_number
 from ._common import check_name, check_timeout, round_trip
 
@@ -49,6 +51,24 @@ redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', string.format(
 local admit_at = tat + (cost - burst) * interval
 if admit_at <= now then return 0 end
 return math.ceil(admit_at - now)
+"""
+
+# KEYS[1]: the limit. ARGV: microseconds to pause, (burst - 1) * interval.
+# Moves the TAT so that nothing is admitted before the pause ends (a later TAT
+# stays).
+_PAUSE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local pause = tonumber(ARGV[1])
+local hold = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local new_tat = now + pause + hold
+if new_tat > tat then
+  local ttl = math.ceil((new_tat - now) / 1000) + 1
+  redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', string.format('%d', ttl))
+end
+return 0
 """
 
 
@@ -134,6 +154,7 @@ class RedisRateLimiter:
         if not math.isfinite(self._interval_us * self.burst) or self._interval_us < 1e-3:
             raise ValueError(f"rate must be at most 1e9 per second and finite, got {rate!r}")
         self._script = client.register_script(_GCRA)
+        self._pause_script = client.register_script(_PAUSE)
         self._interval_arg = repr(self._interval_us)  # as the script reads it
         self._what = f"RedisRateLimiter(key={key!r})"
         # leasing: tokens in hand, valid until the local clock reads this
@@ -173,6 +194,23 @@ class RedisRateLimiter:
         if wait > 0:
             await anyio.sleep(wait)
 
+    async def pause(self, seconds: float) -> None:
+        """Admit nothing for ``seconds`` from now, in every process sharing the
+        key, as a server's ``Retry-After`` asks (a longer pause already in
+        force stays). One round trip. Pools call it for you when an attempt
+        fails with an error that carries a Retry-After. Tokens this process
+        leased before the pause may still be spent.
+
+        :raises ValueError: ``seconds`` is negative or NaN.
+        :raises corral.redis.RedisUnavailable: Redis did not answer.
+        """
+        seconds = check_number("seconds", seconds)
+        hold = (self.burst - 1) * self._interval_us
+        request: Awaitable[Any] = self._pause_script(
+            keys=[self.key], args=[repr(seconds * 1e6), repr(hold)]
+        )
+        await round_trip(request, within=self.timeout, what=self._what)
+
     async def _reserve(self, cost: int) -> float:
         """Reserve ``cost`` tokens' slot; the seconds until it comes."""
         request: Awaitable[Any] = self._script(
@@ -204,6 +242,12 @@ class RedisRateLimiter:
 
     async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
         """As :class:`~corral.Middleware`: admit one unit, then run the rest of
-        the chain."""
+        the chain; an error carrying a Retry-After pauses the limit."""
         await self.acquire()
-        return await call_next(item)
+        try:
+            return await call_next(item)
+        except Exception as error:
+            seconds = read_retry_after(error)
+            if seconds:
+                await pause_limiter(self.pause, seconds)
+            raise
