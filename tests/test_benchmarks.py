@@ -32,6 +32,7 @@ TINY = {
         "1",
     ],
     "bench_middleware.py": ["--items", "300", "--repeat", "1", "--admissions", "150"],
+    "bench_http.py": ["--items", "60", "--workers", "5", "--limit", "200", "--only", "corral"],
     "bench_memory.py": ["--items", "500"],
     "bench_redis.py": ["--acquires", "100", "--entries", "500", "--repeat", "1"],
     "bench_threads.py": ["--items", "200", "--workers", "4", "--repeat", "1"],
@@ -62,6 +63,8 @@ def test_benchmark_runs(script: str) -> None:
     assert rows or script == "bench_memory.py", result.stdout
     if script == "bench_memory.py":
         assert "| apply_to_each | trio |" in result.stdout
+    elif script == "bench_http.py":
+        assert "| corral AdaptiveRate(2N) | trio |" in result.stdout
     else:
         assert "- key ratio" in result.stdout
 
