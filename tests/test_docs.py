@@ -123,7 +123,59 @@ def test_docs_have_python_examples() -> None:
         assert block.values[0].rstrip().endswith("anyio.run(main)"), block.id
 
 
-@pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if not needs_redis(b.values[0])])
+def needs_api(code: str) -> bool:
+    """A block that calls the rate-limited HTTP API reads its address from API_URL."""
+    return "API_URL" in code
+
+
+@pytest.fixture(scope="module")
+def quota_api() -> Iterator[str]:
+    """benchmarks/quota_server.py in a subprocess: 50 requests in any second,
+    429 with Retry-After beyond (needs uvicorn, in the test group)."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "quota_server.py"), "--limit", "50"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("listening on "), line
+        yield line.split()[-1]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+@pytest.mark.parametrize("code", [b for b in DOC_BLOCKS if needs_api(b.values[0])])
+def test_docs_http_block_runs(
+    code: str, quota_api: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    """The HTTP recipe runs as written against a real server with a quota, and
+    the server answered no 429."""
+    import httpx
+
+    httpx.post(f"{quota_api}/reset")
+    monkeypatch.setenv("API_URL", quota_api)
+    exec(compile(code, request.node.callspec.id, "exec"), {"__name__": "docs"})
+    stats = httpx.get(f"{quota_api}/stats").json()
+    assert stats["accepted"] >= 120
+    assert stats["rejected"] == 0
+    assert stats["busiest"] <= 50
+
+
+def test_docs_have_an_http_recipe() -> None:
+    assert [b for b in DOC_BLOCKS if needs_api(b.values[0])]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [b for b in DOC_BLOCKS if not needs_redis(b.values[0]) and not needs_api(b.values[0])],
+)
 def test_docs_block_runs(code: str, request: pytest.FixtureRequest) -> None:
     """Each ```python block of docs/*.md runs without error (its own asserts included)."""
     exec(compile(code, request.node.callspec.id, "exec"), {"__name__": "docs"})
