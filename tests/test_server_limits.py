@@ -11,7 +11,7 @@ import attrs
 import pytest
 
 import corral._limits
-from corral import AdaptiveRate, Pool, Retry, SlidingWindow, TokenBucket
+from corral import AdaptiveRate, Pool, Retry, SlidingWindow, TokenBucket, apply_to_all
 from corral._retry import read_retry_after, retry_after_of
 
 pytestmark = pytest.mark.anyio
@@ -332,12 +332,22 @@ async def test_adaptive_rate_clump_counts_once_and_climbs_back(exact: bool) -> N
     stats = rate.statistics()
     assert (stats.throttles, stats.decreases) == (5, 1)
     assert stats.rate == pytest.approx(90.0, rel=1e-3)  # 90% of the rate: nothing was accepted
-    await anyio.sleep(5.0)
-    await rate.acquire()
+    await traffic(rate, 5.0)
     assert 90.0 < rate.rate < 100.0
-    await anyio.sleep(6.0)
-    await rate.acquire()
+    await traffic(rate, 6.0)
     assert rate.rate >= 100.0  # back at the peak, then probing beyond
+
+
+async def traffic(rate: AdaptiveRate, seconds: float) -> None:
+    """Calls that succeed, as fast as ``rate`` admits them, for ``seconds``."""
+
+    async def call(n: int) -> int:
+        return n
+
+    with anyio.move_on_after(seconds):
+        async with Pool(call, workers=5, max_pending=5, rate_limit=rate) as pool:
+            for n in range(10**6):
+                await pool.submit(n)
 
 
 async def test_adaptive_rate_ignores_other_errors_and_honours_on() -> None:
@@ -361,11 +371,86 @@ async def test_adaptive_rate_throttled_by_hand_and_bounded_by_min() -> None:
     assert rate.statistics().decreases == 1
 
 
-async def test_adaptive_rate_probes_up_without_throttles_and_stops_at_max(exact: bool) -> None:
+async def test_adaptive_rate_probes_up_under_load_and_stops_at_max(exact: bool) -> None:
     if not exact:
         pytest.skip("needs the virtual clock")
     rate = AdaptiveRate(10, max=12)
-    await rate.acquire()
-    await anyio.sleep(30.0)
-    await rate.acquire()
+
+    async def call(n: int) -> int:
+        return n
+
+    with anyio.move_on_after(30.0):
+        async with Pool(call, workers=5, max_pending=5, rate_limit=rate) as pool:
+            for n in range(10**6):
+                await pool.submit(n)
     assert rate.rate == 12
+
+
+async def test_adaptive_rate_does_not_grow_while_idle(exact: bool) -> None:
+    """Idle for 10 minutes, it does not come back at thousands a second."""
+    if not exact:
+        pytest.skip("needs the virtual clock")
+    rate = AdaptiveRate(10)
+    await rate.acquire()
+    await anyio.sleep(600.0)
+    await rate.acquire()
+    assert rate.rate == 10
+
+
+async def test_a_retry_after_too_long_for_any_wait_is_no_pause_for_good() -> None:
+    limiter = TokenBucket(1000)
+
+    async def handler(item: int) -> int:
+        raise HTTPStatusError(429, "1" + "0" * 400)  # more seconds than a float holds
+
+    async with Pool(handler, rate_limit=limiter) as pool:
+        await pool.submit(1)
+    with anyio.fail_after(1.0):
+        await limiter.acquire()
+    with pytest.raises(ValueError, match="seconds"):
+        limiter.pause(float("inf"))
+
+
+async def test_a_reader_that_raises_does_not_replace_the_attempts_error() -> None:
+    """Retry(retry_after=fn) runs on every failed attempt; if it raises, the
+    attempt's own error is still the item's."""
+
+    async def handler(item: int) -> int:
+        raise ValueError("bad input")
+
+    retry = Retry(2, wait_initial=0, on=KeyError, retry_after=lambda e: e.wait)  # type: ignore[attr-defined]
+    outcomes = await apply_to_all(handler, [1], rate_limit=TokenBucket(1000), retry=retry)
+    assert isinstance(outcomes[0].error, ValueError)
+
+
+async def test_adaptive_rate_takes_a_retry_after_from_the_users_reader(exact: bool) -> None:
+    rate = AdaptiveRate(1000)
+    started: list[float] = []
+
+    async def handler(item: int) -> int:
+        started.append(anyio.current_time())
+        if item == 0 and len(started) == 1:
+            raise RuntimeError("slow down", 0.5)
+        return item
+
+    retry = Retry(2, wait_initial=0, retry_after=lambda e: e.args[1] if len(e.args) > 1 else None)
+    async with Pool(handler, workers=2, rate_limit=rate, retry=retry) as pool:
+        await pool.submit(0)
+        await anyio.sleep(0.01)
+        await pool.submit(1)
+    assert rate.statistics().decreases == 1
+    assert min(started[1:]) - started[0] >= 0.5
+
+
+async def test_adaptive_rate_as_user_middleware_learns_from_each_item(exact: bool) -> None:
+    """In middleware=[...] it sees each item once and learns from its final error."""
+    rate = AdaptiveRate(100)
+
+    async def handler(item: int) -> int:
+        if item == 3:
+            raise HTTPStatusError(429)
+        return item
+
+    outcomes = await apply_to_all(handler, range(6), middleware=[rate])
+    assert [o.ok for o in outcomes] == [True, True, True, False, True, True]
+    assert rate.statistics().decreases == 1

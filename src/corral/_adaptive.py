@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import attrs
 
 from ._limits import TokenBucket, _slack
-from ._retry import ExceptionFilter, check_on, matches
+from ._retry import ExceptionFilter, check_on, matches, read_retry_after, retry_after_of
 from ._validate import check_number
 
 __all__ = ["AdaptiveRate", "AdaptiveRateStatistics"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _BETA = 0.9  # a throttle lowers the rate to this share of what the server accepted
 _RECOVER = 10.0  # seconds the cubic takes to climb back to the throttled rate
@@ -59,14 +64,19 @@ class AdaptiveRateStatistics:
 class AdaptiveRate(TokenBucket):
     """A ``rate_limit=`` for when the quota is unknown or wrong.
 
-    Starts at ``initial`` admissions per second, paced like ``TokenBucket``
-    (never more than the rate in any second). When an attempt it admitted
+    Starts at ``initial`` admissions per second, paced like a
+    :class:`SlidingWindow` (2% under the rate, never more than it in any
+    second). When an attempt it admitted
     fails with a throttling error (HTTP 429 or 503, any error carrying a
     Retry-After, or one that ``on`` matches) the rate drops to 90% of what the
     server accepted in the last second (90% of the rate if it accepted
     nothing), then climbs back along a cubic curve: 10 s to return to the
     throttled level, flat near it, then faster beyond it, probing for more.
-    Before the first throttle it probes up from ``initial`` the same way.
+    Before the first throttle it probes up from ``initial`` the same way. It
+    never climbs above twice what the server accepted in the last second (as
+    the AWS SDKs cap it), so a limiter that is idle, or that the pool's
+    workers keep from its rate, does not grow for nothing. Only answers count
+    as accepted: a timeout or a dropped connection teaches it nothing.
     Throttles from attempts admitted before the last decrease, or in the
     second after it (while the server's window drains), are one clump: they
     count once. The rate stays within ``[min, max]``.
@@ -105,6 +115,8 @@ class AdaptiveRate(TokenBucket):
         self._accepted: deque[float] = deque()  # when attempts ended unthrottled, last 1 s
         self._decreased_at = -math.inf
         self._throttles = self._decreases = 0
+        # paced as a SlidingWindow is: a server is listening
+        self._set_slack(_slack(self.per), initial, margin=_slack(self.per))
 
     def __repr__(self) -> str:
         return f"AdaptiveRate(rate={self.rate:.6g}, min={self.min:.6g}, max={self.max:.6g})"
@@ -124,8 +136,6 @@ class AdaptiveRate(TokenBucket):
     def is_throttle(self, error: Exception) -> bool:
         """Whether ``error`` says the server throttled: ``on`` matches it, its
         HTTP status is 429 or 503, or it carries a Retry-After."""
-        from ._retry import retry_after_of
-
         if self.on is not None and matches(self.on, error):
             return True
         return status_of(error) in _THROTTLING or retry_after_of(error) is not None
@@ -150,7 +160,16 @@ class AdaptiveRate(TokenBucket):
         elapsed = now - self._since - self._climb
         scale = _C if elapsed < 0 else _C / _PROBE**3  # probing beyond it: slower
         rate = self._peak * (1 + scale * elapsed**3)
+        # never above twice what the server took in the last second (as AWS
+        # caps it): an idle or worker-bound limiter does not grow for nothing
+        rate = min(rate, max(self.rate, 2 * self._accepted_in_last_second(now)))
         self._set_rate(max(self.min, min(self.max, rate)))
+
+    def _accepted_in_last_second(self, now: float) -> int:
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        return len(accepted)
 
     def _set_rate(self, rate: float) -> None:
         if rate == self.rate:
@@ -159,16 +178,13 @@ class AdaptiveRate(TokenBucket):
             self._anchor += self._spent * self._interval
             self._spent = 0
         self.rate = rate
-        self._set_slack(_slack(self.per), rate)
+        self._set_slack(_slack(self.per), rate, margin=_slack(self.per))
 
     def _throttle(self, admitted_at: float, now: float) -> None:
         self._throttles += 1
         if admitted_at < self._decreased_at + _CLUMP:
             return  # sent before the last decrease had time to show: the same clump
-        accepted = self._accepted
-        while accepted and accepted[0] <= now - 1.0:
-            accepted.popleft()
-        seen = len(accepted) or self.rate  # what the server took in the last second
+        seen = self._accepted_in_last_second(now) or self.rate  # what the server took
         self._peak = max(self.min, min(self.max, min(seen, self.rate)))
         self._since, self._climb = now, _RECOVER
         self._decreased_at = now
@@ -177,11 +193,29 @@ class AdaptiveRate(TokenBucket):
 
     # -- what the pool's rate-limit layer reports ----------------------------
 
+    async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
+        """As :class:`Middleware`: admit one unit, run the rest of the chain, and
+        learn from how it ended (in ``middleware=[...]`` it sees each item once,
+        outside ``retry``: only an item's final error teaches it)."""
+        admitted_at = anyio.current_time()
+        if not self._admit_at(1, admitted_at):
+            await self.acquire()
+            admitted_at = anyio.current_time()
+        try:
+            result = await call_next(item)
+        except Exception as error:
+            self._ended(admitted_at, error, read_retry_after(error))
+            raise
+        self._ended(admitted_at, None, None)
+        return result
+
     def _ended(
         self, admitted_at: float, error: Exception | None, retry_after: float | None
     ) -> None:
         now = anyio.current_time()
-        if error is None or not self.is_throttle(error):
+        if error is None or (retry_after is None and not self.is_throttle(error)):
+            if error is not None and status_of(error) is None:
+                return  # a timeout or a dropped connection: the server took nothing
             accepted = self._accepted
             accepted.append(now)
             while accepted[0] <= now - 1.0:

@@ -231,6 +231,8 @@ def _failure_policy(retry: Retry | None) -> Retry:
     """What spaces failed flushes: ``retry`` if it waits at all, else the default."""
     if retry is not None and retry.wait_initial > 0 and retry.wait_max > 0:
         return retry
+    if retry is not None and retry.retry_after is not None:  # where its Retry-After is
+        return attrs.evolve(_FAILURE_BACKOFF, retry_after=retry.retry_after)
     return _FAILURE_BACKOFF
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
@@ -349,7 +350,7 @@ def _with_rate_limit(
         except Exception as error:
             if callable(pause):
                 seconds = read_retry_after(error, where)
-                if seconds:
+                if seconds and math.isfinite(seconds):  # never a pause for good
                     await pause_limiter(pause, seconds)
             raise
 

@@ -164,10 +164,15 @@ def read_retry_after(
 
     Read by :func:`_parse_retry_after`, only after a failure. A value that
     cannot be read is logged at DEBUG to ``corral.retry`` and ignored (None);
-    an exception ``where`` raises propagates. One too large for a float is
+    so is an exception ``where`` raises (it runs on every failed attempt,
+    whatever the error, and must not replace it). One too large for a float is
     infinite, which no deadline or wait can honour: the item is not retried.
     """
-    value = where(error)
+    try:
+        value = where(error)
+    except Exception as why:  # noqa: BLE001 - the attempt's own error must propagate
+        _log.debug("ignoring retry_after of %s: %r raised %r", type(error).__name__, where, why)
+        return None
     if value is None:
         return None
     try:
