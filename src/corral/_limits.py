@@ -305,7 +305,8 @@ class TokenBucket(_FairLimiter):
     ``slack`` is 1% of ``per`` but at most 10 ms, one budget shared by two
     uses: a wake-up that came late is caught up instead of being lost for
     good (with one token, every late wake-up costs the time it was late: 12%
-    of the rate on a busy loop; now only lateness beyond the slack is lost),
+    of the rate on a busy loop; now only a wake-up later than the slack
+    loses its lateness),
     and what a catch-up leaves of it lets a request reach the server that
     much later than its neighbour and still fit the server's window (a
     :class:`SlidingWindow` keeps a second slack for that).
@@ -379,9 +380,10 @@ class TokenBucket(_FairLimiter):
 
     def _admit(self, cost: int, now: float) -> None:
         if self._idle(now):
-            # a schedule that fell behind restarts one slack back, so that only
-            # the lateness beyond the slack is lost (a fresh one starts now)
-            fresh = self._anchor == -math.inf
-            self._anchor, self._spent = (now if fresh else now - self._behind), cost
+            # A schedule that fell more than the slack behind restarts from now,
+            # losing that lateness: restarting it one slack back would lose
+            # less, but the catch-up would spend the slack that delivery jitter
+            # needs (measured: 2-9 429s per 2,500 calls where there were none).
+            self._anchor, self._spent = now, cost
         else:
             self._spent += cost

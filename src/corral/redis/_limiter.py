@@ -198,10 +198,16 @@ class RedisRateLimiter:
         """Admit nothing for ``seconds`` from now, in every process sharing the
         key, as a server's ``Retry-After`` asks (a longer pause already in
         force stays). One round trip. Pools call it for you when an attempt
-        fails with an error that carries a Retry-After. Tokens this process
-        leased before the pause may still be spent.
+        fails with an error that carries a Retry-After. Unlike a local
+        limiter's pause, it moves the schedule, not the callers already in
+        it: a caller that reserved its slot before the pause (it sleeps until
+        then) is still admitted at that slot, and tokens this process leased
+        are still spent, so up to the reservations in flight go out during
+        the pause (with 50 callers at 150 a second: about a third of a
+        second's worth).
 
-        :raises ValueError: ``seconds`` is negative or NaN.
+        :raises ValueError: ``seconds`` is negative, NaN or infinite.
+        :raises TypeError: ``seconds`` is not a number.
         :raises corral.redis.RedisUnavailable: Redis did not answer.
         """
         seconds = check_number("seconds", seconds)
