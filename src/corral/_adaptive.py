@@ -107,7 +107,9 @@ class AdaptiveRate(TokenBucket):
         if on is not None:
             check_on(on)
         super().__init__(initial)
-        self.min, self.max, self.on = low, high, on
+        self.min: float = low
+        self.max: float = high
+        self.on: ExceptionFilter | None = on
         self._peak = initial  # the rate the curve returns to (the last throttled level)
         self._since: float | None = None  # when the curve started (the first admission)
         self._climb = 0.0  # seconds from the curve's start to its flat point

@@ -311,7 +311,7 @@ class TokenBucket(_FairLimiter):
     much later than its neighbour and still fit the server's window (a
     :class:`SlidingWindow` keeps a second slack for that).
     ``TokenBucket(300)`` admits one call every 3.37 ms under load, 99% of 300
-    a second while no wake-up is more than 10 ms late. :attr:`burst` then
+    a second while no wake-up is more than 10 ms late. ``.burst`` then
     says how many a catch-up can admit at once (1 + slack / spacing, rounded
     down), and ``burst + rate * t / per`` holds; for a rate that is not a
     whole number, "never more than ``rate``" means its next whole number.
