@@ -93,6 +93,18 @@ def retry_after_or_backoff(state: Any) -> float:
     return random.uniform(0, min(2.0, 0.1 * 2 ** (state.attempt_number - 1)))
 
 
+def tenacity_retry() -> Any:
+    """The peers' retry policy, the same as corral's in this job."""
+    import tenacity
+
+    return tenacity.retry(
+        stop=tenacity.stop_after_attempt(ATTEMPTS),
+        retry=tenacity.retry_if_exception(retryable),
+        wait=retry_after_or_backoff,
+        reraise=True,
+    )
+
+
 # --- corral ------------------------------------------------------------------
 
 
@@ -133,19 +145,13 @@ async def aiometer_job(url: str, items: int, workers: int, limit: int, db: str) 
     import asyncio
 
     import aiometer
-    import tenacity
 
     rows: list[dict[str, int]] = []
     lock = asyncio.Lock()
 
     async with client_for(url, workers) as client:
 
-        @tenacity.retry(
-            stop=tenacity.stop_after_attempt(ATTEMPTS),
-            retry=tenacity.retry_if_exception(retryable),
-            wait=retry_after_or_backoff,
-            reraise=True,
-        )
+        @tenacity_retry()
         async def fetch(n: int) -> None:
             response = await asyncio.wait_for(client.get(f"/items/{n}"), TIMEOUT)
             response.raise_for_status()
@@ -164,7 +170,6 @@ async def aiometer_job(url: str, items: int, workers: int, limit: int, db: str) 
 async def aiolimiter_job(url: str, items: int, workers: int, limit: int, db: str) -> None:
     import asyncio
 
-    import tenacity
     from aiolimiter import AsyncLimiter
 
     rate = AsyncLimiter(limit, 1)
@@ -175,12 +180,7 @@ async def aiolimiter_job(url: str, items: int, workers: int, limit: int, db: str
 
     async with client_for(url, workers) as client:
 
-        @tenacity.retry(
-            stop=tenacity.stop_after_attempt(ATTEMPTS),
-            retry=tenacity.retry_if_exception(retryable),
-            wait=retry_after_or_backoff,
-            reraise=True,
-        )
+        @tenacity_retry()
         async def fetch(n: int) -> dict[str, int]:
             async with rate:
                 response = await asyncio.wait_for(client.get(f"/items/{n}"), TIMEOUT)
