@@ -10,6 +10,7 @@ from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStats as BatcherStats
 from ._errors import CorralError as CorralError
 from ._errors import FlushError as FlushError
+from ._errors import JobCancelled as JobCancelled
 from ._errors import PoolClosed as PoolClosed
 from ._errors import QueueFull as QueueFull
 from ._helpers import ApplyToEach as ApplyToEach
@@ -38,6 +39,7 @@ __all__ = [
     "CorralError",
     "FlushError",
     "Job",
+    "JobCancelled",
     "Middleware",
     "Outcome",
     "Outcomes",

@@ -26,7 +26,14 @@ from typing import Any
 
 import anyio
 
-__all__ = ["CorralError", "FlushError", "PoolClosed", "QueueFull", "attempt_timed_out"]
+__all__ = [
+    "CorralError",
+    "FlushError",
+    "JobCancelled",
+    "PoolClosed",
+    "QueueFull",
+    "attempt_timed_out",
+]
 
 
 class CorralError(Exception):
@@ -60,6 +67,11 @@ class PoolClosed(CorralError, anyio.ClosedResourceError):
 
     It is an :class:`anyio.ClosedResourceError`.
     """
+
+
+class JobCancelled(CorralError):
+    """The error of an item whose job was cancelled by :meth:`Job.cancel`: it
+    never started, or its running attempt was cancelled (and not retried)."""
 
 
 class FlushError(CorralError):

@@ -316,11 +316,20 @@ class TokenBucket(_FairLimiter):
     down), and ``burst + rate * t / per`` holds; for a rate that is not a
     whole number, "never more than ``rate``" means its next whole number.
 
+    A quota admits ``acquire(cost=k)`` for any ``k`` up to ``rate`` (a batch
+    of that many rows): when the schedule reaches now, and the schedule then
+    moves ``k`` spacings ahead, so the long-run rate holds whatever the costs.
+    Any ``per`` seconds then hold at most ``rate`` plus the cost of one
+    admission (with costs that vary; a :class:`SlidingWindow` is exact).
+    ``TokenBucket(100)`` admits a cost of 50 at once and the next one 0.505 s
+    later. With ``burst=k`` a cost is at most ``k``.
+
     Implemented as GCRA: one timestamp, O(1) per call, no refill task. Use it
     with :meth:`acquire` (first come, first served; a ``cost`` of at most
-    ``burst``), :meth:`acquire_nowait`, :meth:`pause` and :attr:`waiting`, or
-    as a :class:`~corral.Middleware`: as ``rate_limit=`` it sees every
-    attempt, in ``middleware=[...]`` each item once.
+    ``burst``, or ``rate`` as a quota), :meth:`acquire_nowait`, :meth:`pause`
+    and :attr:`waiting`, or as a :class:`~corral.Middleware`: as
+    ``rate_limit=`` it sees every attempt, in ``middleware=[...]`` each item
+    once.
 
     >>> limiter = TokenBucket(5, per=1.0, burst=2)
     """
@@ -341,6 +350,7 @@ class TokenBucket(_FairLimiter):
         self._spent = 0  # tokens admitted since the anchor
         self._quota = burst is None
         self.burst: int = 1
+        self._capacity = 0
         if burst is None:
             self._set_slack(_slack(self.per), self.rate)
         else:
@@ -358,7 +368,10 @@ class TokenBucket(_FairLimiter):
         self._interval = (self.per + slack + margin) / rate
         self._early = 0
         self._behind = slack
-        self.burst = self._capacity = 1 + math.floor(slack / self._interval)
+        self.burst = 1 + math.floor(slack / self._interval)
+        # a cost of up to the rate (a batch of that many rows); it never
+        # shrinks when an AdaptiveRate's rate goes down
+        self._capacity = max(self._capacity, self.burst, math.floor(rate))
 
     def __repr__(self) -> str:
         burst = "" if self._quota else f", burst={self.burst}"
@@ -371,8 +384,16 @@ class TokenBucket(_FairLimiter):
 
     def _ready_at(self, cost: int, now: float) -> float:
         if self._idle(now):
-            return now  # cost <= burst: a full bucket admits it at once
-        ahead = self._spent + cost - 1 - self._early  # intervals beyond the tolerance
+            return now  # a full bucket admits any cost it takes at once
+        # intervals beyond the tolerance: a cost is due when its last token is,
+        # within the burst; beyond it (as a quota: all but its first token) it
+        # is due when the schedule reaches now, and _admit then moves the
+        # schedule the whole cost ahead. Were the rest due first, a quota's
+        # wait would outlast _behind, and the bucket would restart from its
+        # admission as if idle: every large cost would be paid twice.
+        ahead = self._spent - self._early
+        if cost != 1:
+            ahead += min(cost - 1, self._early)
         if ahead <= 0:
             return self._anchor  # due at or before the anchor, a past admission
         # rounded up, so that no admission comes before its exact time

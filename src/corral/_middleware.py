@@ -23,7 +23,7 @@ import attrs
 from ._adaptive import AdaptiveRate
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
-from ._limits import SlidingWindow, TokenBucket
+from ._limits import SlidingWindow, TokenBucket, check_cost
 from ._retry import Retry, read_retry_after, retry_after_of
 from ._threads import Holds, Threads, holds_of_attempt
 from ._validate import check_number
@@ -132,8 +132,13 @@ def check_middleware(
     limiter: object,
     timeout: object,
     middleware: object,
+    cost: object = None,
 ) -> Layers:
-    """Validate the middleware options of a pool or helper, naming the parameter."""
+    """Validate the middleware options of a pool or helper, naming the parameter.
+
+    ``cost``: None (each attempt costs the rate limiter 1), or a plain
+    function of the item giving what ``rate_limit.acquire(cost)`` is asked.
+    """
     if retry is not None and not isinstance(retry, Retry):
         raise TypeError(f"retry must be a corral.Retry or None, got {retry!r}")
     if rate_limit is not None and not callable(getattr(rate_limit, "acquire", None)):
@@ -149,7 +154,21 @@ def check_middleware(
             f"manager), got {limiter!r}"
         )
     layers = _check_layers(middleware)
-    return Layers(retry, rate_limit, limiter, _check_timeout(timeout), layers)  # type: ignore[arg-type]
+    _check_cost_function(cost)
+    return Layers(
+        retry,
+        rate_limit,  # type: ignore[arg-type]
+        limiter,
+        _check_timeout(timeout),
+        layers,
+        cost,  # type: ignore[arg-type]
+    )
+
+
+def _check_cost_function(cost: object) -> None:
+    check_callable("cost", cost, optional=True)
+    if cost is not None and is_async_callable(cost):
+        raise TypeError(f"cost must be a plain function returning an int, got {cost!r}")
 
 
 def _check_timeout(timeout: object) -> Timeout | None:
@@ -185,6 +204,7 @@ class Layers:
     limiter: Any
     timeout: Timeout | None
     middleware: tuple[Middleware, ...]
+    cost: Callable[[Any], int] | None = None  # what an attempt costs the rate limiter
 
     @property
     def configured(self) -> bool:
@@ -236,6 +256,7 @@ class Layers:
             middleware=self.middleware,
             clock=clock,
             threaded=threads is not None and threads.abandonable,
+            cost=self.cost,
         )
 
 
@@ -257,6 +278,7 @@ def build_chain(
     middleware: Sequence[Middleware] = (),
     clock: Callable[[], float] = anyio.current_time,
     threaded: bool = False,
+    cost: Callable[[Any], int] | None = None,
 ) -> Call:
     """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
     when nothing is configured. ``clock`` is the running loop's clock (what
@@ -265,13 +287,16 @@ def build_chain(
     ``threaded``: ``call`` is a :class:`~corral._threads.Threads` caller, which
     keeps the per-attempt timeout itself (pass ``timeout=None``); a capacity
     limiter's token then stays held until the attempt's thread ends.
+
+    ``cost``: a function of the item, giving the units every attempt asks
+    ``rate_limit`` for (None: 1).
     """
     chain = call
     if timeout is not None:
         chain = _with_timeout(chain, timeout.seconds, clock)
     if rate_limit is not None:
         where = retry.retry_after if retry is not None and retry.retry_after else retry_after_of
-        chain = _with_rate_limit(chain, rate_limit, clock, where)
+        chain = _with_rate_limit(chain, rate_limit, clock, where, cost)
     if limiter is not None:
         chain = _with_limiter(chain, limiter, threaded)
     if retry is not None:
@@ -310,35 +335,36 @@ RetryAfterReader = Callable[[Exception], object]
 
 
 def _with_rate_limit(
-    call_next: Call, rate_limit: RateLimiter, clock: Callable[[], float], where: RetryAfterReader
+    call_next: Call,
+    rate_limit: RateLimiter,
+    clock: Callable[[], float],
+    where: RetryAfterReader,
+    cost: Callable[[Any], int] | None = None,
 ) -> Call:
-    """The rate limiter's layer: an admission per attempt, and a failed
-    attempt's Retry-After (read by ``where``) pauses the limiter, so that every
-    worker sharing it slows down, not only the one that was told to."""
+    """The rate limiter's layer: an admission per attempt (of ``cost(item)``
+    units if ``cost`` is given, else 1), and a failed attempt's Retry-After
+    (read by ``where``) pauses the limiter, so that every worker sharing it
+    slows down, not only the one that was told to.
+
+    A ``cost`` that raises, or that the limiter refuses, fails the attempt
+    with that error; a cost above what the limiter admits at once is taken
+    in parts (see :func:`_acquire_cost`)."""
     if isinstance(rate_limit, AdaptiveRate):
-        return _with_adaptive_rate(call_next, rate_limit, clock, where)
-    acquire = rate_limit.acquire
+        return _with_adaptive_rate(call_next, rate_limit, clock, where, cost)
     if type(rate_limit) in (SlidingWindow, TokenBucket):  # ours, not a subclass
-        own = cast("SlidingWindow | TokenBucket", rate_limit)
-        admit_at, failed = own._admit_at, own._failed
-
-        async def rate_limited_own(item: Any) -> Any:
-            if not admit_at(1, clock()):
-                await acquire()
-            try:
-                return await call_next(item)
-            except Exception as error:
-                failed(error, read_retry_after(error, where))
-                raise
-
-        return rate_limited_own
+        return _with_own_limiter(
+            call_next, cast("SlidingWindow | TokenBucket", rate_limit), clock, where, cost
+        )
+    acquire = rate_limit.acquire
     acquire_nowait = getattr(rate_limit, "acquire_nowait", None)
     if not callable(acquire_nowait):
         acquire_nowait = None
     pause = getattr(rate_limit, "pause", None)
 
     async def rate_limited(item: Any) -> Any:
-        if acquire_nowait is None:
+        if cost is not None:
+            await _acquire_cost(rate_limit, cost(item), None)
+        elif acquire_nowait is None:
             await acquire()
         else:
             try:
@@ -357,6 +383,57 @@ def _with_rate_limit(
     return rate_limited
 
 
+async def _acquire_cost(
+    limiter: Any, units: int, admit_at: Callable[[int, float], bool] | None, now: float = 0.0
+) -> None:
+    """Acquire ``units`` from ``limiter``: at once if ``admit_at(units, now)``
+    admits them, else by waiting. A cost above what the limiter admits at once
+    (its ``burst``, or a quota's rate) is taken in parts of that size, one
+    after the other, so that "500 rows per second" holds for a batch of any
+    size instead of refusing it."""
+    most = getattr(limiter, "_capacity", None) or getattr(limiter, "burst", None)
+    if isinstance(most, int) and not isinstance(units, bool) and isinstance(units, int):
+        while units > most >= 1:
+            await limiter.acquire(most)
+            units -= most
+            admit_at = None  # waited: the clock read before is stale
+    if admit_at is None or not admit_at(units, now):
+        check_cost(units, 2**62, limiter)  # admit_at does not check what it is given
+        await limiter.acquire(units)
+
+
+def _with_own_limiter(
+    call_next: Call,
+    own: SlidingWindow | TokenBucket,
+    clock: Callable[[], float],
+    where: RetryAfterReader,
+    cost: Callable[[Any], int] | None,
+) -> Call:
+    """:func:`_with_rate_limit` for corral's own limiters: no exception and no
+    clock lookup when an admission needs no waiting."""
+    admit_at, acquire, failed = own._admit_at, own.acquire, own._failed
+
+    async def rate_limited_own(item: Any) -> Any:
+        if cost is not None:
+            await _acquire_cost(own, _checked(cost(item)), admit_at, clock())
+        elif not admit_at(1, clock()):
+            await acquire()
+        try:
+            return await call_next(item)
+        except Exception as error:
+            failed(error, read_retry_after(error, where))
+            raise
+
+    return rate_limited_own
+
+
+def _checked(units: int) -> int:
+    """A cost from a ``cost`` function, refused unless a positive int (before
+    an own limiter's ``_admit_at``, which does not check)."""
+    check_cost(units, 2**62, None)
+    return units
+
+
 async def pause_limiter(pause: Callable[[float], object], seconds: float) -> None:
     """Call a third-party limiter's ``pause(seconds)`` (awaited if it is a
     coroutine, as a shared limiter's round trip is). If it fails, the attempt's
@@ -370,7 +447,11 @@ async def pause_limiter(pause: Callable[[float], object], seconds: float) -> Non
 
 
 def _with_adaptive_rate(
-    call_next: Call, rate: AdaptiveRate, clock: Callable[[], float], where: RetryAfterReader
+    call_next: Call,
+    rate: AdaptiveRate,
+    clock: Callable[[], float],
+    where: RetryAfterReader,
+    cost: Callable[[Any], int] | None = None,
 ) -> Call:
     """As :func:`_with_rate_limit`, and the limiter hears how every attempt it
     admitted ended, with the time it was admitted."""
@@ -378,7 +459,10 @@ def _with_adaptive_rate(
 
     async def rate_limited_adaptive(item: Any) -> Any:
         admitted_at = clock()
-        if not admit_at(1, admitted_at):
+        if cost is not None:
+            await _acquire_cost(rate, _checked(cost(item)), admit_at, admitted_at)
+            admitted_at = clock()
+        elif not admit_at(1, admitted_at):
             await acquire()
             admitted_at = clock()
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 import attrs
@@ -92,6 +92,12 @@ def _make_outcome(
     return outcome
 
 
+class _Owner(Protocol):
+    """What a job's pool or batcher does for :meth:`Job.cancel`."""
+
+    def _cancel_job(self, job: Job[Any, Any], /) -> bool: ...
+
+
 class Job(Generic[T, R]):
     """Handle on one item submitted to a :class:`Pool`.
 
@@ -101,15 +107,16 @@ class Job(Generic[T, R]):
     somebody awaits :meth:`wait` before the outcome exists.
     """
 
-    __slots__ = ("_ended", "_event", "_outcome", "id", "index", "item")
+    __slots__ = ("_ended", "_event", "_outcome", "_owner", "id", "index", "item")
 
-    def __init__(self, item: T, index: int, id: Hashable) -> None:
+    def __init__(self, item: T, index: int, id: Hashable, owner: _Owner | None = None) -> None:
         self.item: T = item
         self.index: int = index
         self.id: Hashable = id
         self._outcome: Outcome[T, R] | None = None
         self._event: anyio.Event | None = None
         self._ended = False  # True once the job can no longer get an outcome
+        self._owner = owner  # the pool or batcher that can cancel it
 
     @property
     def done(self) -> bool:
@@ -144,6 +151,22 @@ class Job(Generic[T, R]):
                 "had an outcome (see pool.unfinished)"
             )
         return self._outcome
+
+    def cancel(self) -> bool:
+        """Cancel the item: a queued item never starts; a running one's attempt
+        is cancelled at its next checkpoint and not retried (a plain handler's
+        thread cannot be interrupted: its call runs to its end, and its result
+        is dropped). Either way the outcome's ``error`` is a
+        :class:`~corral.JobCancelled`, recorded at once for a queued item and
+        when the attempt has stopped for a running one.
+
+        Returns True if the job was cancelled, False if it already had its
+        outcome (or ended unfinished, or is already being cancelled). Not a
+        checkpoint; safe to call from any task of the event loop.
+        """
+        if self._outcome is not None or self._ended or self._owner is None:
+            return False
+        return self._owner._cancel_job(self)
 
     def _abandon(self) -> None:
         """Mark the job unfinished for good and wake its waiters."""
