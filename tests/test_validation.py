@@ -158,8 +158,11 @@ def _good_options() -> dict[str, dict[str, Any]]:
             "concurrency": 1,
             "max_pending": 20,
             "dedupe_key": str,
+            "weight": len,
+            "max_weight": 100,
             "retry": Retry(2),
             "rate_limit": SlidingWindow(10),
+            "cost": len,
             "limiter": anyio.CapacityLimiter(2),
             "timeout": Timeout(1.0),
             "middleware": (),
@@ -192,6 +195,7 @@ def _is_accepted(factory: str, name: str, value: Any) -> bool:
             "dedupe_key",
             "retry",
             "rate_limit",
+            "cost",
             "limiter",
             "timeout",
             "name",
@@ -215,8 +219,8 @@ def _is_accepted(factory: str, name: str, value: Any) -> bool:
         return True  # no ceiling
     if name == "on" and callable(value) and value not in (object, handler):
         return True  # a plain predicate (an async one would always be true)
-    if name == "dedupe_key" and value is object:
-        return True  # callable; it fails at add(), where the item is known
+    if name in ("dedupe_key", "weight", "cost") and value is object:
+        return True  # callable; it fails at add() or at a flush, where the item is known
     if name == "max_wait" and (value == 0 or value == float("inf")):
         return True  # flush at once / only by size and flush()
     if name == "wait_max" and value in (0, float("inf")):

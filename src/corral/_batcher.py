@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
+import numbers
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
@@ -44,11 +46,12 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint
 
-from ._errors import FlushError, PoolClosed, QueueFull
+from ._errors import FlushError, JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
 from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
 from ._middleware import Layers, Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import Observer, ProgressBar, logger_for
+from ._outcome import Job, _make_outcome
 from ._parking import TIMED_OUT, Parking
 from ._retry import Retry
 from ._slots import Slots
@@ -112,9 +115,16 @@ class _Ticket:
         self.traceback = error.__traceback__
         self.event.set()
 
-    def hand_back(self, entry: _Entry[Any], error: BaseException) -> None:
+    def hand_back(self, entry: _Entry[Any], error: BaseException) -> bool:
+        """A failed flush hands the item back: True, the batcher keeps track of
+        it until the caller has seen the error."""
         self.entry = entry
         self.fail(error, HANDED_BACK)
+        return True
+
+    def unflushed(self, error: BaseException) -> None:
+        """The batcher stopped before the item was flushed."""
+        self.fail(error)
 
     def abandon(self) -> bool:
         """The caller was cancelled: True if the item was handed back and must
@@ -133,8 +143,55 @@ class _Ticket:
         return self.result
 
 
-# (seq, item, dedupe key, ticket, added_at). A tuple: one is made per item.
-_Entry: TypeAlias = tuple[int, T, Hashable, _Ticket | None, float]
+class _JobTicket:
+    """A ``submit_nowait`` item's :class:`~corral.Job`: WAITING until its batch
+    is settled, then its Outcome is recorded in the same step (RESOLVED or
+    FAILED: nobody has to resume for it, so nothing is ever handed back). If
+    the batcher stops first, the job ends unfinished."""
+
+    __slots__ = ("clock", "job", "started", "state")
+
+    def __init__(self, job: Job[Any, Any], clock: Callable[[], float]) -> None:
+        self.state = WAITING
+        self.job = job
+        self.clock = clock
+        self.started = clock()
+
+    def _record(self, result: Any, error: BaseException | None) -> None:
+        job = self.job
+        job._outcome = _make_outcome(
+            job.item,
+            job.index,
+            job.id,
+            result,
+            error,  # type: ignore[arg-type]  # an Exception: a flush's error, or ours
+            1,
+            self.clock() - self.started,
+        )
+        if job._event is not None:
+            job._event.set()
+
+    def resolve(self, result: Any) -> None:
+        self.state = RESOLVED
+        self._record(result, None)
+
+    def fail(self, error: BaseException) -> None:
+        self.state = FAILED
+        self._record(None, error)
+
+    def hand_back(self, entry: _Entry[Any], error: BaseException) -> bool:
+        """A failed flush: the job gets the error; the item left the batcher."""
+        self.fail(error)
+        return False
+
+    def unflushed(self, error: BaseException) -> None:
+        self.state = FAILED
+        self.job._abandon()
+
+
+# (seq, item, key, ticket, added_at). A tuple: one is made per item. The key
+# is the dedupe key, or (dedupe key or None, weight) with a weight function.
+_Entry: TypeAlias = tuple[int, T, Hashable, _Ticket | _JobTicket | None, float]
 
 
 class _FlushWaiter:
@@ -158,6 +215,10 @@ class _Config:
     concurrency: int
     max_pending: int
     dedupe_key: Callable[[Any], Hashable] | None
+    weight: Callable[[Any], float] | None
+    max_weight: float  # inf without a weight function
+    keyed: bool  # items need a key: a dedupe_key or a weight
+    dedupe: Callable[[list[Any]], tuple[list[Any], list[int]]] | None  # _dedupe, if any
     layers: Layers
     failure_policy: Retry  # the waits between failed flushes
     give_up_after: int | None  # max_consecutive_failures
@@ -172,8 +233,11 @@ def _configure(
     concurrency: int,
     max_pending: int | None,
     dedupe_key: Callable[[Any], Hashable] | None,
+    weight: Callable[[Any], float] | None,
+    max_weight: float | None,
     retry: Retry | None,
     rate_limit: RateLimiter | None,
+    cost: Callable[[list[Any]], int] | None,
     limiter: anyio.CapacityLimiter | None,
     timeout: float | Timeout | None,
     middleware: Sequence[Middleware],
@@ -187,8 +251,14 @@ def _configure(
     concurrency = check_int("concurrency", concurrency, minimum=1)
     max_pending = _check_max_pending(max_pending, max_size, concurrency)
     _check_dedupe_key(dedupe_key)
+    heaviest = _check_weight(weight, max_weight)
     layers = check_middleware(
-        retry=retry, rate_limit=rate_limit, limiter=limiter, timeout=timeout, middleware=middleware
+        retry=retry,
+        rate_limit=rate_limit,
+        limiter=limiter,
+        timeout=timeout,
+        middleware=middleware,
+        cost=len if cost is None else cost,  # a batch costs its rows by default
     )
     give_up_after = None
     if max_consecutive_failures is not None:
@@ -200,6 +270,10 @@ def _configure(
         concurrency=concurrency,
         max_pending=max_pending,
         dedupe_key=dedupe_key,
+        weight=weight,
+        max_weight=heaviest,
+        keyed=dedupe_key is not None or weight is not None,
+        dedupe=_dedupe_for(dedupe_key, weight),
         layers=layers,
         failure_policy=_failure_policy(layers.retry),
         give_up_after=give_up_after,
@@ -227,6 +301,33 @@ def _check_dedupe_key(dedupe_key: object) -> None:
         )
 
 
+def _check_weight(weight: object, max_weight: object) -> float:
+    """``max_weight`` checked (inf without a weight function)."""
+    check_callable("weight", weight, optional=True)
+    if weight is not None and is_async_callable(weight):
+        raise TypeError(f"weight must be a plain function returning a number, got {weight!r}")
+    if (weight is None) != (max_weight is None):
+        given, missing = (
+            ("weight", "max_weight") if max_weight is None else ("max_weight", "weight")
+        )
+        raise ValueError(
+            f"{given} needs {missing}: weight (a function of an item) and max_weight "
+            f"(the most a batch may weigh) go together"
+        )
+    if max_weight is None:
+        return math.inf
+    check_number("max_weight", max_weight, positive=True)
+    return max_weight  # type: ignore[return-value]  # an int stays exact
+
+
+def _dedupe_for(dedupe_key: object, weight: object) -> Callable[..., Any] | None:
+    """How a batch drops its duplicates, if it does (an entry's key is (dedupe
+    key, weight) with a weight function)."""
+    if dedupe_key is None:
+        return None
+    return _dedupe if weight is None else _dedupe_weighed
+
+
 def _failure_policy(retry: Retry | None) -> Retry:
     """What spaces failed flushes: ``retry`` if it waits at all, else the default."""
     if retry is not None and retry.wait_initial > 0 and retry.wait_max > 0:
@@ -247,6 +348,7 @@ class _Counts:
     failed: int = 0
     backpressure_waits: int = 0
     last_flush_time: float | None = None
+    cancelled: int = 0
 
 
 class _BatcherRun(Run, Generic[T]):
@@ -264,6 +366,7 @@ class _BatcherRun(Run, Generic[T]):
         # so that this is also how many items were ever added
         self.next_seq = next_seq
         self.queue: deque[_Entry[T]] = deque()
+        self.queued_weight: float = 0  # their weight, with a weight function
         self.in_flight: dict[int, list[_Entry[T]]] = {}  # first seq -> the batch
         self.flushing = 0  # items in in_flight
         # room in the queue: queued items, and room granted to an adder that
@@ -294,17 +397,21 @@ class _BatcherRun(Run, Generic[T]):
 class BatcherStats:
     """A snapshot of a batcher's counters (they accumulate over re-entries).
 
-    ``added``: items taken by ``add``, ``add_many`` and ``submit``.
+    ``added``: items taken by ``add``, ``add_many``, ``submit`` and
+    ``submit_nowait``.
     ``queued``: waiting for a flush. ``flushing``: in a flush that is running.
     ``flushes``: successful flush calls (batches). ``flushed``: items handed to
     a flush that succeeded (duplicates dropped by ``dedupe_key`` not counted).
     ``deduped``: duplicates dropped from successful batches.
     ``flush_failures``: flushes that failed after their retry policy.
-    ``failed``: ``submit`` items whose caller got the flush's error (they left
-    the batcher). ``backpressure_waits``: adds that had to wait for room.
+    ``failed``: ``submit`` and ``submit_nowait`` items whose caller or job got
+    the flush's error (they left the batcher), and cancelled jobs.
+    ``backpressure_waits``: adds that had to wait for room.
     ``unflushed``: ``len(batcher.unflushed)`` after the last exit.
     ``last_flush_time``: :func:`anyio.current_time` at the end of the last
-    successful flush, or None.
+    successful flush, or None. ``cancelled``: jobs cancelled by
+    :meth:`Job.cancel` while queued (also counted in ``failed``: their
+    outcome is a :class:`~corral.JobCancelled` error).
 
     Every item added is, at any moment, exactly one of: queued, flushing,
     flushed, deduped, failed, unflushed. All counters accumulate over
@@ -322,20 +429,23 @@ class BatcherStats:
     backpressure_waits: int
     unflushed: int
     last_flush_time: float | None
+    cancelled: int = 0
 
 
 class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
     """A batching stage scoped to an ``async with`` block.
 
-    Items added with :meth:`add`, :meth:`add_many` or :meth:`submit` are
-    collected and handed to ``flush`` as a list of at most ``max_size`` items.
+    Items added with :meth:`add`, :meth:`add_many`, :meth:`submit` or
+    :meth:`submit_nowait` are collected and handed to ``flush`` as a list of
+    at most ``max_size`` items (and at most ``max_weight``, with ``weight``).
     A batch is flushed when it is full, when its oldest item has waited
     ``max_wait`` seconds, or, with ``max_wait=None`` (natural batching), as soon
     as a flusher is free: batches then grow while the sink is slow and shrink
     when it is fast. At most ``concurrency`` flushes run at once. ``flush`` may
     be async or plain (it then runs in a worker thread) and goes through the
     same middleware as a :class:`Pool`'s handler (``retry``, ``limiter``,
-    ``rate_limit``, ``timeout``, ``middleware``), once per batch.
+    ``rate_limit``, ``timeout``, ``middleware``), once per batch; a batch
+    costs ``rate_limit`` one unit per item (see ``cost``).
 
     A flush that fails after its retry policy puts its ``add`` items back in the
     queue ahead of every newer item, in order, and no flush starts again before
@@ -392,8 +502,28 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
     :param dedupe_key: a function of an item; later items with the key of one
         already in the same batch are dropped (counted in ``stats.deduped``)
         and their ``submit`` callers share the first one's result.
+    :param weight: a plain function giving an item's weight (an int or float,
+        >= 0), called once as the item is added; with ``max_weight``, no
+        batch weighs more than ``max_weight`` (``max_size`` still applies).
+        A batch is due at once when it reaches ``max_weight`` or the next
+        queued item would not fit. An item heavier than ``max_weight`` is
+        refused by the call that adds it (``ValueError``); what ``weight``
+        raises propagates from that call; a negative, NaN or non-number
+        weight is a ``ValueError`` or ``TypeError`` there. Nothing is added
+        then. Duplicates that ``dedupe_key`` drops count in their batch's
+        weight. Room (``max_pending``) still counts items.
+    :param max_weight: the most a batch may weigh: a positive number, given
+        together with ``weight``.
     :param retry: a :class:`Retry` policy for each flush.
-    :param rate_limit: a rate limiter acquired once per flush attempt.
+    :param rate_limit: a rate limiter acquired once per flush attempt, for
+        ``cost(batch)`` units: by default the number of items in the batch
+        (after ``dedupe_key``), so ``TokenBucket(500)`` means 500 rows a
+        second.
+    :param cost: a plain function of the batch (the list given to ``flush``)
+        returning the int that each of its flush attempts asks ``rate_limit``
+        for; ``cost=lambda batch: 1`` counts flushes instead of rows. If it
+        raises, or the limiter refuses the cost (more than it can ever admit
+        at once), that attempt fails with the error, as a failed flush.
     :param limiter: an :class:`anyio.CapacityLimiter` held for each flush attempt.
     :param timeout: seconds (or a :class:`Timeout`) per flush attempt.
     :param middleware: user :class:`Middleware`, outermost first; they see each
@@ -428,8 +558,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         concurrency: int = 1,
         max_pending: int | None = None,
         dedupe_key: Callable[[T], Hashable] | None = None,
+        weight: Callable[[T], float] | None = None,
+        max_weight: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
+        cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
@@ -449,8 +582,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         concurrency: int = 1,
         max_pending: int | None = None,
         dedupe_key: Callable[[T], Hashable] | None = None,
+        weight: Callable[[T], float] | None = None,
+        max_weight: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
+        cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
@@ -470,8 +606,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         concurrency: int = 1,
         max_pending: int | None = None,
         dedupe_key: Callable[[T], Hashable] | None = None,
+        weight: Callable[[T], float] | None = None,
+        max_weight: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
+        cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
@@ -491,8 +630,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         concurrency: int = 1,
         max_pending: int | None = None,
         dedupe_key: Callable[[T], Hashable] | None = None,
+        weight: Callable[[T], float] | None = None,
+        max_weight: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
+        cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
@@ -511,8 +653,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         concurrency: int = 1,
         max_pending: int | None = None,
         dedupe_key: Callable[[T], Hashable] | None = None,
+        weight: Callable[[T], float] | None = None,
+        max_weight: float | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
+        cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
@@ -529,8 +674,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             concurrency=concurrency,
             max_pending=max_pending,
             dedupe_key=dedupe_key,
+            weight=weight,
+            max_weight=max_weight,
             retry=retry,
             rate_limit=rate_limit,
+            cost=cost,
             limiter=limiter,
             timeout=timeout,
             middleware=middleware,
@@ -576,6 +724,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             backpressure_waits=counts.backpressure_waits,
             unflushed=len(run.unflushed),
             last_flush_time=counts.last_flush_time,
+            cancelled=counts.cancelled,
         )
 
     @property
@@ -626,6 +775,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             entries.extend(batch)
         entries.sort(key=lambda entry: entry[0])
         run.queue.clear()
+        run.queued_weight = 0
         run.in_flight.clear()
         run.flushing = 0
         run.unflushed = entries
@@ -633,7 +783,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         for entry in entries:
             ticket = entry[3]
             if ticket is not None and ticket.state is WAITING:
-                ticket.fail(self._not_flushed_error())
+                ticket.unflushed(self._not_flushed_error())  # a job ends unfinished
         waiters, run.flush_waiters = run.flush_waiters, []
         for waiter in waiters:
             waiter.error = self._not_flushed_error()
@@ -691,15 +841,21 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             call waited for room.
         :raises TypeError: ``dedupe_key`` returned an unhashable key (whatever
             ``dedupe_key`` raises propagates too).
+        :raises ValueError: the item is heavier than ``max_weight`` (see
+            ``weight`` for a weight that is not a number >= 0).
         """
         await checkpoint()
         if self._state is not RUNNING:
             raise self._closed_error()
-        key = None if self._config.dedupe_key is None else self._key(item)
+        config = self._config
+        key = None if not config.keyed else self._key(item)
         run = self._run
         if not run.slots.take_nowait(1):
             await self._wait_for_room(run, 1)
-        self._append(run, item, key, None)
+        if config.weight is None:
+            self._append(run, item, key, None)
+        else:
+            self._append_weighed(run, item, key, None)
 
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
@@ -711,12 +867,19 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             waiting for room.
         :raises PoolClosed: the batcher is not running.
         :raises TypeError: ``dedupe_key`` returned an unhashable key.
+        :raises ValueError: the item is heavier than ``max_weight``.
         """
         if self._state is not RUNNING:
             raise self._closed_error()
-        # a bad dedupe key is refused before the room is looked at, as by add()
+        # a bad dedupe key or weight is refused before the room is looked at,
+        # as by add()
         config = self._config
-        key = None if config.dedupe_key is None else self._key(item)
+        key = None
+        if config.keyed:
+            if config.weight is not None:
+                self._put_nowait(item, None)
+                return
+            key = self._key(item)
         run = self._run
         slots = run.slots
         # Slots.take_nowait(1), inlined: the call would cost 13% of add_nowait
@@ -748,6 +911,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             call waited for room.
         :raises TypeError: ``items`` is not an iterable (or is a ``str`` or
             ``bytes``), or ``dedupe_key`` returned an unhashable key.
+        :raises ValueError: one of them is heavier than ``max_weight``.
         """
         batch = _as_list(items)
         await checkpoint()
@@ -759,8 +923,9 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run = self._run
         if not run.slots.take_nowait(len(batch)):
             await self._wait_for_room(run, len(batch))
+        append = self._append if self._config.weight is None else self._append_weighed
         for item, key in zip(batch, keys, strict=True):
-            self._append(run, item, key, None)
+            append(run, item, key, None)
 
     async def submit(self, item: T) -> R:
         """Add ``item`` and wait for its result: its element of the sequence that
@@ -777,6 +942,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         :raises PoolClosed: the batcher is not running, or it stopped before the
             item was flushed (the item is in :attr:`unflushed`).
         :raises TypeError: ``dedupe_key`` returned an unhashable key.
+        :raises ValueError: the item is heavier than ``max_weight``.
         :raises Exception: whatever ``flush`` raised for this item's batch after
             its retry policy gave up (the item then leaves the batcher; the
             ``add`` items of that batch are queued again).
@@ -784,15 +950,93 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         await checkpoint()
         if self._state is not RUNNING:
             raise self._closed_error()
-        key = None if self._config.dedupe_key is None else self._key(item)
+        config = self._config
+        key = None if not config.keyed else self._key(item)
         run = self._run
         ticket = _Ticket()
         run.submitted = True
         if not run.slots.take_nowait(1):
             await self._wait_for_room(run, 1)
-        self._append(run, item, key, ticket)
+        if config.weight is None:
+            self._append(run, item, key, ticket)
+        else:
+            self._append_weighed(run, item, key, ticket)
         result: R = await self._outcome(run, ticket)
         return result
+
+    def submit_nowait(self, item: T) -> Job[T, R]:
+        """Add ``item`` without waiting, or raise, and return its
+        :class:`~corral.Job`.
+
+        Never waits and is not a checkpoint; refuses like :meth:`add_nowait`.
+        ``await job.wait()`` gives the item's :class:`~corral.Outcome`: its
+        ``result`` is what :meth:`submit` would return (an error if ``flush``
+        did not return one result per item), or its ``error`` is what the
+        flush of its batch raised after its retry policy (the item then leaves
+        the batcher; counted in ``stats.failed``). ``index`` and ``id`` count
+        the batcher's items from 0, ``attempts`` is 1 (a batch's retries are
+        not counted per item) and ``elapsed`` runs from this call. If the
+        batcher stops before the item is flushed, the job ends unfinished
+        (``wait()`` raises :class:`PoolClosed`) and the item is in
+        :attr:`unflushed`. :meth:`Job.cancel` takes a queued item out (see
+        :meth:`_cancel_job`).
+
+        :raises QueueFull: ``max_pending`` items are queued, or adders are
+            waiting for room.
+        :raises PoolClosed: the batcher is not running.
+        :raises TypeError: ``dedupe_key`` returned an unhashable key.
+        :raises ValueError: the item is heavier than ``max_weight``.
+        """
+        if self._state is not RUNNING:
+            raise self._closed_error()
+        job = self._put_nowait(item, self)
+        assert job is not None
+        return job
+
+    def _put_nowait(self, item: T, owner: Batcher[T, R] | None) -> Job[T, R] | None:
+        """Queue ``item`` at once, as :meth:`add_nowait` does, with a job owned
+        by ``owner`` (its :meth:`submit_nowait`) if given."""
+        config = self._config
+        key = None if not config.keyed else self._key(item)
+        run = self._run
+        if not run.slots.take_nowait(1):  # the rule add_nowait inlines
+            raise QueueFull(f"{self!r} has max_pending={config.max_pending} items queued")
+        job: Job[T, R] | None = None
+        ticket = None
+        if owner is not None:
+            job = Job(item, run.next_seq, run.next_seq, owner)
+            ticket = _JobTicket(job, run.clock)
+            run.submitted = True
+        if config.weight is None:
+            self._append(run, item, key, ticket)
+        else:
+            self._append_weighed(run, item, key, ticket)
+        return job
+
+    def _cancel_job(self, job: Job[Any, Any]) -> bool:
+        """:meth:`Job.cancel` of a :meth:`submit_nowait` item: if it is still
+        queued, it leaves the queue (its room is given back) and its job gets
+        a :class:`~corral.JobCancelled` error now: True. If its batch is in
+        flight, False: a batch is not split, the item's outcome comes with
+        its batch's."""
+        run = self._run
+        queue = run.queue
+        at = _position(queue, job)
+        if at is None:
+            return False
+        entry = queue[at]
+        ticket = entry[3]
+        assert isinstance(ticket, _JobTicket)
+        del queue[at]
+        if self._config.weight is not None:
+            run.queued_weight = run.queued_weight - entry[2][1] if queue else 0  # type: ignore[index]
+        run.slots.release(1)
+        self._counts.cancelled += 1
+        self._counts.failed += 1
+        ticket.fail(JobCancelled(f"job {job.id!r} was cancelled"))
+        if run.flush_waiters:
+            self._settle_flush_waiters(run)
+        return True
 
     async def flush(self) -> None:
         """Flush everything added before this call without waiting for
@@ -844,21 +1088,38 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         return ticket.outcome()
 
     def _key(self, item: T) -> Hashable:
-        """``dedupe_key(item)``, checked to be hashable (only with a dedupe_key)."""
-        dedupe_key = self._config.dedupe_key
-        assert dedupe_key is not None
-        key = dedupe_key(item)
-        try:
-            hash(key)
-        except TypeError:
-            raise TypeError(
-                f"dedupe_key must return a hashable key, got {key!r} for {item!r}"
-            ) from None
-        return key
+        """The key of an item's entry, checked: ``dedupe_key(item)``, or with a
+        weight function (dedupe key or None, weight). Only for a keyed batcher."""
+        config = self._config
+        dedupe_key = config.dedupe_key
+        key = None
+        if dedupe_key is not None:
+            key = dedupe_key(item)
+            try:
+                hash(key)
+            except TypeError:
+                raise TypeError(
+                    f"dedupe_key must return a hashable key, got {key!r} for {item!r}"
+                ) from None
+        if config.weight is None:
+            return key
+        return key, self._weigh(item)
+
+    def _weigh(self, item: T) -> float:
+        """``weight(item)``, checked: a number >= 0, at most ``max_weight``."""
+        config = self._config
+        assert config.weight is not None
+        weight = _checked_weight(config.weight(item), item)
+        if weight > config.max_weight:
+            raise ValueError(
+                f"{item!r} weighs {weight!r}, more than max_weight={config.max_weight!r}: "
+                "it fits in no batch"
+            )
+        return weight
 
     def _keys(self, batch: list[T]) -> list[Hashable]:
-        """The dedupe key of each item (None with no dedupe_key)."""
-        if self._config.dedupe_key is None:
+        """The key of each item (None for an unkeyed batcher)."""
+        if not self._config.keyed:
             return [None] * len(batch)
         return list(map(self._key, batch))
 
@@ -869,7 +1130,9 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if not await run.slots.take(need):
             raise self._closed_error()
 
-    def _append(self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | None) -> None:
+    def _append(
+        self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | _JobTicket | None
+    ) -> None:
         """Queue an item (its room is taken); wake a parked flusher if its
         decision may change: the queue was empty (flush it at once, or arm the
         age timer), or it is a full batch."""
@@ -883,6 +1146,16 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             size = len(queue)
             if size == 1 or size >= config.max_size:
                 parking.unpark()
+
+    def _append_weighed(
+        self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | _JobTicket | None
+    ) -> None:
+        """:meth:`_append` with a weight function (``key`` holds the weight): a
+        parked flusher is also woken when the queue reaches ``max_weight``."""
+        run.queued_weight += key[1]  # type: ignore[index]
+        self._append(run, item, key, ticket)
+        if run.queued_weight >= self._config.max_weight:
+            self._kick(run)
 
     def _make_room(self) -> None:
         """An adder waits for room: what is queued is due now, whatever its age,
@@ -904,6 +1177,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if not entries:
             return
         run.slots.force(len(entries))
+        self._weigh_in(run, entries)
         queue = run.queue
         if not queue or entries[-1][0] < queue[0][0]:
             queue.extendleft(reversed(entries))  # the usual case: all at the front
@@ -912,6 +1186,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             queue.clear()
             queue.extend(merged)
         self._kick(run)
+
+    def _weigh_in(self, run: _BatcherRun[T], entries: list[_Entry[T]]) -> None:
+        """Entries come back into the queue: so does their weight (if weighed)."""
+        if self._config.weight is not None:
+            run.queued_weight += sum(entry[2][1] for entry in entries)  # type: ignore[index]
 
     def _handed_back_seen(self, run: _BatcherRun[T], ticket: _Ticket) -> None:
         """A submit caller resumed to see the error its item was handed back with."""
@@ -976,14 +1255,14 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         item): what it needs is inlined, each call here costs about 1%.
         """
         chain = run.chain
-        dedupe = self._config.dedupe_key is not None
+        dedupe = self._config.dedupe
         natural = self._config.max_wait is None
         cancelled = anyio.get_cancelled_exc_class()
         batch = await self._next_batch(run)
         while batch is not None:
             positions: list[int] | None = None
-            if dedupe:
-                items, positions = _dedupe(batch)
+            if dedupe is not None:
+                items, positions = dedupe(batch)
             else:
                 items = [entry[1] for entry in batch]
             final = self._state is not RUNNING  # started after the block ended
@@ -1021,18 +1300,21 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     def _due_at(self, run: _BatcherRun[T], fired_for: int) -> float:
         """When the batch at the head of the (non-empty) queue is due: -inf if
-        it is due now whatever the time (natural batching, a full batch, exit,
+        it is due now whatever the time (natural batching, a full batch (by
+        size, or by weight: it reaches max_weight or the next would not fit), exit,
         :meth:`flush`, making room, or the age timer fired for its head entry),
         else when its oldest item has waited ``max_wait``."""
         queue = run.queue
-        max_wait = self._config.max_wait
+        config = self._config
+        max_wait = config.max_wait
         head_seq = queue[0][0]
         if (
             max_wait is None
-            or len(queue) >= self._config.max_size
+            or len(queue) >= config.max_size
             or self._state is not RUNNING
             or head_seq < run.flush_target
             or head_seq <= fired_for
+            or run.queued_weight >= config.max_weight  # 0 >= inf without weight
         ):
             return -math.inf
         return queue[0][4] + max_wait
@@ -1077,9 +1359,11 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
                 run.sleepers.discard(scope)
 
     def _cut(self, run: _BatcherRun[T]) -> list[_Entry[T]]:
-        """Take the next batch off the queue (at most ``max_size`` entries)."""
+        """Take the next batch off the queue (at most ``max_size`` entries, and
+        ``max_weight`` with a weight function)."""
         queue = run.queue
-        max_size = self._config.max_size
+        config = self._config
+        max_size = config.max_size if config.weight is None else self._fitting(run)
         if len(queue) <= max_size:
             batch = list(queue)
             queue.clear()
@@ -1095,6 +1379,26 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if queue:
             self._kick(run)  # another parked flusher: flush or time what is left
         return batch
+
+    def _fitting(self, run: _BatcherRun[T]) -> int:
+        """How many entries at the head of the queue make the next batch (at
+        most ``max_size``, weighing at most ``max_weight``); their weight leaves
+        the queue's. The first always fits: no item weighs more."""
+        config = self._config
+        max_weight = config.max_weight
+        count = 0
+        total: float = 0
+        for entry in itertools.islice(run.queue, config.max_size):
+            weight = entry[2][1]  # type: ignore[index]
+            if count and total + weight > max_weight:
+                break
+            total += weight
+            count += 1
+        if count == len(run.queue):
+            run.queued_weight = 0  # no rounding left behind
+        else:
+            run.queued_weight -= total
+        return count
 
     def _flushed(
         self,
@@ -1161,8 +1465,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
                 kept.append(entry)
             else:
                 self._counts.failed += 1
-                run.handed_back.add(entry[0])
-                ticket.hand_back(entry, error)
+                if ticket.hand_back(entry, error):  # a job has its outcome now
+                    run.handed_back.add(entry[0])
         return kept
 
     def _halt(self, run: _BatcherRun[T], error: Exception, final: bool) -> None:
@@ -1249,7 +1553,9 @@ def _results(result: Any, size: int) -> tuple[Any, str | None]:
         return None, f"flush's result has no usable length: {error!r}"
 
 
-def _give_result(ticket: _Ticket, results: Any, position: int, problem: str | None) -> str | None:
+def _give_result(
+    ticket: _Ticket | _JobTicket, results: Any, position: int, problem: str | None
+) -> str | None:
     """Resolve ``ticket`` with its result, or fail it with a ValueError if the
     results have a ``problem`` (or have one now: then the callers after it
     get the same)."""
@@ -1285,6 +1591,47 @@ def _batcher_progress(stats: BatcherStats) -> tuple[int, dict[str, int]]:
     """What a progress bar shows of a batcher: items done, batches, failed flushes."""
     done = stats.flushed + stats.deduped + stats.failed
     return done, {"batches": stats.flushes, "failed flushes": stats.flush_failures}
+
+
+def _checked_weight(weight: Any, item: object) -> float:
+    """What ``weight(item)`` returned, if it is a number >= 0 (as a float
+    unless it is an int or a float)."""
+    kind = type(weight)
+    if kind is not int and kind is not float:
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+            raise TypeError(f"weight must return a number, got {weight!r} for {item!r}")
+        weight = float(weight)
+    if not weight >= 0:  # negative, or NaN
+        raise ValueError(f"weight must return a number >= 0, got {weight!r} for {item!r}")
+    return weight  # type: ignore[no-any-return]
+
+
+def _seq_of(entry: _Entry[Any]) -> int:
+    return entry[0]
+
+
+def _position(queue: deque[_Entry[T]], job: Job[Any, Any]) -> int | None:
+    """Where ``job``'s entry is in the queue (in seq order), if it is there."""
+    at = bisect.bisect_left(queue, job.index, key=_seq_of)
+    if at == len(queue):
+        return None
+    ticket = queue[at][3]
+    return at if isinstance(ticket, _JobTicket) and ticket.job is job else None
+
+
+def _dedupe_weighed(batch: list[_Entry[T]]) -> tuple[list[T], list[int]]:
+    """:func:`_dedupe` for entries whose key is (dedupe key, weight)."""
+    items: list[T] = []
+    positions: list[int] = []
+    first: dict[Hashable, int] = {}
+    for entry in batch:
+        key = entry[2][0]  # type: ignore[index]
+        position = first.get(key)
+        if position is None:
+            position = first[key] = len(items)
+            items.append(entry[1])
+        positions.append(position)
+    return items, positions
 
 
 def _dedupe(batch: list[_Entry[T]]) -> tuple[list[T], list[int]]:
