@@ -1,7 +1,8 @@
 """Many more random-cancellation trials than the test suite runs: ``nox -s chaos``.
 
 Runs the seeded scenarios of ``test_contract_accounting.py`` (a pool, a pool with
-retry/timeout/limiters, a batcher; random sizes, producers, failures, hangs, and
+retry/timeout/limiters, a pool with priorities, keys, resizes, pauses and job
+cancellations, a batcher; random sizes, producers, failures, hangs, and
 cancellation at a random moment) for ``--cases`` seeds on each backend, and
 prints how many cases ran and how many broke an invariant (an item lost,
 doubled, both finished and unfinished, out of order, or a task left running).
@@ -29,9 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     async def layered(seed: int) -> None:
         await trial(seed, layered=True)
 
+    async def scheduled(seed: int) -> None:
+        await trial(seed, scheduled=True)
+
     scenarios: dict[str, Callable[[int], Awaitable[None]]] = {
         "pool": trial,
         "pool+middleware": layered,
+        "pool+scheduling": scheduled,
         "batcher": batcher_trial,
     }
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -13,6 +13,8 @@ import pytest
 from corral import (
     Batcher,
     FlushError,
+    Job,
+    JobCancelled,
     Outcome,
     Pool,
     PoolClosed,
@@ -204,9 +206,11 @@ async def test_apply_to_each_second_consumer_is_refused() -> None:
     assert len(rest) == 2
 
 
-async def trial(seed: int, *, layered: bool = False) -> None:
+async def trial(seed: int, *, layered: bool = False, scheduled: bool = False) -> None:
     """One random scenario; asserts the accounting invariant. ``layered`` adds
-    random retry, timeout, rate limit and capacity limit."""
+    random retry, timeout, rate limit and capacity limit; ``scheduled`` adds
+    priorities, keys (a key function that sometimes raises), and a task that
+    resizes, pauses, resumes and cancels jobs at random moments."""
     rng = random.Random(seed)
     seen: list[Outcome[int, int]] = []
     returned: list[int] = []  # in the order the submits returned = submission order
@@ -235,6 +239,9 @@ async def trial(seed: int, *, layered: bool = False) -> None:
             )
         if rng.random() < 0.5:
             options["limiter"] = anyio.CapacityLimiter(rng.randrange(1, 3))
+    if scheduled and rng.random() < 0.6:
+        options["key"] = _chaos_key
+        options["per_key"] = rng.choice([1, 2])
     pool = Pool(
         handler,
         workers=rng.choice([1, 2, 4]),
@@ -243,21 +250,39 @@ async def trial(seed: int, *, layered: bool = False) -> None:
         **options,
     )
     counter = iter(range(10**9))
+    jobs: list[Job[int, int]] = []
+    cancelled: list[Job[int, int]] = []
 
     async def producer(n: int) -> None:
         for _ in range(n):
             x = next(counter)
+            priority = rng.choice([0, 0, -1, 2.5]) if scheduled else 0
             with anyio.CancelScope() as scope:
                 if rng.random() < 0.2:
                     scope.deadline = anyio.current_time() + rng.random() * 0.001
                 try:
                     if rng.random() < 0.3:
-                        pool.submit_nowait(x)
+                        jobs.append(pool.submit_nowait(x, priority=priority))
                     else:
-                        await pool.submit(x)
+                        jobs.append(await pool.submit(x, priority=priority))
                 except (QueueFull, PoolClosed):
                     continue
                 returned.append(x)
+
+    async def scheduler(n: int) -> None:
+        for _ in range(n):
+            await anyio.sleep(rng.random() * 0.001)
+            action = rng.random()
+            if action < 0.3:
+                pool.resize(rng.choice([1, 2, 4]))
+            elif action < 0.45:
+                pool.pause()
+            elif action < 0.7:
+                pool.resume()
+            elif jobs:
+                job = rng.choice(jobs)
+                if job.cancel():
+                    cancelled.append(job)
 
     tasks_before = len(anyio.get_running_tasks())
     with anyio.CancelScope() as outer:
@@ -265,7 +290,11 @@ async def trial(seed: int, *, layered: bool = False) -> None:
         async with pool, anyio.create_task_group() as tg:
             for _ in range(rng.choice([1, 2, 3])):
                 tg.start_soon(producer, rng.randrange(1, 30))
+            if scheduled:
+                tg.start_soon(scheduler, rng.randrange(1, 20))
     assert len(anyio.get_running_tasks()) == tasks_before, "a task outlived the pool"
+    for job in cancelled:
+        assert job.outcome is None or isinstance(job.outcome.error, JobCancelled), job.outcome
     done = [o.item for o in seen]
     assert len(done) == len(set(done)), "an item got two outcomes"
     assert set(done).isdisjoint(pool.unfinished), "an item both finished and unfinished"
@@ -286,6 +315,18 @@ async def test_random_cancellation_with_middleware_accounts_for_every_item() -> 
     rate limiter and a capacity limiter in the chain."""
     for seed in range(150):
         await trial(seed, layered=True)
+
+
+async def test_random_cancellation_with_scheduling_accounts_for_every_item() -> None:
+    """The same with priorities, keys, resizes, pauses and job cancellations."""
+    for seed in range(150):
+        await trial(seed, scheduled=True)
+
+
+def _chaos_key(x: int) -> int:
+    if x % 17 == 16:
+        raise LookupError(f"no key for {x}")
+    return x % 3
 
 
 async def test_random_cancellation_of_apply_to_each() -> None:

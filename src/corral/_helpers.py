@@ -19,6 +19,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Hashable,
     Iterable,
     Iterator,
     Sequence,
@@ -194,6 +195,9 @@ async def apply_to_all(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> list[Outcome[T, R]]: ...
 @overload
 async def apply_to_all(
@@ -213,6 +217,9 @@ async def apply_to_all(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> list[Outcome[T, R]]: ...
 async def apply_to_all(
     handler: Callable[[T], Any],
@@ -231,6 +238,9 @@ async def apply_to_all(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> list[Outcome[T, Any]]:
     """Run ``handler`` on every item and return the outcomes in input order.
 
@@ -280,6 +290,9 @@ async def apply_to_all(
         progress=progress,
         on_stats=on_stats,
         stats_interval=stats_interval,
+        key=key,
+        per_key=per_key,
+        cost=cost,
     )
     _check_items(items)
     _count_for_progress(pool, items)
@@ -489,6 +502,9 @@ def apply_to_each(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> ApplyToEach[T, R]: ...
 @overload
 def apply_to_each(
@@ -509,6 +525,9 @@ def apply_to_each(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> ApplyToEach[T, R]: ...
 def apply_to_each(
     handler: Callable[[T], Any],
@@ -528,6 +547,9 @@ def apply_to_each(
     progress: bool | ProgressBar = False,
     on_stats: Callable[[PoolStats], object] | None = None,
     stats_interval: float = 1.0,
+    key: Callable[[T], Hashable] | None = None,
+    per_key: int = 1,
+    cost: Callable[[T], int] | None = None,
 ) -> ApplyToEach[T, Any]:
     """Run ``handler`` on every item; iterate the outcomes as they complete.
 
@@ -586,6 +608,9 @@ def apply_to_each(
         progress=progress,
         on_stats=on_stats,
         stats_interval=stats_interval,
+        key=key,
+        per_key=per_key,
+        cost=cost,
     )
     _check_items(items)
     _count_for_progress(pool, items)

@@ -20,6 +20,8 @@ side exact, and Parking wakes parked workers in a chain (see ``_enqueue``).
 from __future__ import annotations
 
 import contextvars
+import math
+import numbers
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, overload
@@ -29,7 +31,7 @@ import anyio.abc
 import attrs
 from anyio.lowlevel import checkpoint
 
-from ._errors import PoolClosed, QueueFull
+from ._errors import JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
 from ._lifecycle import CLOSED, NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
 from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
@@ -37,7 +39,7 @@ from ._observe import Observer, ProgressBar, logger_for
 from ._outcome import Job, Outcome, _make_outcome
 from ._parking import Parking
 from ._retry import Retry
-from ._scheduling import FifoQueue, WorkerLimit
+from ._scheduling import NO_KEY, Discipline, FifoQueue, ScheduledQueue, WorkerLimit
 from ._slots import Slots
 from ._threads import Threads, holds_of_attempt
 from ._validate import check_bool, check_int, check_optional_str
@@ -67,6 +69,10 @@ def _in_worker_of(pool: Pool[Any, Any]) -> bool:
     return ref is not None and ref() is pool
 
 
+# The default priority. ``submit`` checks any other value; CPython keeps one
+# object for the int 0, so the common case costs one identity test.
+_NO_PRIORITY = 0
+
 # A worker checkpoints at least once every this many items, so that a handler
 # that never awaits cannot starve the event loop or delay cancellation.
 _MAX_STREAK = 64
@@ -83,6 +89,11 @@ class PoolStats:
     ``backpressure_waits``: submits that had to wait for room.
     ``unfinished``: items left without an outcome at the last exit (not
     accumulated: it is ``len(pool.unfinished)``).
+    ``workers``: the current bound (:meth:`Pool.resize`). ``paused``: see
+    :meth:`Pool.pause`. ``cancelled``: jobs cancelled by :meth:`Job.cancel`
+    (also counted in ``failed``: their outcome is a ``JobCancelled`` error).
+    ``waiting_for_key``: queued items waiting for their key (``key=``, also
+    counted in ``queued``); ``busy_keys``: keys with an item started or about to.
     """
 
     submitted: int
@@ -93,6 +104,11 @@ class PoolStats:
     retried: int
     backpressure_waits: int
     unfinished: int
+    workers: int = 0
+    paused: bool = False
+    cancelled: int = 0
+    waiting_for_key: int = 0
+    busy_keys: int = 0
 
 
 @attrs.define
@@ -104,18 +120,20 @@ class _Counters:
     lost: int = 0  # submitted items that ended unfinished
     retried: int = 0
     backpressure_waits: int = 0
+    cancelled: int = 0  # jobs cancelled by Job.cancel (also in failed)
 
 
 class _Watch:
     """Who waits for outcomes: ``join`` callers and the exit's wait for idle."""
 
-    __slots__ = ("callbacks", "idle", "joiners", "watched")
+    __slots__ = ("callbacks", "idle", "joiners", "paused", "watched")
 
     def __init__(self) -> None:
         self.joiners: list[_Joiner] = []
         self.idle: anyio.Event | None = None  # set when nothing is live
         self.callbacks = 0  # workers awaiting an async on_outcome
         self.watched = False  # someone waits: record steps must notify
+        self.paused = False  # the pool is paused: every outcome wakes the exit's wait
 
     def notify(self, index: int | None, live: int) -> None:
         """Wake the waiters an outcome (``index``) or a callback's end concerns."""
@@ -126,7 +144,7 @@ class _Watch:
                     if joiner.remaining == 0:
                         joiner.event.set()
             self.joiners = [joiner for joiner in self.joiners if joiner.remaining]
-        if not live and not self.callbacks and self.idle is not None:
+        if (not live or self.paused) and not self.callbacks and self.idle is not None:
             self.idle.set()
             self.idle = None
         self.watched = bool(self.joiners) or self.idle is not None
@@ -147,7 +165,8 @@ class _PoolRun(Run, Generic[T, R]):
         give_back: Callable[[_Entry[T, R]], None],
     ) -> None:
         super().__init__(threads)
-        self.queue: FifoQueue[_Entry[T, R]] = FifoQueue()  # waiting for a worker
+        # waiting for a worker (FIFO until a priority or a key asks for more)
+        self.queue: Discipline[_Entry[T, R]] = FifoQueue()
         # idle workers; give_back: one was handed an entry and cancelled before running it
         self.parking: Parking[_Entry[T, R]] = Parking(give_back)
         self.slots = Slots(max_pending)  # room for queued items
@@ -155,6 +174,9 @@ class _PoolRun(Run, Generic[T, R]):
         self.watch = _Watch()
         self.started = 0  # workers started, on demand
         self.orphans: list[T] = []  # taken from a helper's input, never submitted
+        self.workers: list[_Worker] = []  # what each worker runs (for Job.cancel)
+        self.doomed: set[int] = set()  # cancelled while handed to a parked worker
+        self.unpaused: anyio.Event | None = None  # set by resume(); workers wait on it
 
 
 class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
@@ -230,6 +252,19 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     :param middleware: user :class:`Middleware`, outermost first; they wrap the
         chain ``retry → limiter → rate_limit → timeout → handler`` and see each
         item once.
+    :param key: a function giving each item's key (any hashable value), called
+        once per item as it is submitted. At most ``per_key`` items with equal
+        keys run at once, and they start in submission order; an item waiting
+        for its key holds no worker and does not delay other keys, but it holds
+        its room in ``max_pending``. A retried item keeps its key through the
+        backoff. If ``key`` raises, that item's outcome is the error (it never
+        runs).
+    :param per_key: how many items with equal keys may run at once (with
+        ``key=``).
+    :param cost: a function giving each item's cost, passed to
+        ``rate_limit.acquire(cost)`` on every attempt (default: 1). If it
+        raises, or the limiter refuses the cost, the attempt fails with that
+        error.
 
     Entering a pool that is already running raises ``RuntimeError``; it can be
     entered again after it exited (its stats accumulate).
@@ -253,6 +288,9 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[PoolStats], object] | None = None,
         stats_interval: float = 1.0,
+        key: Callable[[T], Hashable] | None = None,
+        per_key: int = 1,
+        cost: Callable[[T], int] | None = None,
     ) -> None: ...
     @overload
     def __init__(
@@ -272,6 +310,9 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[PoolStats], object] | None = None,
         stats_interval: float = 1.0,
+        key: Callable[[T], Hashable] | None = None,
+        per_key: int = 1,
+        cost: Callable[[T], int] | None = None,
     ) -> None: ...
     def __init__(
         self,
@@ -290,10 +331,19 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         progress: bool | ProgressBar = False,
         on_stats: Callable[[PoolStats], object] | None = None,
         stats_interval: float = 1.0,
+        key: Callable[[T], Hashable] | None = None,
+        per_key: int = 1,
+        cost: Callable[[T], int] | None = None,
     ) -> None:
         check_callable("handler", handler)
         self._handler = handler
         self._limit = WorkerLimit(check_int("workers", workers, minimum=1))
+        check_callable("key", key, optional=True)
+        self._key = key
+        self._per_key = check_int("per_key", per_key, minimum=1)
+        if per_key != 1 and key is None:
+            raise ValueError(f"per_key={per_key!r} needs key=: a function giving each item's key")
+        self._paused = False
         if max_pending is None:
             max_pending = max(2 * workers, 16)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
@@ -303,6 +353,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             limiter=limiter,
             timeout=timeout,
             middleware=middleware,
+            cost=cost,
         )
         check_callable("on_outcome", on_outcome, optional=True)
         self._on_outcome = on_outcome
@@ -320,7 +371,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         )
         self._log = logger_for("pool", self.name)
         self._state = NEW
-        self._run: _PoolRun[T, R] = _PoolRun(None, self._max_pending, weakly(self._give_back))
+        self._run: _PoolRun[T, R] = self._make_run(None)
         self._counters = _Counters()
         self._unfinished: list[T] = []
 
@@ -347,7 +398,27 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             retried=counters.retried,
             backpressure_waits=counters.backpressure_waits,
             unfinished=len(self._unfinished),
+            workers=self._limit.workers,
+            paused=self._paused,
+            cancelled=counters.cancelled,
+            waiting_for_key=getattr(run.queue, "waiting", 0),
+            busy_keys=getattr(run.queue, "busy_keys", 0),
         )
+
+    @staticmethod
+    def _running(run: _PoolRun[T, R]) -> int:
+        """Items in a worker: live, minus those holding room (queued)."""
+        return len(run.live) - (run.slots.used - run.slots.granted)
+
+    @property
+    def workers(self) -> int:
+        """The current bound on workers running at once (see :meth:`resize`)."""
+        return self._limit.workers
+
+    @property
+    def paused(self) -> bool:
+        """Whether the pool is paused (see :meth:`pause`)."""
+        return self._paused
 
     @property
     def unfinished(self) -> list[T]:
@@ -372,15 +443,24 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         # been abandoned by timeouts (see _threads)
         threads = self._layers.threads_for(self._handler, 2 * self._limit.workers)
         self._unfinished = []
-        return _PoolRun(threads, self._max_pending, weakly(self._give_back))
+        return self._make_run(threads)
+
+    def _make_run(self, threads: Threads | None) -> _PoolRun[T, R]:
+        run: _PoolRun[T, R] = _PoolRun(threads, self._max_pending, weakly(self._give_back))
+        if self._key is not None:
+            run.queue = ScheduledQueue(self._per_key)
+        return run
 
     def _drain(self, exc: BaseException | None) -> Callable[[], Awaitable[None]] | None:
         """A block that ended well waits until the pool is idle."""
         return self._wait_idle if exc is None else None
 
     def _on_close(self, run: _PoolRun[T, R]) -> None:
-        """Accept no more items; wake parked workers and waiting submitters."""
+        """Accept no more items; wake parked (and paused) workers and waiting
+        submitters."""
         run.parking.unpark_all()  # woken with no entry, they find the pool closed
+        if run.unpaused is not None:
+            run.unpaused.set()
         run.slots.close()
 
     def _on_finalize(self, run: _PoolRun[T, R]) -> None:
@@ -407,6 +487,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         if self._state is RUNNING:
             self._state = STOPPING
         run.queue.clear()
+        run.doomed.clear()
         if run.tg is not None:
             run.tg.cancel_scope.cancel()
 
@@ -437,7 +518,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
     # ---------------------------------------------------------------- submit
 
-    async def submit(self, item: T, *, id: Hashable = None) -> Job[T, R]:
+    async def submit(self, item: T, *, id: Hashable = None, priority: float = 0) -> Job[T, R]:
         """Enqueue ``item`` and return its :class:`Job`.
 
         Blocks while ``max_pending`` items wait for a worker (submitters are
@@ -447,14 +528,22 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         it returns, it was.
 
         :param id: the job's and outcome's ``id``; default the submission index.
+        :param priority: among queued items, the lowest priority starts first
+            (as in :mod:`heapq`); equal priorities start in submission order.
+            Any real number but NaN. Waiting for room is first come, first
+            served whatever the priority.
         :raises PoolClosed: the pool is not running, or it closed while this
             call waited for room. A caller inside a pool that is stopping
             (``fail_fast``, an exception) gets that cancellation instead.
-        :raises TypeError: ``id`` is not hashable.
+        :raises TypeError: ``id`` is not hashable, or ``priority`` is not a
+            real number.
+        :raises ValueError: ``priority`` is NaN.
         """
         await checkpoint()
         if id is not None:
             _check_id(id)
+        if priority is not _NO_PRIORITY:  # (an identity test: the per-item path)
+            _check_priority(priority)
         if self._state is not RUNNING:
             await self._raise_closed()
         run = self._run
@@ -463,7 +552,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
                 run.slots.force()  # the pool's own handler never waits for room
             else:
                 await self._wait_for_room(run)
-        return self._put(run, item, id)
+        return self._put(run, item, id, priority)
 
     async def _wait_for_room(self, run: _PoolRun[T, R]) -> None:
         self._counters.backpressure_waits += 1
@@ -473,21 +562,26 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             run.slots.release()
             await self._raise_closed()
 
-    def submit_nowait(self, item: T, *, id: Hashable = None) -> Job[T, R]:
+    def submit_nowait(self, item: T, *, id: Hashable = None, priority: float = 0) -> Job[T, R]:
         """Enqueue ``item`` without waiting, or raise.
 
         Never waits and is not a checkpoint. If it raises, the item was not
         enqueued; if it returns, it was.
 
         :param id: the job's and outcome's ``id``; default the submission index.
+        :param priority: as for :meth:`submit`.
         :raises QueueFull: ``max_pending`` items are waiting, or submitters
             are waiting for room (never raised for submits from the pool's
             own handler).
         :raises PoolClosed: the pool is not running.
-        :raises TypeError: ``id`` is not hashable.
+        :raises TypeError: ``id`` is not hashable, or ``priority`` is not a
+            real number.
+        :raises ValueError: ``priority`` is NaN.
         """
         if id is not None:
             _check_id(id)
+        if priority is not _NO_PRIORITY:  # (an identity test: the per-item path)
+            _check_priority(priority)
         if self._state is not RUNNING:
             raise self._closed_error()
         run = self._run
@@ -498,14 +592,17 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         if full and not _in_worker_of(self):
             raise QueueFull(f"{self!r} has max_pending={self._max_pending} items waiting")
         slots.used += 1
-        return self._put(run, item, id)
+        return self._put(run, item, id, priority)
 
-    def _put(self, run: _PoolRun[T, R], item: T, id: Hashable) -> Job[T, R]:
+    def _put(self, run: _PoolRun[T, R], item: T, id: Hashable, priority: float) -> Job[T, R]:
         index = self._counters.submitted
         self._counters.submitted = index + 1
-        job: Job[T, R] = Job(item, index, index if id is None else id)
+        job: Job[T, R] = Job(item, index, index if id is None else id, self)
         run.live[index] = entry = (index, item, job.id, job)
-        self._enqueue(run, entry)
+        if priority or self._key is not None:
+            self._schedule(run, entry, priority)
+        else:
+            self._enqueue(run, entry)
         return job
 
     def _submit_if_room(self, item: T) -> bool:
@@ -516,7 +613,10 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         index = self._counters.submitted
         self._counters.submitted = index + 1
         run.live[index] = entry = (index, item, index, None)
-        self._enqueue(run, entry)
+        if self._key is not None:
+            self._schedule(run, entry, 0)
+        else:
+            self._enqueue(run, entry)
         return True
 
     def _fill(self, iterator: Iterator[T]) -> bool:
@@ -528,6 +628,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         The room check and the enqueue decision are inlined (the per-item path
         of apply_to_all); each has the same rule as the function it copies.
         """
+        if self._key is not None:  # each item's key is asked for: one at a time
+            return self._fill_one_by_one(iterator)
         run = self._run
         slots, live, queue, parking = run.slots, run.live, run.queue, run.parking
         counters, capacity, limit = self._counters, slots.capacity, self._limit
@@ -554,6 +656,19 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         slots.release()  # the room taken for an item the iterator did not have
         return True
 
+    def _fill_one_by_one(self, iterator: Iterator[T]) -> bool:
+        """:meth:`_fill` through :meth:`_submit_if_room`, an item at a time."""
+        run = self._run
+        while self._state is RUNNING and not run.slots.waiting:
+            if run.slots.used >= run.slots.capacity:
+                return False
+            for item in iterator:
+                self._submit_if_room(item)  # there is room: always True
+                break
+            else:
+                return True
+        return False
+
     # ------------------------------------------------------------- scheduling
 
     def _enqueue(self, run: _PoolRun[T, R], entry: _Entry[T, R]) -> None:
@@ -578,6 +693,72 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             if self._limit.allows(run.started):
                 self._start_worker(run)
 
+    def _schedule(self, run: _PoolRun[T, R], entry: _Entry[T, R], priority: float) -> None:
+        """Queue ``entry`` with its priority and key (the ScheduledQueue), then
+        hand the next ready entry on as :meth:`_enqueue` would."""
+        key = NO_KEY
+        if self._key is not None:
+            try:
+                key = self._key(entry[1])
+                hash(key)
+            except Exception as error:  # noqa: BLE001 - errors are values
+                run.slots.release()  # it never waits for a worker
+                self._record_now(run, entry, error)
+                return
+        queue = run.queue
+        if not isinstance(queue, ScheduledQueue):  # the first priority: FIFO no more
+            assert isinstance(queue, FifoQueue)
+            queue = ScheduledQueue(self._per_key, queue.moved())
+            run.queue = queue
+        queue.put(entry, priority, key)
+        self._dispatch(run)
+
+    def _dispatch(self, run: _PoolRun[T, R]) -> None:
+        """Hand the next queued entry to a parked worker, or start a worker for
+        it, unless a wake-up is already in flight (it passes this one on)."""
+        parking = run.parking
+        if not run.queue or parking.waking or self._state is not RUNNING:
+            return
+        if parking.spots:
+            parking.unpark(run.queue.take())
+        elif self._limit.allows(run.started):
+            self._start_worker(run)
+
+    def _release_key(self, outcome: Outcome[T, R]) -> None:
+        """A keyed item got its outcome (a sink of the record step): the next
+        item of its key may start."""
+        run = self._run
+        queue = run.queue
+        if isinstance(queue, ScheduledQueue):
+            queue.finished(outcome.index)
+            self._dispatch(run)
+
+    def _record_now(
+        self,
+        run: _PoolRun[T, R],
+        entry: _Entry[T, R],
+        error: Exception,
+        attempts: int = 0,
+        elapsed: float = 0.0,
+    ) -> None:
+        """Give an entry its outcome outside the worker loop: ``error`` (its key
+        raised, or its job was cancelled). An async on_outcome runs in a task
+        of its own."""
+        record: _Recorder[T, R] = _Recorder(self, run)
+        outcome = record.record(entry, None, error, attempts, elapsed)
+        if record.after is not None:
+            run.start_soon(self._call_after, record, outcome, name="corral on_outcome")
+
+    async def _call_after(self, record: _Recorder[T, R], outcome: Outcome[T, R]) -> None:
+        """An async on_outcome in a task of its own; if it raises, the pool stops."""
+        assert record.after is not None
+        try:
+            await record.call_after(record.after, outcome)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
+            self._fail(error)
+
     def _wake_next(self, run: _PoolRun[T, R]) -> None:
         """A woken or new worker runs: pass the wake-up on if work is still queued.
 
@@ -586,7 +767,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         and parks, a spare.)
         """
         run.parking.waking = False
-        if not run.queue:
+        if not run.queue or self._paused:
             return
         if run.parking.spots:
             self._enqueue(run, run.queue.take())
@@ -594,8 +775,14 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             self._start_worker(run)
 
     def _give_back(self, entry: _Entry[T, R]) -> None:
-        """A worker handed ``entry`` was cancelled before it ran it: it runs next."""
+        """A worker handed ``entry`` was cancelled before it ran it: it runs
+        next (or gets its outcome, if its job was cancelled meanwhile)."""
         run = self._run
+        if entry[0] in run.doomed:
+            run.doomed.discard(entry[0])
+            run.slots.release()
+            self._record_now(run, entry, _job_cancelled(entry[3]))
+            return
         run.queue.put_back(entry)
         self._wake_next(run)
 
@@ -621,6 +808,101 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         return layers.chain(
             self._handler, threads=threads, clock=clock, on_start=on_start
         ), attempts
+
+    # ----------------------------------------------------- resize, pause, cancel
+
+    def resize(self, n: int) -> None:
+        """Set the bound on workers running at once to ``n``, at any time.
+
+        More: workers start at once for queued items (a plain handler's
+        thread bound grows with them). Fewer: running items finish, and the
+        workers beyond ``n`` stop as they finish; no item is interrupted.
+        Before entry or after exit it sets the bound of the next entry.
+        Not a checkpoint.
+
+        :raises TypeError: ``n`` is not an int.
+        :raises ValueError: ``n`` is below 1 (to stop starting items, :meth:`pause`).
+        """
+        check_int("n", n, minimum=1)
+        limit, run = self._limit, self._run
+        grows = n > limit.workers
+        limit.workers = n
+        if not self._paused:
+            limit.bound = n
+        if self._state is not RUNNING and self._state is not STOPPING:
+            return
+        if run.threads is not None:
+            run.threads.resize(2 * n)
+        if grows:
+            self._dispatch(run)
+        else:
+            self._rebind(run)
+
+    def pause(self) -> None:
+        """Stop starting queued items: running items finish, queued ones wait.
+
+        Submits still queue (and still wait for room) while paused. Safe to
+        call at any time (before entry, the pool starts paused) and more than
+        once; not a checkpoint. Leaving the block normally while paused waits
+        for the running items, then stops: the items still queued get no
+        outcome and are listed in :attr:`unfinished` (a WARNING on the pool's
+        logger says how many), unless :meth:`resume` is called before.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        self._limit.bound = 0
+        run = self._run
+        run.watch.paused = True
+        if self._state is RUNNING or self._state is STOPPING:
+            self._rebind(run)
+            if run.watch.idle is not None:  # the exit's wait: running items may be none
+                run.watch.notify(None, len(run.live))
+
+    def resume(self) -> None:
+        """Start queued items again (see :meth:`pause`). Not a checkpoint."""
+        if not self._paused:
+            return
+        self._paused = False
+        self._limit.bound = self._limit.workers
+        run = self._run
+        run.watch.paused = False
+        if run.unpaused is not None:
+            run.unpaused.set()
+            run.unpaused = None
+        self._dispatch(run)
+
+    def _rebind(self, run: _PoolRun[T, R]) -> None:
+        """Make every worker look at the pool's state before its next item:
+        the queue moves to a new object (a worker in a streak holds the old one,
+        now empty, and goes to _next_entry), and parked workers wake."""
+        run.queue = run.queue.moved()
+        run.parking.unpark_all()
+        if run.unpaused is not None and not self._paused:
+            run.unpaused.set()
+            run.unpaused = None
+
+    def _cancel_job(self, job: Job[Any, Any]) -> bool:
+        """:meth:`Job.cancel`: a queued job gets its outcome now; a running
+        one's worker scope is cancelled."""
+        run = self._run
+        entry = run.live.get(job.index)
+        if entry is None or entry[3] is not job or job.index in run.doomed:
+            return False
+        if (queued := run.queue.remove(job.index)) is not None:
+            run.slots.release()
+            self._record_now(run, queued, _job_cancelled(job))
+            return True
+        for worker in run.workers:
+            if worker.entry is entry:
+                if worker.cancelling is not None:
+                    return False
+                worker.cancelling = entry
+                assert worker.scope is not None
+                worker.scope.cancel()
+                return True
+        run.doomed.add(job.index)  # handed to a parked worker that has not run yet
+        return True
 
     # ------------------------------------------------------------------ join
 
@@ -661,6 +943,14 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         await checkpoint()
         run = self._run
         while run.live or run.watch.callbacks:
+            if self._paused and not run.watch.callbacks and self._running(run) == 0:
+                self._log.warning(
+                    "%s exits while paused: %d queued item(s) left unfinished "
+                    "(resume() before leaving the block runs them)",
+                    self.name or "pool",
+                    len(run.live),
+                )
+                return
             run.watch.idle = event = anyio.Event()
             run.watch.watched = True
             await event.wait()
@@ -679,92 +969,160 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         this very exception."""
         _worker_of.set(weakref.ref(self))
         holds_of_attempt.set(None)  # not the holds of whoever started this worker
+        worker = _Worker()
+        run.workers.append(worker)
         self._wake_next(run)  # a new worker: the chain of wake-ups goes on
         try:
-            await self._serve(run, call, attempts)
+            while await self._serve_in_scope(run, call, attempts, worker):
+                pass  # a job's cancel stopped the entry it ran: serve on
         except anyio.get_cancelled_exc_class():
             raise
         except BaseException as error:  # noqa: BLE001 - re-raised by __aexit__
             self._fail(error)
+        finally:
+            run.workers.remove(worker)
+
+    async def _serve_in_scope(
+        self,
+        run: _PoolRun[T, R],
+        call: Callable[[T], Awaitable[R]],
+        attempts: list[float] | None,
+        worker: _Worker,
+    ) -> bool:
+        """Serve in a cancel scope of the worker's own, which :meth:`Job.cancel`
+        cancels to stop the entry the worker runs (one scope per worker, not
+        per item). True: a job was cancelled, serve again in a new scope.
+
+        The cancelled entry's outcome is JobCancelled whether its call stopped
+        at a checkpoint or ended first (then what it returned is dropped): the
+        worker leaves the scope before it records anything else.
+        """
+        with anyio.CancelScope() as worker.scope:
+            try:
+                await self._serve(run, call, attempts, worker)
+            except _JobStopped:
+                pass  # its JobCancelled is recorded
+            except _WorkerDone:
+                return False
+        entry = worker.cancelling
+        worker.entry = worker.cancelling = None
+        if entry is not None and entry[0] in run.live:
+            calls, elapsed = 1, 0.0  # (a handler alone: its start is not kept)
+            if attempts is not None:
+                calls = int(attempts[0])
+                elapsed = run.clock() - attempts[1] if calls else 0.0
+            self._record_now(run, entry, _job_cancelled(entry[3]), calls, elapsed)
+        return True
 
     async def _serve(
         self,
         run: _PoolRun[T, R],
         call: Callable[[T], Awaitable[R]],
         attempts: list[float] | None,
+        worker: _Worker,
     ) -> None:
-        """The worker loop: take an entry, run it, record its outcome; until closed.
+        """The worker loop: take an entry, run it, record its outcome, until
+        :class:`_WorkerDone`; :class:`_JobStopped` once the entry's job was
+        cancelled and its outcome recorded.
 
         The loop binds what it touches to locals once: it is the engine's per-item
         path (see benchmarks/bench_apply.py).
         """
         queue, slots, clock = run.queue, run.slots, run.clock
-        record = _Recorder(self, run)
+        record = _Recorder(self, run, worker)
         record_step, after = record.record, record.after
         live, watch, kept = run.live, run.watch, record.kept()
         items, results, times = record.kept_lists()
+        # what a success kept as columns has for a job: None, or (without
+        # columns) what no entry has, so that one test says both
+        jobless = None if kept is not None else _NO_JOB
         cancelled = anyio.get_cancelled_exc_class()
-        streak = 0
+        streak = _MAX_STREAK if self._paused else 0  # paused: the first via _next_entry
         while True:
             if queue and streak < _MAX_STREAK:
                 entry = queue.take()
                 streak += 1
             else:
                 streak = 0
-                if (handed := await self._next_entry(run)) is None:
-                    return  # closed
-                entry = handed
-            # the entry left the queue: its room goes to the first waiter
-            # (Slots.release, inlined: every item passes here)
+                entry, queue = await self._next_entry(run), run.queue  # pause, resize: new queue
+            worker.entry = entry  # what Job.cancel looks for
+            # its room goes to the first waiter (Slots.release, inlined: every item)
             if slots.waiters:
                 slots.release()
             else:
                 slots.used -= 1
             start = clock()
             if attempts is not None:
-                outcome = await self._call_layered(record, call, attempts, start, entry)
+                outcome = await self._call_layered(record, call, attempts, start, entry, worker)
             else:
+                result: R | None = None
+                error: Exception | None = None
                 try:
                     result = await call(entry[1])
-                except Exception as error:  # noqa: BLE001 - errors are values
-                    outcome = record_step(entry, None, error, 1, clock() - start)
+                except Exception as exc:  # noqa: BLE001 - errors are values
+                    error = exc
                 except cancelled as exc:
-                    stray = stray_cancellation(exc)
-                    outcome = record_step(entry, None, stray, 1, clock() - start)
-                else:
-                    if kept is not None and entry[3] is None:
-                        # _Recorder.succeeded's column store, inlined (apply_to_all's
-                        # every success): the call cost 8-10% of a no-await
-                        # handler's per-item instructions
-                        index = entry[0]
-                        try:
-                            items[index] = entry[1]
-                        except IndexError:
-                            kept.grow(index)  # the lists grow in place
-                            items[index] = entry[1]
-                        results[index], times[index] = result, clock() - start
-                        del live[index]
-                        if watch.watched:
-                            watch.notify(index, len(live))
-                        continue
-                    outcome = record_step(entry, result, None, 1, clock() - start)
+                    error = stray_cancellation(exc)
+                if error is None and entry[3] is jobless:
+                    # _Recorder.succeeded's column store, inlined (apply_to_all's every
+                    # success): the call cost 8-10% of a no-await handler's instructions
+                    index = entry[0]
+                    try:
+                        items[index] = entry[1]
+                    except IndexError:
+                        kept.grow(index)  # type: ignore[union-attr]  # the lists grow in place
+                        items[index] = entry[1]
+                    results[index], times[index] = result, clock() - start
+                    del live[index]
+                    if watch.watched:
+                        watch.notify(index, len(live))
+                    continue
+                outcome = record_step(entry, result, error, 1, clock() - start)
             if after is not None:
                 await record.call_after(after, outcome)
 
-    async def _next_entry(self, run: _PoolRun[T, R]) -> _Entry[T, R] | None:
+    async def _next_entry(self, run: _PoolRun[T, R]) -> _Entry[T, R]:
         """After a long streak, a checkpoint; with nothing queued, park until
-        handed an entry. None: the pool closed."""
+        handed an entry; while paused, wait for resume(). :class:`_WorkerDone`:
+        the pool closed, or this worker is one more than the bound."""
+        checked = False
         while True:
+            if run.started > self._limit.workers:  # resized down: this one stops
+                run.started -= 1
+                raise _WorkerDone
+            if self._paused:  # closed while paused: what is queued stays unfinished
+                if self._state is CLOSED:
+                    raise _WorkerDone
+                await self._wait_unpaused(run)
+                continue
             if run.queue:
-                await checkpoint()  # a long streak: let other tasks run
-                if run.queue:
-                    return run.queue.take()
-            if self._state is CLOSED:
-                return None
-            handed = await run.parking.park()
-            if handed is not None:
+                if not checked:
+                    await checkpoint()  # a long streak: let other tasks run
+                    checked = True
+                    continue
+                entry = run.queue.take()
+            elif self._state is CLOSED:
+                raise _WorkerDone
+            else:
+                handed = await run.parking.park()
+                if handed is None:
+                    continue
+                if self._paused:  # handed over just before pause(): it waits
+                    run.queue.put_back(handed)
+                    continue
                 self._wake_next(run)
-                return handed  # type: ignore[return-value]  # no deadline: never TIMED_OUT
+                entry = handed  # type: ignore[assignment]  # no deadline: never TIMED_OUT
+            if run.doomed and entry[0] in run.doomed:  # cancelled while handed over
+                run.doomed.discard(entry[0])
+                run.slots.release()
+                self._record_now(run, entry, _job_cancelled(entry[3]))
+                continue
+            return entry
+
+    async def _wait_unpaused(self, run: _PoolRun[T, R]) -> None:
+        if run.unpaused is None:
+            run.unpaused = anyio.Event()
+        await run.unpaused.wait()
 
     async def _call_layered(
         self,
@@ -773,8 +1131,10 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         attempts: list[float],
         start: float,
         entry: _Entry[T, R],
+        worker: _Worker,
     ) -> Outcome[T, R] | None:
-        """Run an entry through the middleware chain, counting the handler's calls."""
+        """Run an entry through the middleware chain, counting the handler's
+        calls. None: a success kept as columns."""
         attempts[0] = 0
         try:
             result = await chain(entry[1])
@@ -810,6 +1170,40 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         self._sinks.append(sink)
 
 
+class _JobStopped(Exception):
+    """A worker's entry was cancelled by Job.cancel and got its JobCancelled
+    (raised by the record step, caught in _serve_in_scope)."""
+
+
+class _WorkerDone(Exception):
+    """A worker stops: the pool closed, or it is beyond the bound (resize)."""
+
+
+_NO_JOB: Any = object()  # never an entry's job (see _serve)
+
+
+class _Worker:
+    """What one worker runs: its entry (for Job.cancel) and its cancel scope."""
+
+    __slots__ = ("cancelling", "entry", "scope")
+
+    def __init__(self) -> None:
+        self.entry: tuple[Any, ...] | None = None
+        self.cancelling: tuple[Any, ...] | None = None  # the entry Job.cancel stops
+        self.scope: anyio.CancelScope | None = None
+
+
+def _job_cancelled(job: Job[Any, Any] | None) -> JobCancelled:
+    return JobCancelled(f"job {job.id if job else None!r} was cancelled")
+
+
+def _check_priority(priority: object) -> None:
+    if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
+        raise TypeError(f"priority must be a real number, got {priority!r}")
+    if math.isnan(priority):
+        raise ValueError("priority must be a number, got NaN")
+
+
 class _Recorder(Generic[T, R]):
     """A worker's record step: the item leaves ``live`` and gets its outcome, in
     one step (its job, apply_to_all's store, the helpers' sinks, on_outcome,
@@ -826,9 +1220,10 @@ class _Recorder(Generic[T, R]):
         "pool",
         "sinks",
         "watch",
+        "worker",
     )
 
-    def __init__(self, pool: Pool[T, R], run: _PoolRun[T, R]) -> None:
+    def __init__(self, pool: Pool[T, R], run: _PoolRun[T, R], worker: _Worker | None = None) -> None:
         on_outcome = pool._on_outcome
         is_async = on_outcome is not None and is_async_callable(on_outcome)
         self.pool, self.live, self.watch, self.clock = pool, run.live, run.watch, run.clock
@@ -837,8 +1232,10 @@ class _Recorder(Generic[T, R]):
             pool._fail_fast,
             pool._collected,
         )
-        self.sinks: tuple[Callable[[Outcome[T, R]], Any], ...] = tuple(pool._sinks) + (
-            () if on_outcome is None or is_async else (on_outcome,)
+        # a keyed pool's first sink lets the next item of the key start
+        keys = () if pool._key is None else (pool._release_key,)
+        self.sinks: tuple[Callable[[Outcome[T, R]], Any], ...] = (
+            keys + tuple(pool._sinks) + (() if on_outcome is None or is_async else (on_outcome,))
         )
         self.after: Callable[[Outcome[T, R]], Awaitable[Any]] | None = (
             on_outcome if is_async else None
@@ -849,6 +1246,7 @@ class _Recorder(Generic[T, R]):
         # while the workers run (its collections then walk every coroutine in
         # flight, which costs the more the more workers there are).
         self.columns = self.collected is not None and not self.sinks and self.after is None
+        self.worker = worker or _Worker()  # whose entry Job.cancel may stop
 
     def kept(self) -> _Collected[T, R] | None:
         """Where successes are kept as columns (see ``columns``), the columns."""
@@ -882,12 +1280,23 @@ class _Recorder(Generic[T, R]):
         elapsed: float,
     ) -> Outcome[T, R]:
         """The record step: the entry's Outcome, which its job, the collected
-        outcomes and the sinks get as the item leaves ``live``."""
+        outcomes and the sinks get as the item leaves ``live``.
+
+        An entry whose job was cancelled while it ran gets JobCancelled,
+        whatever its call did (it ended before the cancellation reached it),
+        and the step ends with :class:`_JobStopped`: the worker leaves its
+        cancelled scope before it takes another entry."""
         index, item, id_, job = entry
+        stopped = entry is self.worker.cancelling
+        if stopped:
+            result, error = None, _job_cancelled(job)
         outcome: Outcome[T, R] = _make_outcome(item, index, id_, result, error, attempts, elapsed)
         if error is not None:
             self.counters.failed += 1
-            self.pool._log_failure(outcome)
+            if error.__class__ is JobCancelled:
+                self.counters.cancelled += 1
+            else:
+                self.pool._log_failure(outcome)
         del self.live[index]
         if job is not None:
             job._outcome = outcome
@@ -899,8 +1308,13 @@ class _Recorder(Generic[T, R]):
             sink(outcome)
         if self.watch.watched:
             self.watch.notify(index, len(self.live))
-        if error is not None and self.fail_fast:
+        if error is not None and self.fail_fast and error.__class__ is not JobCancelled:
             self.pool._fail(error)
+        if stopped:
+            if self.after is not None:  # the worker goes on at once: its own task
+                run = self.pool._run
+                run.start_soon(self.pool._call_after, self, outcome, name="corral on_outcome")
+            raise _JobStopped
         return outcome
 
     async def call_after(

@@ -161,6 +161,11 @@ class Threads:
         self._closed = False
         self.abandoned = 0  # threads still running whose caller gave up
 
+    def resize(self, limit: int) -> None:
+        """A new bound on threads at once (a pool's workers were resized)."""
+        self.limit = limit
+        self._slots.total_tokens = limit
+
     def start(self, tg: anyio.abc.TaskGroup, label: str) -> None:
         """Start hosting runners in ``tg`` (the pool's), if calls may be given up on."""
         if self.abandonable:
