@@ -620,3 +620,110 @@ async def test_cancelling_a_job_during_its_retry_backoff_ends_it() -> None:
     assert calls == [1]
     assert isinstance(outcome.error, JobCancelled)
     assert outcome.attempts == 1
+
+
+# ------------------------------------------------ found by review: each once broke
+
+
+async def test_a_job_cancelled_on_its_way_to_a_worker_then_paused_never_runs() -> None:
+    ran: list[str] = []
+
+    async def handler(item: str) -> str:
+        ran.append(item)
+        await anyio.lowlevel.checkpoint()
+        return item
+
+    async with Pool(handler, workers=3) as pool:
+        await (await pool.submit("a")).wait()
+        await anyio.wait_all_tasks_blocked()  # its worker parks
+        job = pool.submit_nowait("x")  # handed to the parked worker
+        assert job.cancel()
+        pool.pause()
+        await anyio.wait_all_tasks_blocked()
+        pool.resume()
+    assert ran == ["a"]
+    assert job.outcome is not None
+    assert isinstance(job.outcome.error, JobCancelled)
+
+
+@pytest.mark.parametrize("how", ["a worker not yet running", "a worker after a cancel"])
+async def test_resize_down_holds_for_every_worker(how: str) -> None:
+    gates = Gates()
+    async with Pool(gates, workers=4) as pool:
+        first = await pool.submit("first")
+        if how == "a worker after a cancel":
+            doomed = await pool.submit("doomed")
+            await anyio.wait_all_tasks_blocked()
+            pool.resize(1)
+            assert doomed.cancel()  # its worker serves again, in a new scope
+        else:
+            await anyio.wait_all_tasks_blocked()
+        for i in range(10):
+            pool.submit_nowait(i)  # no checkpoint: a worker is started, not yet running
+        pool.resize(1)
+        await anyio.wait_all_tasks_blocked()
+        assert gates.running == 1, gates.started
+        gates.release("first")
+        gates.release_all()
+    assert first.outcome is not None
+    assert gates.most == (2 if how == "a worker after a cancel" else 1)
+    assert pool.stats.succeeded == 11
+
+
+async def test_a_key_whose_comparison_raises_fails_that_item() -> None:
+    class Key:
+        def __hash__(self) -> int:
+            return 1
+
+        def __eq__(self, other: object) -> bool:
+            raise TypeError("keys cannot be compared")
+
+    async with Pool(record_order, key=lambda item: Key(), workers=2) as pool:
+        first = pool.submit_nowait(1)
+        second = pool.submit_nowait(2)  # its key meets the first one's
+    assert first.outcome is not None
+    assert first.outcome.ok
+    assert second.outcome is not None
+    assert isinstance(second.outcome.error, TypeError)
+    assert pool.unfinished == []
+
+
+async def test_cancel_is_false_once_the_pool_is_stopping() -> None:
+    jobs: dict[str, Any] = {}
+    answers: list[bool] = []
+
+    async def handler(item: str) -> str:
+        if item == "boom":
+            raise ValueError("boom")
+        try:
+            await anyio.sleep_forever()
+        finally:  # the pool is stopping (fail_fast) when this runs
+            answers.append(jobs["queued"].cancel())
+        return item
+
+    with pytest.raises(ValueError, match="boom"):
+        async with Pool(handler, workers=2, fail_fast=True) as pool:
+            await pool.submit("slow")
+            await anyio.wait_all_tasks_blocked()
+            pool.submit_nowait("boom")  # to the other worker
+            jobs["queued"] = pool.submit_nowait("queued")  # queued behind both
+            await anyio.sleep_forever()
+    assert answers == [False]
+    assert "queued" in pool.unfinished
+
+
+async def test_a_huge_or_infinite_priority_is_a_number_like_any_other() -> None:
+    started: list[int] = []
+
+    async def handler(item: int) -> None:
+        started.append(item)
+
+    pool: Pool[int, None] = Pool(handler, workers=1)
+    pool.pause()
+    async with pool:
+        pool.submit_nowait(1, priority=10**400)
+        pool.submit_nowait(2, priority=math.inf)
+        pool.submit_nowait(3, priority=-math.inf)
+        pool.submit_nowait(4, priority=-(10**400))
+        pool.resume()
+    assert started == [3, 4, 1, 2]

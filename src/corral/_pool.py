@@ -20,11 +20,10 @@ side exact, and Parking wakes parked workers in a chain (see ``_enqueue``).
 from __future__ import annotations
 
 import contextvars
-import math
 import numbers
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, overload
+from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, cast, overload
 
 import anyio
 import anyio.abc
@@ -696,21 +695,18 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     def _schedule(self, run: _PoolRun[T, R], entry: _Entry[T, R], priority: float) -> None:
         """Queue ``entry`` with its priority and key (the ScheduledQueue), then
         hand the next ready entry on as :meth:`_enqueue` would."""
-        key = NO_KEY
-        if self._key is not None:
-            try:
-                key = self._key(entry[1])
-                hash(key)
-            except Exception as error:  # noqa: BLE001 - errors are values
-                run.slots.release()  # it never waits for a worker
-                self._record_now(run, entry, error)
-                return
         queue = run.queue
         if not isinstance(queue, ScheduledQueue):  # the first priority: FIFO no more
             assert isinstance(queue, FifoQueue)
             queue = ScheduledQueue(self._per_key, queue.moved())
             run.queue = queue
-        queue.put(entry, priority, key)
+        try:  # the key's own methods run here too (hash, ==)
+            key = NO_KEY if self._key is None else self._key(entry[1])
+            queue.put(entry, priority, key)
+        except Exception as error:  # noqa: BLE001 - errors are values
+            run.slots.release()  # it never waits for a worker
+            self._record_now(run, entry, error)
+            return
         self._dispatch(run)
 
     def _dispatch(self, run: _PoolRun[T, R]) -> None:
@@ -778,10 +774,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         """A worker handed ``entry`` was cancelled before it ran it: it runs
         next (or gets its outcome, if its job was cancelled meanwhile)."""
         run = self._run
-        if entry[0] in run.doomed:
-            run.doomed.discard(entry[0])
-            run.slots.release()
-            self._record_now(run, entry, _job_cancelled(entry[3]))
+        if self._doomed(run, entry):
             return
         run.queue.put_back(entry)
         self._wake_next(run)
@@ -887,7 +880,9 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         one's worker scope is cancelled."""
         run = self._run
         entry = run.live.get(job.index)
-        if entry is None or entry[3] is not job or job.index in run.doomed:
+        if self._state is not RUNNING or entry is None or entry[3] is not job:
+            return False  # stopping (it ends unfinished), or it had its outcome
+        if job.index in run.doomed:
             return False
         if (queued := run.queue.remove(job.index)) is not None:
             run.slots.release()
@@ -1037,14 +1032,15 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         # columns) what no entry has, so that one test says both
         jobless = None if kept is not None else _NO_JOB
         cancelled = anyio.get_cancelled_exc_class()
-        streak = _MAX_STREAK if self._paused else 0  # paused: the first via _next_entry
+        # the first entry comes from _next_entry (the bound, pause), with no checkpoint
+        streak = _MAX_STREAK + 1
         while True:
             if queue and streak < _MAX_STREAK:
                 entry = queue.take()
                 streak += 1
             else:
-                streak = 0
-                entry, queue = await self._next_entry(run), run.queue  # pause, resize: new queue
+                long_streak, streak = streak == _MAX_STREAK, 0
+                entry, queue = await self._next_entry(run, long_streak), run.queue  # a new one?
             worker.entry = entry  # what Job.cancel looks for
             # its room goes to the first waiter (Slots.release, inlined: every item)
             if slots.waiters:
@@ -1081,14 +1077,16 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             if after is not None:
                 await record.call_after(after, outcome)
 
-    async def _next_entry(self, run: _PoolRun[T, R]) -> _Entry[T, R]:
-        """After a long streak, a checkpoint; with nothing queued, park until
-        handed an entry; while paused, wait for resume(). :class:`_WorkerDone`:
-        the pool closed, or this worker is one more than the bound."""
-        checked = False
+    async def _next_entry(self, run: _PoolRun[T, R], long_streak: bool) -> _Entry[T, R]:
+        """The slow path of taking an entry: a worker that is beyond the bound
+        stops, a paused one waits for resume(); after a long streak, a
+        checkpoint; with nothing queued, park until handed an entry.
+        :class:`_WorkerDone`: the pool closed, or this worker is one too many."""
+        checked = not long_streak
         while True:
             if run.started > self._limit.workers:  # resized down: this one stops
                 run.started -= 1
+                self._dispatch(run)  # what it leaves queued goes to another worker
                 raise _WorkerDone
             if self._paused:  # closed while paused: what is queued stays unfinished
                 if self._state is CLOSED:
@@ -1100,24 +1098,27 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
                     await checkpoint()  # a long streak: let other tasks run
                     checked = True
                     continue
-                entry = run.queue.take()
-            elif self._state is CLOSED:
+                return run.queue.take()
+            if self._state is CLOSED:
                 raise _WorkerDone
-            else:
-                handed = await run.parking.park()
-                if handed is None:
-                    continue
-                if self._paused:  # handed over just before pause(): it waits
-                    run.queue.put_back(handed)
-                    continue
-                self._wake_next(run)
-                entry = handed  # type: ignore[assignment]  # no deadline: never TIMED_OUT
-            if run.doomed and entry[0] in run.doomed:  # cancelled while handed over
-                run.doomed.discard(entry[0])
-                run.slots.release()
-                self._record_now(run, entry, _job_cancelled(entry[3]))
+            handed = await run.parking.park()  # no deadline: an entry or None
+            if handed is None or self._doomed(run, entry := cast("_Entry[T, R]", handed)):
                 continue
+            if self._paused or run.started > self._limit.workers:
+                run.queue.put_back(entry)  # handed over just before pause() or resize()
+                continue
+            self._wake_next(run)
             return entry
+
+    def _doomed(self, run: _PoolRun[T, R], entry: _Entry[T, R]) -> bool:
+        """Whether ``entry``, handed over to a worker, had its job cancelled on
+        the way: then it gets its JobCancelled here, and its room goes back."""
+        if not run.doomed or entry[0] not in run.doomed:
+            return False
+        run.doomed.discard(entry[0])
+        run.slots.release()
+        self._record_now(run, entry, _job_cancelled(entry[3]))
+        return True
 
     async def _wait_unpaused(self, run: _PoolRun[T, R]) -> None:
         if run.unpaused is None:
@@ -1200,7 +1201,7 @@ def _job_cancelled(job: Job[Any, Any] | None) -> JobCancelled:
 def _check_priority(priority: object) -> None:
     if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
         raise TypeError(f"priority must be a real number, got {priority!r}")
-    if math.isnan(priority):
+    if priority != priority:  # NaN (math.isnan overflows on a huge int)
         raise ValueError("priority must be a number, got NaN")
 
 
@@ -1223,7 +1224,9 @@ class _Recorder(Generic[T, R]):
         "worker",
     )
 
-    def __init__(self, pool: Pool[T, R], run: _PoolRun[T, R], worker: _Worker | None = None) -> None:
+    def __init__(
+        self, pool: Pool[T, R], run: _PoolRun[T, R], worker: _Worker | None = None
+    ) -> None:
         on_outcome = pool._on_outcome
         is_async = on_outcome is not None and is_async_callable(on_outcome)
         self.pool, self.live, self.watch, self.clock = pool, run.live, run.watch, run.clock

@@ -129,7 +129,8 @@ class ScheduledQueue(Generic[E]):
         return heapq.heappop(self._heap)[2]
 
     def put_back(self, entry: E) -> None:
-        heapq.heappush(self._heap, (-math.inf, entry[0], entry))
+        # before everything, -inf priorities included (no index is -1)
+        heapq.heappush(self._heap, (-math.inf, -1, entry))
 
     def finished(self, index: int) -> None:
         """The entry ``index`` got its outcome: its key goes to the next in line."""
@@ -152,8 +153,8 @@ class ScheduledQueue(Generic[E]):
             del self._taken[key]
 
     def remove(self, index: int) -> E | None:
-        for position, (_, queued, entry) in enumerate(self._heap):
-            if queued == index:
+        for position, (_, _, entry) in enumerate(self._heap):
+            if entry[0] == index:
                 self._heap[position] = self._heap[-1]
                 self._heap.pop()
                 heapq.heapify(self._heap)
