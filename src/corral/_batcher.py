@@ -978,8 +978,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         not counted per item) and ``elapsed`` runs from this call. If the
         batcher stops before the item is flushed, the job ends unfinished
         (``wait()`` raises :class:`PoolClosed`) and the item is in
-        :attr:`unflushed`. :meth:`Job.cancel` takes a queued item out (see
-        :meth:`_cancel_job`).
+        :attr:`unflushed`. :meth:`Job.cancel` takes a queued item out (an item
+        whose batch is being flushed stays in it: ``cancel()`` is False).
 
         :raises QueueFull: ``max_pending`` items are queued, or adders are
             waiting for room.

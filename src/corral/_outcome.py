@@ -99,9 +99,10 @@ class _Owner(Protocol):
 
 
 class Job(Generic[T, R]):
-    """Handle on one item submitted to a :class:`Pool`.
+    """Handle on one item submitted to a :class:`Pool` or a :class:`Batcher`.
 
-    Returned by ``Pool.submit`` and ``Pool.submit_nowait``. ``item`` is the
+    Returned by ``Pool.submit``, ``Pool.submit_nowait`` and
+    ``Batcher.submit_nowait``. ``item`` is the
     item, ``index`` its submission index, ``id`` the id given to ``submit``
     (default: the index). Creating a job costs no event: one is made only when
     somebody awaits :meth:`wait` before the outcome exists.
