@@ -151,6 +151,9 @@ def _good_options() -> dict[str, dict[str, Any]]:
             "on_outcome": print,
             "fail_fast": False,
             "name": "p",
+            "key": str,
+            "per_key": 1,
+            "cost": len,
         },
         "Batcher": {
             "max_size": 10,
@@ -188,7 +191,17 @@ def _good_options() -> dict[str, dict[str, Any]]:
 def _is_accepted(factory: str, name: str, value: Any) -> bool:
     """The few 'bad-looking' values a parameter legitimately accepts."""
     optional = {
-        "Pool": {"max_pending", "retry", "rate_limit", "limiter", "timeout", "on_outcome", "name"},
+        "Pool": {
+            "max_pending",
+            "retry",
+            "rate_limit",
+            "limiter",
+            "timeout",
+            "on_outcome",
+            "name",
+            "key",
+            "cost",
+        },
         "Batcher": {
             "max_wait",
             "max_pending",
@@ -219,7 +232,7 @@ def _is_accepted(factory: str, name: str, value: Any) -> bool:
         return True  # no ceiling
     if name == "on" and callable(value) and value not in (object, handler):
         return True  # a plain predicate (an async one would always be true)
-    if name in ("dedupe_key", "weight", "cost") and value is object:
+    if name in ("dedupe_key", "weight", "cost", "key") and value is object:
         return True  # callable; it fails at add() or at a flush, where the item is known
     if name == "max_wait" and (value == 0 or value == float("inf")):
         return True  # flush at once / only by size and flush()

@@ -338,6 +338,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         self._handler = handler
         self._limit = WorkerLimit(check_int("workers", workers, minimum=1))
         check_callable("key", key, optional=True)
+        if key is not None and is_async_callable(key):
+            raise TypeError(f"key must be a plain function returning a hashable key, got {key!r}")
         self._key = key
         self._per_key = check_int("per_key", per_key, minimum=1)
         if per_key != 1 and key is None:
