@@ -1,8 +1,10 @@
 """Many more random-cancellation trials than the test suite runs: ``nox -s chaos``.
 
-Runs the seeded scenarios of ``test_contract_accounting.py`` (a pool, a pool with
+Runs the seeded scenarios of ``test_contract_accounting.py`` and
+``test_batcher_scheduling.py`` (a pool, a pool with
 retry/timeout/limiters, a pool with priorities, keys, resizes, pauses and job
-cancellations, a batcher; random sizes, producers, failures, hangs, and
+cancellations, a batcher, a batcher with submit_nowait jobs, their
+cancellations and weights; random sizes, producers, failures, hangs, and
 cancellation at a random moment) for ``--cases`` seeds on each backend, and
 prints how many cases ran and how many broke an invariant (an item lost,
 doubled, both finished and unfinished, out of order, or a task left running).
@@ -25,6 +27,7 @@ import anyio
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from test_batcher_scheduling import trial as batcher_jobs_trial
     from test_contract_accounting import batcher_trial, trial
 
     async def layered(seed: int) -> None:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "pool+middleware": layered,
         "pool+scheduling": scheduled,
         "batcher": batcher_trial,
+        "batcher+jobs": batcher_jobs_trial,
     }
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="per backend, all scenarios")
