@@ -337,13 +337,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         check_callable("handler", handler)
         self._handler = handler
         self._limit = WorkerLimit(check_int("workers", workers, minimum=1))
-        check_callable("key", key, optional=True)
-        if key is not None and is_async_callable(key):
-            raise TypeError(f"key must be a plain function returning a hashable key, got {key!r}")
-        self._key = key
-        self._per_key = check_int("per_key", per_key, minimum=1)
-        if per_key != 1 and key is None:
-            raise ValueError(f"per_key={per_key!r} needs key=: a function giving each item's key")
+        self._key, self._per_key = key, _check_key(key, per_key)
         self._paused = False
         if max_pending is None:
             max_pending = max(2 * workers, 16)
@@ -1200,6 +1194,18 @@ def _job_cancelled(job: Job[Any, Any] | None) -> JobCancelled:
     return JobCancelled(f"job {job.id if job else None!r} was cancelled")
 
 
+def _check_key(key: object, per_key: int) -> int:
+    """Refuse a ``key`` that is not a plain function, or ``per_key`` below 1
+    or without a key; return ``per_key``."""
+    check_callable("key", key, optional=True)
+    if key is not None and is_async_callable(key):
+        raise TypeError(f"key must be a plain function returning a hashable key, got {key!r}")
+    check_int("per_key", per_key, minimum=1)
+    if per_key != 1 and key is None:
+        raise ValueError(f"per_key={per_key!r} needs key=: a function giving each item's key")
+    return per_key
+
+
 def _check_priority(priority: object) -> None:
     if isinstance(priority, bool) or not isinstance(priority, numbers.Real):
         raise TypeError(f"priority must be a real number, got {priority!r}")
@@ -1291,10 +1297,9 @@ class _Recorder(Generic[T, R]):
         whatever its call did (it ended before the cancellation reached it),
         and the step ends with :class:`_JobStopped`: the worker leaves its
         cancelled scope before it takes another entry."""
+        if entry is self.worker.cancelling:
+            self._stopped(entry, attempts, elapsed)
         index, item, id_, job = entry
-        stopped = entry is self.worker.cancelling
-        if stopped:
-            result, error = None, _job_cancelled(job)
         outcome: Outcome[T, R] = _make_outcome(item, index, id_, result, error, attempts, elapsed)
         if error is not None:
             self.counters.failed += 1
@@ -1315,12 +1320,17 @@ class _Recorder(Generic[T, R]):
             self.watch.notify(index, len(self.live))
         if error is not None and self.fail_fast and error.__class__ is not JobCancelled:
             self.pool._fail(error)
-        if stopped:
-            if self.after is not None:  # the worker goes on at once: its own task
-                run = self.pool._run
-                run.start_soon(self.pool._call_after, self, outcome, name="corral on_outcome")
-            raise _JobStopped
         return outcome
+
+    def _stopped(self, entry: _Entry[T, R], attempts: int, elapsed: float) -> NoReturn:
+        """Record JobCancelled for an entry whose job was cancelled while it
+        ran (whatever its call did); then the worker leaves its scope."""
+        self.worker.cancelling = None  # recorded once
+        outcome = self.record(entry, None, _job_cancelled(entry[3]), attempts, elapsed)
+        if self.after is not None:  # the worker goes on at once: its own task
+            run = self.pool._run
+            run.start_soon(self.pool._call_after, self, outcome, name="corral on_outcome")
+        raise _JobStopped
 
     async def call_after(
         self, after: Callable[[Outcome[T, R]], Awaitable[Any]], outcome: Outcome[T, R] | None
