@@ -23,10 +23,10 @@ import attrs
 from ._adaptive import AdaptiveRate
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
-from ._limits import SlidingWindow, TokenBucket, check_cost
+from ._limits import SlidingWindow, TokenBucket
 from ._retry import Retry, read_retry_after, retry_after_of
 from ._threads import Holds, Threads, holds_of_attempt
-from ._validate import check_number
+from ._validate import check_int, check_number
 
 _log = logging.getLogger("corral.limits")
 
@@ -386,19 +386,19 @@ def _with_rate_limit(
 async def _acquire_cost(
     limiter: Any, units: int, admit_at: Callable[[int, float], bool] | None, now: float = 0.0
 ) -> None:
-    """Acquire ``units`` from ``limiter``: at once if ``admit_at(units, now)``
-    admits them, else by waiting. A cost above what the limiter admits at once
-    (its ``burst``, or a quota's rate) is taken in parts of that size, one
-    after the other, so that "500 rows per second" holds for a batch of any
-    size instead of refusing it."""
+    """Acquire ``units`` (checked: an int of at least 1) from ``limiter``: at
+    once if ``admit_at(units, now)`` admits them, else by waiting. A cost above
+    what the limiter admits at once (its ``burst``, or a quota's rate) is taken
+    in parts of that size, one after the other, so that "500 rows per second"
+    holds for a batch of any size instead of refusing it."""
+    check_int("cost", units, minimum=1)
     most = getattr(limiter, "_capacity", None) or getattr(limiter, "burst", None)
-    if isinstance(most, int) and not isinstance(units, bool) and isinstance(units, int):
+    if isinstance(most, int):
         while units > most >= 1:
             await limiter.acquire(most)
             units -= most
             admit_at = None  # waited: the clock read before is stale
     if admit_at is None or not admit_at(units, now):
-        check_cost(units, 2**62, limiter)  # admit_at does not check what it is given
         await limiter.acquire(units)
 
 
@@ -415,7 +415,7 @@ def _with_own_limiter(
 
     async def rate_limited_own(item: Any) -> Any:
         if cost is not None:
-            await _acquire_cost(own, _checked(cost(item)), admit_at, clock())
+            await _acquire_cost(own, cost(item), admit_at, clock())
         elif not admit_at(1, clock()):
             await acquire()
         try:
@@ -425,13 +425,6 @@ def _with_own_limiter(
             raise
 
     return rate_limited_own
-
-
-def _checked(units: int) -> int:
-    """A cost from a ``cost`` function, refused unless a positive int (before
-    an own limiter's ``_admit_at``, which does not check)."""
-    check_cost(units, 2**62, None)
-    return units
 
 
 async def pause_limiter(pause: Callable[[float], object], seconds: float) -> None:
@@ -460,7 +453,7 @@ def _with_adaptive_rate(
     async def rate_limited_adaptive(item: Any) -> Any:
         admitted_at = clock()
         if cost is not None:
-            await _acquire_cost(rate, _checked(cost(item)), admit_at, admitted_at)
+            await _acquire_cost(rate, cost(item), admit_at, admitted_at)
             admitted_at = clock()
         elif not admit_at(1, admitted_at):
             await acquire()

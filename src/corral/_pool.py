@@ -261,9 +261,10 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     :param per_key: how many items with equal keys may run at once (with
         ``key=``).
     :param cost: a function giving each item's cost, passed to
-        ``rate_limit.acquire(cost)`` on every attempt (default: 1). If it
-        raises, or the limiter refuses the cost, the attempt fails with that
-        error.
+        ``rate_limit.acquire(cost)`` on every attempt (default: 1); a cost
+        above what the limiter admits at once is acquired in parts. If it
+        raises, or returns anything but an int of at least 1, the attempt
+        fails with that error.
 
     Entering a pool that is already running raises ``RuntimeError``; it can be
     entered again after it exited (its stats accumulate).
@@ -399,11 +400,6 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             waiting_for_key=getattr(run.queue, "waiting", 0),
             busy_keys=getattr(run.queue, "busy_keys", 0),
         )
-
-    @staticmethod
-    def _running(run: _PoolRun[T, R]) -> int:
-        """Items in a worker: live, minus those holding room (queued)."""
-        return len(run.live) - (run.slots.used - run.slots.granted)
 
     @property
     def workers(self) -> int:
@@ -654,9 +650,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     def _fill_one_by_one(self, iterator: Iterator[T]) -> bool:
         """:meth:`_fill` through :meth:`_submit_if_room`, an item at a time."""
         run = self._run
-        while self._state is RUNNING and not run.slots.waiting:
-            if run.slots.used >= run.slots.capacity:
-                return False
+        while self._state is RUNNING and not run.slots.waiting and run.slots.fits(1):
             for item in iterator:
                 self._submit_if_room(item)  # there is room: always True
                 break
@@ -707,7 +701,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
     def _dispatch(self, run: _PoolRun[T, R]) -> None:
         """Hand the next queued entry to a parked worker, or start a worker for
-        it, unless a wake-up is already in flight (it passes this one on)."""
+        it, unless a wake-up is already in flight (it passes this one on).
+        While paused nothing happens: no worker is parked, and the bound is 0."""
         parking = run.parking
         if not run.queue or parking.waking or self._state is not RUNNING:
             return
@@ -759,12 +754,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         and parks, a spare.)
         """
         run.parking.waking = False
-        if not run.queue or self._paused:
-            return
-        if run.parking.spots:
-            self._enqueue(run, run.queue.take())
-        elif self._limit.allows(run.started) and self._state is RUNNING:
-            self._start_worker(run)
+        self._dispatch(run)
 
     def _give_back(self, entry: _Entry[T, R]) -> None:
         """A worker handed ``entry`` was cancelled before it ran it: it runs
@@ -934,7 +924,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         await checkpoint()
         run = self._run
         while run.live or run.watch.callbacks:
-            if self._paused and not run.watch.callbacks and self._running(run) == 0:
+            if self._paused and not run.watch.callbacks and self.stats.running == 0:
                 self._log.warning(
                     "%s exits while paused: %d queued item(s) left unfinished "
                     "(resume() before leaving the block runs them)",
