@@ -384,10 +384,9 @@ class _BatcherRun(Run, Generic[T]):
         self.resume_at = -math.inf  # no flush starts before (failure backoff)
         self.failures = 0  # consecutive failed flushes
         self.sleepers: set[anyio.CancelScope] = set()  # flushers in backoff
-        # why flushing ended (set together): the error of a final flush that
-        # failed, or of the last of max_consecutive_failures failed flushes
-        self.halt_error: BaseException | None = None
-        self.halt_reason = ""
+        # why flushing ended: the error of a final flush that failed, or of the
+        # last of max_consecutive_failures failed flushes, and which of the two
+        self.halt: tuple[BaseException, str] | None = None
         self.submitted = False  # submit was used: batches may carry tickets
         self.over = False  # the tasks ended: what was left is in unflushed
         self.unflushed: list[_Entry[T]] = []
@@ -521,9 +520,10 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         second.
     :param cost: a plain function of the batch (the list given to ``flush``)
         returning the int that each of its flush attempts asks ``rate_limit``
-        for; ``cost=lambda batch: 1`` counts flushes instead of rows. If it
-        raises, or the limiter refuses the cost (more than it can ever admit
-        at once), that attempt fails with the error, as a failed flush.
+        for; ``cost=lambda batch: 1`` counts flushes instead of rows. A cost
+        above what the limiter admits at once is acquired in parts of that
+        size. If ``cost`` raises, or returns anything but an int of at least
+        1, that attempt fails with the error, as a failed flush.
     :param limiter: an :class:`anyio.CapacityLimiter` held for each flush attempt.
     :param timeout: seconds (or a :class:`Timeout`) per flush attempt.
     :param middleware: user :class:`Middleware`, outermost first; they see each
@@ -800,15 +800,15 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         ``__context__``."""
         if run.stop_reason is not None:
             return run.stop_reason
-        if run.halt_error is None:
+        if run.halt is None:
             return None
+        cause, reason = run.halt
         count = len(run.unflushed)
         error = FlushError(
-            f"{self!r}: {run.halt_reason} ({run.halt_error!r}); "
-            f"{count} item{'s' if count != 1 else ''} not flushed",
+            f"{self!r}: {reason} ({cause!r}); {count} item{'s' if count != 1 else ''} not flushed",
             self.unflushed,
         )
-        error.__cause__ = run.halt_error
+        error.__cause__ = cause
         return error
 
     def _exit_summary(self) -> tuple[object, str]:
@@ -852,10 +852,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run = self._run
         if not run.slots.take_nowait(1):
             await self._wait_for_room(run, 1)
-        if config.weight is None:
-            self._append(run, item, key, None)
-        else:
-            self._append_weighed(run, item, key, None)
+        self._add_entry(run, item, key, None)
 
     def add_nowait(self, item: T) -> None:
         """Queue ``item`` without waiting, or raise.
@@ -923,9 +920,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run = self._run
         if not run.slots.take_nowait(len(batch)):
             await self._wait_for_room(run, len(batch))
-        append = self._append if self._config.weight is None else self._append_weighed
         for item, key in zip(batch, keys, strict=True):
-            append(run, item, key, None)
+            self._add_entry(run, item, key, None)
 
     async def submit(self, item: T) -> R:
         """Add ``item`` and wait for its result: its element of the sequence that
@@ -957,10 +953,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run.submitted = True
         if not run.slots.take_nowait(1):
             await self._wait_for_room(run, 1)
-        if config.weight is None:
-            self._append(run, item, key, ticket)
-        else:
-            self._append_weighed(run, item, key, ticket)
+        self._add_entry(run, item, key, ticket)
         result: R = await self._outcome(run, ticket)
         return result
 
@@ -1007,10 +1000,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             job = Job(item, run.next_seq, run.next_seq, owner)
             ticket = _JobTicket(job, run.clock)
             run.submitted = True
-        if config.weight is None:
-            self._append(run, item, key, ticket)
-        else:
-            self._append_weighed(run, item, key, ticket)
+        self._add_entry(run, item, key, ticket)
         return job
 
     def _cancel_job(self, job: Job[Any, Any]) -> bool:
@@ -1146,6 +1136,16 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             size = len(queue)
             if size == 1 or size >= config.max_size:
                 parking.unpark()
+
+    def _add_entry(
+        self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | _JobTicket | None
+    ) -> None:
+        """Queue an item whose room is taken: :meth:`_append`, weighed if the
+        batcher has a weight function (add_nowait inlines the unweighed case)."""
+        if self._config.weight is None:
+            self._append(run, item, key, ticket)
+        else:
+            self._append_weighed(run, item, key, ticket)
 
     def _append_weighed(
         self, run: _BatcherRun[T], item: T, key: Hashable, ticket: _Ticket | _JobTicket | None
@@ -1290,7 +1290,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             # batching is always due: _due_at's first case, without the call).
             if (
                 run.queue
-                and run.halt_error is None
+                and run.halt is None
                 and run.resume_at == -math.inf
                 and (natural or self._due_at(run, -1) == -math.inf)
             ):
@@ -1323,7 +1323,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         """Wait until a batch is due and cut it (None: nothing more to flush)."""
         fired_for = -1  # the age timer fired for the entry with this seq
         while True:
-            if run.halt_error is not None or not run.queue:
+            if run.halt is not None or not run.queue:
                 if self._flushing_over(run):
                     return None
                 await run.parking.park()
@@ -1346,7 +1346,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         """Nothing queued is ever to be flushed by this run (it halted, or the
         queue is empty at exit), and no handed-back item may come back (a
         ``submit`` caller cancelled before it saw its error)."""
-        over = run.halt_error is not None or self._state is not RUNNING
+        over = run.halt is not None or self._state is not RUNNING
         return over and not run.handed_back
 
     async def _back_off(self, run: _BatcherRun[T]) -> None:
@@ -1471,13 +1471,12 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     def _halt(self, run: _BatcherRun[T], error: Exception, final: bool) -> None:
         """Flushing ends; what is left is unflushed."""
-        if run.halt_error is not None:
+        if run.halt is not None:
             return
-        run.halt_error = error
         if final:
-            run.halt_reason = "a final flush failed"
+            run.halt = (error, "a final flush failed")
         else:
-            run.halt_reason = f"{run.failures} consecutive flushes failed"
+            run.halt = (error, f"{run.failures} consecutive flushes failed")
             self._stop(run)  # the block ends with FlushError
         run.parking.unpark_all()
         for scope in run.sleepers:
