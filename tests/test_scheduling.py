@@ -611,7 +611,7 @@ async def test_cancelling_a_job_during_its_retry_backoff_ends_it() -> None:
         calls.append(item)
         raise ConnectionError("down")
 
-    retry = Retry(attempts=5, on=ConnectionError, wait_initial=60)
+    retry = Retry(attempts=5, on=ConnectionError, wait_initial=60, wait_jitter=False)
     async with Pool(failing, retry=retry) as pool:
         job = await pool.submit(1)
         await anyio.wait_all_tasks_blocked()  # in its first backoff
