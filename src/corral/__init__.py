@@ -8,6 +8,8 @@ from ._adaptive import AdaptiveRate as AdaptiveRate
 from ._adaptive import AdaptiveRateStatistics as AdaptiveRateStatistics
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStats as BatcherStats
+from ._concurrency import AdaptiveLimiter as AdaptiveLimiter
+from ._concurrency import AdaptiveLimiterStatistics as AdaptiveLimiterStatistics
 from ._errors import CorralError as CorralError
 from ._errors import FlushError as FlushError
 from ._errors import JobCancelled as JobCancelled
@@ -31,6 +33,8 @@ from ._retry import Retry as Retry
 from ._retry import backoff as backoff
 
 __all__ = [
+    "AdaptiveLimiter",
+    "AdaptiveLimiterStatistics",
     "AdaptiveRate",
     "AdaptiveRateStatistics",
     "ApplyToEach",

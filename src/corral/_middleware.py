@@ -21,6 +21,7 @@ import anyio
 import attrs
 
 from ._adaptive import AdaptiveRate
+from ._concurrency import AdaptiveLimiter
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
 from ._limits import SlidingWindow, TokenBucket
@@ -298,7 +299,7 @@ def build_chain(
         where = retry.retry_after if retry is not None and retry.retry_after else retry_after_of
         chain = _with_rate_limit(chain, rate_limit, clock, where, cost)
     if limiter is not None:
-        chain = _with_limiter(chain, limiter, threaded)
+        chain = _with_limiter(chain, limiter, threaded, clock)
     if retry is not None:
         chain = _bind(retry, chain)
     for layer in reversed(middleware):
@@ -469,7 +470,11 @@ def _with_adaptive_rate(
     return rate_limited_adaptive
 
 
-def _with_limiter(call_next: Call, limiter: Any, threaded: bool) -> Call:
+def _with_limiter(
+    call_next: Call, limiter: Any, threaded: bool, clock: Callable[[], float]
+) -> Call:
+    if isinstance(limiter, AdaptiveLimiter):
+        return limiter._layer(call_next, clock, threaded)
     if threaded and isinstance(limiter, anyio.CapacityLimiter):
         return _with_limiter_for_thread(call_next, limiter)
     if not isinstance(limiter, anyio.CapacityLimiter):

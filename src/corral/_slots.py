@@ -113,6 +113,12 @@ class Slots:
         if self.waiters:
             self._grant()
 
+    def resize(self, capacity: int) -> None:
+        """Change ``capacity``; room it makes goes to the first waiter."""
+        self.capacity = capacity
+        if self.waiters:
+            self._grant()
+
     def _grant(self) -> None:
         waiters = self.waiters
         if not waiters or self.granted or self.closed:

@@ -1,0 +1,450 @@
+"""AdaptiveLimiter: a concurrency limit that finds the service's capacity.
+
+A capacity limiter (like :class:`anyio.CapacityLimiter`) whose number of
+slots moves with what the attempts it admits see. It learns in windows: a
+window gathers the latency of attempts that started after it opened (so each
+reflects the limit of its time) and, once it holds enough of them, the
+algorithm moves the limit from the window's mean latency and a baseline (the
+latency of the service when nothing queues). Drops (attempts that failed with
+an overload error) lower the limit at once, multiplicatively, and once per
+generation: drops of attempts that started before the last decrease are the
+same overload seen late.
+
+Now and then the limiter probes its baseline: it halves its limit for one
+window, so that whatever queued at the service drains, and takes that window's
+latency as the new baseline. A slow start, or a service that became slower or
+faster for good, does not stay in the baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import anyio
+import attrs
+
+from ._retry import ExceptionFilter, check_on, matches
+from ._slots import Slots
+from ._threads import Holds, holds_of_attempt
+from ._validate import check_int
+
+__all__ = ["AdaptiveLimiter", "AdaptiveLimiterStatistics"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+Call = Callable[[Any], Awaitable[Any]]
+Algorithm = Literal["vegas", "gradient2"]
+
+
+class Latency(NamedTuple):
+    """A window's latency: its mean, and its mean less two standard errors."""
+
+    mean: float
+    low: float
+
+
+_log = logging.getLogger("corral.limits")
+
+_BACKOFF = 0.9  # a drop multiplies the limit by this (AIMD's decrease)
+_MIN_SAMPLES = 8  # a window closes after at least this many latencies ...
+_WINDOW_SHARE = 0.5  # ... and at least this share of the limit
+_PROBE_EVERY = 64  # windows between two probes of the baseline latency
+_FIRST_PROBE = 8  # the first probe comes after this many windows
+_PROBE_SAMPLES = 64  # a probe's window holds at least this many latencies
+_CALM = 8  # vegas grows fast only this many windows after the last drop
+_LONG_WINDOWS = 20  # gradient2: the long-term latency averages this many windows
+_TOLERANCE = 1.5  # gradient2: latency this many times the long-term one is fine
+_SMOOTHING = 0.2  # gradient2: a window moves the limit this share of the way
+
+
+@attrs.frozen
+class AdaptiveLimiterStatistics:
+    """A snapshot of an :class:`AdaptiveLimiter`."""
+
+    limit: int  #: slots now
+    min: int
+    max: int
+    in_flight: int  #: attempts holding a slot
+    waiting: int  #: tasks in line for a slot
+    drops: int  #: attempts that failed with an ``on`` error
+    decreases: int  #: times drops lowered the limit (once per generation)
+    latency: float | None  #: mean latency of the last window's successes, seconds
+    baseline: float | None  #: the latency when nothing queues, as last measured
+    algorithm: str
+
+
+def _vegas(limit: float, latency: Latency, baseline: float, busy: bool, calm: bool) -> float:
+    """TCP Vegas, as Netflix's concurrency-limits has it: estimate how many
+    attempts wait at the service (``limit * (1 - baseline / latency)``) and keep
+    that between 3 and 6 times ``log10(limit)``. It lowers the limit only when
+    the latency is above that with confidence (its mean less two standard
+    errors), so that a noisy service time does not pull it down."""
+    step = max(1.0, math.log10(limit))
+    surely_queued = limit * (1 - baseline / max(latency.low, baseline))
+    if surely_queued > 6 * step:  # too many wait: give back half of the excess
+        return limit - max(step, (surely_queued - 6 * step) / 2)
+    queued = limit * (1 - baseline / latency.mean)
+    if not busy:
+        return limit
+    if queued <= step:
+        return limit + (6 * step if calm else step)
+    if queued < 3 * step:
+        return limit + step
+    return limit
+
+
+class _Gradient2:
+    """Netflix's Gradient2: the limit follows the ratio of the long-term latency
+    (an average over about ``_LONG_WINDOWS`` windows) to the last window's,
+    tolerating ``_TOLERANCE`` times the long-term, plus ``sqrt(limit)`` of
+    room for queueing; smoothed."""
+
+    __slots__ = ("long",)
+
+    def __init__(self) -> None:
+        self.long: float | None = None
+
+    def __call__(
+        self, limit: float, measured: Latency, baseline: float, busy: bool, calm: bool
+    ) -> float:
+        latency = measured.mean
+        long = self.long = self._average(latency)
+        if latency / long > 2:  # a lasting change: let the long-term follow faster
+            long = self.long = long * 0.95
+        if not busy:
+            return limit
+        gradient = max(0.5, min(1.0, _TOLERANCE * long / latency))
+        target = limit * gradient + math.sqrt(limit)
+        return limit * (1 - _SMOOTHING) + target * _SMOOTHING
+
+    def _average(self, latency: float) -> float:
+        if self.long is None:
+            return latency
+        return self.long + (latency - self.long) * 2 / (_LONG_WINDOWS + 1)
+
+    def rebase(self, baseline: float) -> None:
+        self.long = baseline
+
+
+class AdaptiveLimiter:
+    """A ``limiter=`` whose limit finds the service's capacity by itself.
+
+    Holds a slot per attempt, like :class:`anyio.CapacityLimiter` (so no slot
+    is held during a retry's backoff), and can be shared by several pools. It
+    measures every attempt's latency and moves its limit between ``min`` and
+    ``max``:
+
+    - ``algorithm="vegas"`` (the default): it estimates how many attempts wait
+      at the service from the latency against its baseline, and keeps a few
+      waiting (between 3 and 6 times ``log10(limit)``): enough to keep the
+      service busy, few enough that latency stays near the baseline.
+      ``"gradient2"``: the limit follows the ratio of the long-term latency to
+      the recent one, tolerating 1.5 times it (latency runs higher).
+    - A *drop* (an attempt that fails with an error ``on`` matches: exception
+      types or a predicate, as in :class:`Retry`; by default a
+      :class:`TimeoutError`, which is what ``timeout=`` raises) multiplies the
+      limit by 0.9, once: drops of attempts that started before that decrease
+      do not lower it again, so a burst of correlated errors costs one step.
+    - It does not grow while fewer than half its slots are in use (it is not
+      the bottleneck then), and every 64 windows it halves its limit for one
+      window to measure the service's latency unloaded again.
+
+    Other errors and cancelled attempts teach it nothing. :attr:`limit` and
+    :meth:`statistics` say where it is; a change of the limit is logged at
+    DEBUG on the ``corral.limits`` logger. Outside a pool, ``async with
+    limiter:`` holds a slot for the block and learns from how it ends.
+
+    >>> limiter = AdaptiveLimiter(10, min=2, max=200, on=(TimeoutError, ConnectionError))
+    >>> limiter.limit
+    10
+    """
+
+    def __init__(
+        self,
+        initial: int = 10,
+        *,
+        min: int = 1,
+        max: int = 1000,
+        on: ExceptionFilter = (TimeoutError,),
+        algorithm: Algorithm = "vegas",
+    ) -> None:
+        low = check_int("min", min, minimum=1)
+        high = check_int("max", max, minimum=1)
+        initial = check_int("initial", initial, minimum=1)
+        if not low <= initial <= high:
+            raise ValueError(f"wanted min <= initial <= max, got {low!r}, {initial!r}, {high!r}")
+        check_on(on)
+        if algorithm not in ("vegas", "gradient2"):
+            raise ValueError(f"algorithm must be 'vegas' or 'gradient2', got {algorithm!r}")
+        self.min: int = low
+        self.max: int = high
+        self.on: ExceptionFilter = on
+        self.algorithm: Algorithm = algorithm
+        self._update: Callable[[float, Latency, float, bool, bool], float] = (
+            _vegas if algorithm == "vegas" else _Gradient2()
+        )
+        self._slots = Slots(initial)
+        self._estimate = float(initial)
+        self._learning = _Learning()
+        self._starts: dict[int, list[float]] = {}  # ``async with`` blocks, per task
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveLimiter(limit={self.limit}, min={self.min}, max={self.max}, "
+            f"algorithm={self.algorithm!r})"
+        )
+
+    @property
+    def limit(self) -> int:
+        """How many attempts may hold a slot at once, now."""
+        return self._slots.capacity
+
+    def statistics(self) -> AdaptiveLimiterStatistics:
+        """Where it stands now (a frozen snapshot)."""
+        slots, learning = self._slots, self._learning
+        return AdaptiveLimiterStatistics(
+            limit=slots.capacity,
+            min=self.min,
+            max=self.max,
+            in_flight=slots.used,
+            waiting=len(slots.waiters),
+            drops=learning.drops,
+            decreases=learning.decreases,
+            latency=learning.latency,
+            baseline=learning.baseline,
+            algorithm=self.algorithm,
+        )
+
+    # -- holding a slot ------------------------------------------------------
+
+    async def __aenter__(self) -> None:
+        """Wait for a slot (first come, first served) and hold it for the block."""
+        if not self._slots.take_nowait():
+            await self._slots.take()
+        started = anyio.current_time()
+        self._starts.setdefault(anyio.get_current_task().id, []).append(started)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Give the slot back, learning from how the block ended."""
+        task = anyio.get_current_task().id
+        starts = self._starts[task]
+        started = starts.pop()
+        if not starts:
+            del self._starts[task]
+        if exc is None or isinstance(exc, Exception):
+            self._learn(started, exc, anyio.current_time())
+        self._slots.release()
+
+    def _layer(self, call_next: Call, clock: Callable[[], float], threaded: bool) -> Call:
+        """The pool's limiter layer: a slot per attempt, and what it taught."""
+        if threaded:
+            return self._layer_for_thread(call_next, clock)
+        slots, learn = self._slots, self._learn
+        take_nowait, take, release = slots.take_nowait, slots.take, slots.release
+
+        async def adaptive_limited(item: Any) -> Any:
+            if not take_nowait():
+                await take()
+            started = clock()
+            try:
+                result = await call_next(item)
+            except Exception as error:
+                learn(started, error, clock())
+                release()
+                raise
+            except BaseException:
+                release()
+                raise
+            learn(started, None, clock())
+            release()
+            return result
+
+        return adaptive_limited
+
+    def _layer_for_thread(self, call_next: Call, clock: Callable[[], float]) -> Call:
+        """As :meth:`_layer`, the slot held until the attempt's thread ends (a
+        timeout may leave it running), as a capacity limiter's token is."""
+        slots, learn = self._slots, self._learn
+
+        async def adaptive_limited_thread(item: Any) -> Any:
+            if not slots.take_nowait():
+                await slots.take()
+            started = clock()
+            holds = Holds()
+            holds.releases.append(slots.release)
+            token = holds_of_attempt.set(holds)
+            try:
+                result = await call_next(item)
+            except Exception as error:
+                learn(started, error, clock())
+                raise
+            finally:
+                holds_of_attempt.reset(token)
+                if not holds.taken:
+                    holds.release()
+            learn(started, None, clock())
+            return result
+
+        return adaptive_limited_thread
+
+    # -- learning --------------------------------------------------------------
+
+    def _learn(self, started: float, error: BaseException | None, now: float) -> None:
+        """An attempt that held a slot since ``started`` ended (with ``error``)."""
+        learning = self._learning
+        if error is not None:
+            if isinstance(error, Exception) and matches(self.on, error):
+                learning.drops += 1
+                if started >= learning.decreased_at:  # not one of the same overload
+                    self._drop(now)
+            return
+        if started < learning.fresh_after or now < learning.opened:
+            return  # it started before a drop, or ended while a probe drains
+        latency = now - started
+        learning.count += 1
+        learning.total += latency
+        learning.squares += latency * latency
+        if self._slots.used > learning.busiest:
+            learning.busiest = self._slots.used
+        if learning.count >= learning.needed and now >= learning.closes_at:
+            self._close_window(now)
+
+    def _drop(self, now: float) -> None:
+        learning = self._learning
+        learning.decreases += 1
+        learning.decreased_at = learning.fresh_after = now
+        learning.starting = False
+        learning.calm = 0
+        estimate = learning.saved if learning.probing else self._estimate
+        learning.probing = False
+        self._set(estimate * _BACKOFF, "a drop")
+        learning.open(now, self._estimate)
+
+    def _close_window(self, now: float) -> None:
+        learning = self._learning
+        latency = learning.latency = learning.total / learning.count
+        if learning.probing:
+            learning.probing = False
+            self._rebase(latency)
+            self._set(learning.saved, "probed")
+        else:
+            if learning.baseline is None:
+                self._rebase(latency)
+            estimate = self._next_estimate(latency)
+            learning.windows += 1
+            learning.calm += 1
+            if estimate < learning.high / 2 or learning.windows % _PROBE_EVERY == _FIRST_PROBE:
+                self._probe(now, estimate)
+                return
+            self._set(estimate, "latency")
+        learning.open(now, self._estimate)
+
+    def _probe(self, now: float, estimate: float) -> None:
+        """Halve the limit for a window, to measure the latency unloaded: the
+        window opens once what queued at the higher limit had time to end."""
+        learning = self._learning
+        learning.probing, learning.saved = True, estimate
+        self._set(estimate / 2, "probing the baseline")
+        learning.open(now, self._estimate, delay=2 * (learning.latency or 0.0))
+        learning.needed = max(learning.needed, _PROBE_SAMPLES)
+
+    def _next_estimate(self, latency: float) -> float:
+        """What the window that measured ``latency`` makes of the limit."""
+        learning, estimate = self._learning, self._estimate
+        baseline = learning.baseline
+        assert baseline is not None
+        busy = 2 * learning.busiest >= estimate
+        if learning.starting and busy and latency <= baseline * 1.1:
+            return 2 * estimate  # slow start: double until latency moves
+        learning.starting = False
+        count = learning.count
+        spread = max(0.0, learning.squares / count - latency * latency)
+        measured = Latency(latency, latency - 2 * math.sqrt(spread / count))
+        new = self._update(estimate, measured, baseline, busy, learning.calm >= _CALM)
+        if new >= estimate:
+            learning.high = new  # where a run of lowerings for latency starts
+        return new
+
+    def _rebase(self, latency: float) -> None:
+        self._learning.baseline = latency
+        if isinstance(self._update, _Gradient2):
+            self._update.rebase(latency)
+
+    def _set(self, estimate: float, why: str) -> None:
+        estimate = self._estimate = max(self.min, min(self.max, estimate))
+        slots = self._slots
+        limit = int(estimate)
+        if limit == slots.capacity:
+            return
+        learning = self._learning
+        _log.debug(
+            "adaptive limit %d -> %d (%s; latency %.3g s, baseline %.3g s)",
+            slots.capacity,
+            limit,
+            why,
+            learning.latency or math.nan,
+            learning.baseline or math.nan,
+        )
+        slots.resize(limit)
+
+
+class _Learning:
+    """What an :class:`AdaptiveLimiter` has seen: the open window, the
+    baseline, its drops."""
+
+    __slots__ = (
+        "baseline",
+        "busiest",
+        "calm",
+        "closes_at",
+        "count",
+        "decreased_at",
+        "decreases",
+        "drops",
+        "fresh_after",
+        "high",
+        "latency",
+        "needed",
+        "opened",
+        "probing",
+        "saved",
+        "squares",
+        "starting",
+        "total",
+        "windows",
+    )
+
+    def __init__(self) -> None:
+        self.opened = -math.inf  # when the open window opened
+        self.closes_at = -math.inf  # it lasts at least the last window's latency
+        self.needed = _MIN_SAMPLES  # and holds at least this many latencies
+        self.fresh_after = -math.inf  # attempts that started earlier do not count
+        self.count = 0
+        self.total = self.squares = 0.0  # their sum, and of their squares
+        self.busiest = 0  # the most slots in use when one of them ended
+        self.windows = 0  # windows closed
+        self.latency: float | None = None  # the last window's mean
+        self.baseline: float | None = None
+        self.starting = True  # slow start: the limit doubles per window
+        self.probing = False  # this window measures the baseline at half the limit
+        self.saved = 0.0  # the limit to go back to after the probe
+        self.high = 0.0  # the limit before windows in a row lowered it for latency
+        self.calm = _CALM  # windows since the last drop
+        self.decreased_at = -math.inf
+        self.drops = self.decreases = 0
+
+    def open(self, now: float, estimate: float, delay: float = 0.0) -> None:
+        self.opened = now + delay
+        self.closes_at = self.opened + (self.latency or 0.0)
+        self.needed = max(_MIN_SAMPLES, math.ceil(estimate * _WINDOW_SHARE))
+        self.count = self.busiest = 0
+        self.total = self.squares = 0.0
