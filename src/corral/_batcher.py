@@ -46,6 +46,7 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint
 
+from ._concurrency import limit_of
 from ._errors import FlushError, JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
 from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
@@ -410,7 +411,9 @@ class BatcherStats:
     ``last_flush_time``: :func:`anyio.current_time` at the end of the last
     successful flush, or None. ``cancelled``: jobs cancelled by
     :meth:`Job.cancel` while queued (also counted in ``failed``: their
-    outcome is a :class:`~corral.JobCancelled` error).
+    outcome is a :class:`~corral.JobCancelled` error). ``limit``: the current
+    limit of an :class:`~corral.AdaptiveLimiter` given as ``limiter=`` (None
+    with another limiter, or none).
 
     Every item added is, at any moment, exactly one of: queued, flushing,
     flushed, deduped, failed, unflushed. All counters accumulate over
@@ -429,6 +432,7 @@ class BatcherStats:
     unflushed: int
     last_flush_time: float | None
     cancelled: int = 0
+    limit: int | None = None
 
 
 class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
@@ -725,6 +729,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             unflushed=len(run.unflushed),
             last_flush_time=counts.last_flush_time,
             cancelled=counts.cancelled,
+            limit=limit_of(self._config.layers.limiter),
         )
 
     @property
@@ -1589,7 +1594,10 @@ def _as_list(items: Iterable[T]) -> list[T]:
 def _batcher_progress(stats: BatcherStats) -> tuple[int, dict[str, int]]:
     """What a progress bar shows of a batcher: items done, batches, failed flushes."""
     done = stats.flushed + stats.deduped + stats.failed
-    return done, {"batches": stats.flushes, "failed flushes": stats.flush_failures}
+    postfix = {"batches": stats.flushes, "failed flushes": stats.flush_failures}
+    if stats.limit is not None:
+        postfix["limit"] = stats.limit
+    return done, postfix
 
 
 def _checked_weight(weight: Any, item: object) -> float:

@@ -32,7 +32,7 @@ from ._slots import Slots
 from ._threads import Holds, holds_of_attempt
 from ._validate import check_int
 
-__all__ = ["AdaptiveLimiter", "AdaptiveLimiterStatistics"]
+__all__ = ["AdaptiveLimiter", "AdaptiveLimiterStatistics", "limit_of"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,7 +41,8 @@ Algorithm = Literal["vegas", "gradient2"]
 
 
 class Latency(NamedTuple):
-    """A window's latency: its mean, and its mean less two standard errors."""
+    """A window's latency: its mean, and its mean less two standard errors
+    (the true mean is surely above)."""
 
     mean: float
     low: float
@@ -190,7 +191,7 @@ class AdaptiveLimiter:
         self._slots = Slots(initial)
         self._estimate = float(initial)
         self._learning = _Learning()
-        self._starts: dict[int, list[float]] = {}  # ``async with`` blocks, per task
+        self._starts: dict[int, list[tuple[float, int]]] = {}  # ``async with`` blocks, per task
 
     def __repr__(self) -> str:
         return (
@@ -225,7 +226,7 @@ class AdaptiveLimiter:
         """Wait for a slot (first come, first served) and hold it for the block."""
         if not self._slots.take_nowait():
             await self._slots.take()
-        started = anyio.current_time()
+        started = (anyio.current_time(), self._learning.decreases)
         self._starts.setdefault(anyio.get_current_task().id, []).append(started)
 
     async def __aexit__(
@@ -237,34 +238,34 @@ class AdaptiveLimiter:
         """Give the slot back, learning from how the block ended."""
         task = anyio.get_current_task().id
         starts = self._starts[task]
-        started = starts.pop()
+        started, generation = starts.pop()
         if not starts:
             del self._starts[task]
         if exc is None or isinstance(exc, Exception):
-            self._learn(started, exc, anyio.current_time())
+            self._learn(started, generation, exc, anyio.current_time())
         self._slots.release()
 
     def _layer(self, call_next: Call, clock: Callable[[], float], threaded: bool) -> Call:
         """The pool's limiter layer: a slot per attempt, and what it taught."""
         if threaded:
             return self._layer_for_thread(call_next, clock)
-        slots, learn = self._slots, self._learn
+        slots, learn, learning = self._slots, self._learn, self._learning
         take_nowait, take, release = slots.take_nowait, slots.take, slots.release
 
         async def adaptive_limited(item: Any) -> Any:
             if not take_nowait():
                 await take()
-            started = clock()
+            started, generation = clock(), learning.decreases
             try:
                 result = await call_next(item)
             except Exception as error:
-                learn(started, error, clock())
+                learn(started, generation, error, clock())
                 release()
                 raise
             except BaseException:
                 release()
                 raise
-            learn(started, None, clock())
+            learn(started, generation, None, clock())
             release()
             return result
 
@@ -273,41 +274,44 @@ class AdaptiveLimiter:
     def _layer_for_thread(self, call_next: Call, clock: Callable[[], float]) -> Call:
         """As :meth:`_layer`, the slot held until the attempt's thread ends (a
         timeout may leave it running), as a capacity limiter's token is."""
-        slots, learn = self._slots, self._learn
+        slots, learn, learning = self._slots, self._learn, self._learning
 
         async def adaptive_limited_thread(item: Any) -> Any:
             if not slots.take_nowait():
                 await slots.take()
-            started = clock()
+            started, generation = clock(), learning.decreases
             holds = Holds()
             holds.releases.append(slots.release)
             token = holds_of_attempt.set(holds)
             try:
                 result = await call_next(item)
             except Exception as error:
-                learn(started, error, clock())
+                learn(started, generation, error, clock())
                 raise
             finally:
                 holds_of_attempt.reset(token)
                 if not holds.taken:
                     holds.release()
-            learn(started, None, clock())
+            learn(started, generation, None, clock())
             return result
 
         return adaptive_limited_thread
 
     # -- learning --------------------------------------------------------------
 
-    def _learn(self, started: float, error: BaseException | None, now: float) -> None:
-        """An attempt that held a slot since ``started`` ended (with ``error``)."""
+    def _learn(
+        self, started: float, generation: int, error: BaseException | None, now: float
+    ) -> None:
+        """An attempt that held a slot since ``started`` ended (with ``error``);
+        ``generation``: the limiter's decreases when it started."""
         learning = self._learning
         if error is not None:
             if isinstance(error, Exception) and matches(self.on, error):
                 learning.drops += 1
-                if started >= learning.decreased_at:  # not one of the same overload
+                if generation == learning.decreases:  # not one of the same overload
                     self._drop(now)
             return
-        if started < learning.fresh_after or now < learning.opened:
+        if generation != learning.decreases or now < learning.opened:
             return  # it started before a drop, or ended while a probe drains
         latency = now - started
         learning.count += 1
@@ -321,7 +325,6 @@ class AdaptiveLimiter:
     def _drop(self, now: float) -> None:
         learning = self._learning
         learning.decreases += 1
-        learning.decreased_at = learning.fresh_after = now
         learning.starting = False
         learning.calm = 0
         estimate = learning.saved if learning.probing else self._estimate
@@ -331,15 +334,16 @@ class AdaptiveLimiter:
 
     def _close_window(self, now: float) -> None:
         learning = self._learning
-        latency = learning.latency = learning.total / learning.count
+        measured = learning.measured()
+        learning.latency = measured.mean
         if learning.probing:
             learning.probing = False
-            self._rebase(latency)
+            self._rebase(measured.mean)
             self._set(learning.saved, "probed")
         else:
             if learning.baseline is None:
-                self._rebase(latency)
-            estimate = self._next_estimate(latency)
+                self._rebase(measured.mean)
+            estimate = self._next_estimate(measured)
             learning.windows += 1
             learning.calm += 1
             if estimate < learning.high / 2 or learning.windows % _PROBE_EVERY == _FIRST_PROBE:
@@ -357,18 +361,15 @@ class AdaptiveLimiter:
         learning.open(now, self._estimate, delay=2 * (learning.latency or 0.0))
         learning.needed = max(learning.needed, _PROBE_SAMPLES)
 
-    def _next_estimate(self, latency: float) -> float:
-        """What the window that measured ``latency`` makes of the limit."""
+    def _next_estimate(self, measured: Latency) -> float:
+        """What the window that ``measured`` makes of the limit."""
         learning, estimate = self._learning, self._estimate
         baseline = learning.baseline
         assert baseline is not None
-        busy = 2 * learning.busiest >= estimate
-        if learning.starting and busy and latency <= baseline * 1.1:
+        busy = 2 * learning.busiest > estimate  # not while half its slots are idle
+        if learning.starting and busy and measured.mean <= baseline * 1.1:
             return 2 * estimate  # slow start: double until latency moves
         learning.starting = False
-        count = learning.count
-        spread = max(0.0, learning.squares / count - latency * latency)
-        measured = Latency(latency, latency - 2 * math.sqrt(spread / count))
         new = self._update(estimate, measured, baseline, busy, learning.calm >= _CALM)
         if new >= estimate:
             learning.high = new  # where a run of lowerings for latency starts
@@ -397,6 +398,11 @@ class AdaptiveLimiter:
         slots.resize(limit)
 
 
+def limit_of(limiter: object) -> int | None:
+    """An :class:`AdaptiveLimiter`'s limit now; None for another limiter."""
+    return limiter.limit if isinstance(limiter, AdaptiveLimiter) else None
+
+
 class _Learning:
     """What an :class:`AdaptiveLimiter` has seen: the open window, the
     baseline, its drops."""
@@ -407,10 +413,8 @@ class _Learning:
         "calm",
         "closes_at",
         "count",
-        "decreased_at",
         "decreases",
         "drops",
-        "fresh_after",
         "high",
         "latency",
         "needed",
@@ -427,7 +431,6 @@ class _Learning:
         self.opened = -math.inf  # when the open window opened
         self.closes_at = -math.inf  # it lasts at least the last window's latency
         self.needed = _MIN_SAMPLES  # and holds at least this many latencies
-        self.fresh_after = -math.inf  # attempts that started earlier do not count
         self.count = 0
         self.total = self.squares = 0.0  # their sum, and of their squares
         self.busiest = 0  # the most slots in use when one of them ended
@@ -439,8 +442,13 @@ class _Learning:
         self.saved = 0.0  # the limit to go back to after the probe
         self.high = 0.0  # the limit before windows in a row lowered it for latency
         self.calm = _CALM  # windows since the last drop
-        self.decreased_at = -math.inf
         self.drops = self.decreases = 0
+
+    def measured(self) -> Latency:
+        """The open window's latency."""
+        mean = self.total / self.count
+        spread = max(0.0, self.squares / self.count - mean * mean)
+        return Latency(mean, mean - 2 * math.sqrt(spread / self.count))
 
     def open(self, now: float, estimate: float, delay: float = 0.0) -> None:
         self.opened = now + delay

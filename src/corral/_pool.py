@@ -30,6 +30,7 @@ import anyio.abc
 import attrs
 from anyio.lowlevel import checkpoint
 
+from ._concurrency import limit_of
 from ._errors import JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
 from ._lifecycle import CLOSED, NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
@@ -93,6 +94,8 @@ class PoolStats:
     (also counted in ``failed``: their outcome is a ``JobCancelled`` error).
     ``waiting_for_key``: queued items waiting for their key (``key=``, also
     counted in ``queued``); ``busy_keys``: keys with an item started or about to.
+    ``limit``: the current limit of an :class:`~corral.AdaptiveLimiter` given
+    as ``limiter=`` (None with another limiter, or none).
     """
 
     submitted: int
@@ -108,6 +111,7 @@ class PoolStats:
     cancelled: int = 0
     waiting_for_key: int = 0
     busy_keys: int = 0
+    limit: int | None = None
 
 
 @attrs.define
@@ -399,6 +403,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             cancelled=counters.cancelled,
             waiting_for_key=getattr(run.queue, "waiting", 0),
             busy_keys=getattr(run.queue, "busy_keys", 0),
+            limit=limit_of(self._layers.limiter),
         )
 
     @property
@@ -1338,8 +1343,12 @@ class _Recorder(Generic[T, R]):
 
 
 def _pool_progress(stats: PoolStats) -> tuple[int, dict[str, int]]:
-    """What a progress bar shows of a pool: outcomes, failures, retries."""
-    return stats.succeeded + stats.failed, {"failed": stats.failed, "retried": stats.retried}
+    """What a progress bar shows of a pool: outcomes, failures, retries, and an
+    adaptive limiter's limit."""
+    postfix = {"failed": stats.failed, "retried": stats.retried}
+    if stats.limit is not None:
+        postfix["limit"] = stats.limit
+    return stats.succeeded + stats.failed, postfix
 
 
 def _check_id(id: object) -> None:

@@ -1,0 +1,370 @@
+"""AdaptiveLimiter: a limiter= whose limit follows latency and drops.
+
+On trio the clock is a MockClock (times exact, the simulated service runs in
+no time); asyncio and uvloop run the same scenarios in real time, with a
+shorter service time.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+import anyio
+import pytest
+
+from corral import AdaptiveLimiter, Batcher, Pool, Retry, apply_to_all
+from corral._pool import _pool_progress
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend(timing_anyio_backend: Any) -> Any:
+    return timing_anyio_backend
+
+
+class Overloaded(Exception):
+    """The simulated service's 503."""
+
+
+class Service:
+    """Serves ``capacity`` calls at once in ``seconds`` each, queues up to
+    ``queue`` more (first come, first served) and rejects the rest."""
+
+    def __init__(self, capacity: int, seconds: float, queue: int = 0) -> None:
+        self.capacity, self.seconds, self.queue = capacity, seconds, queue
+        self.serving = self.waiting = 0
+        self.calls = self.rejected = 0
+        self._freed = anyio.Event()
+
+    async def __call__(self, item: Any) -> Any:
+        self.calls += 1
+        if self.serving >= self.capacity and self.waiting >= self.queue:
+            self.rejected += 1
+            raise Overloaded
+        self.waiting += 1
+        try:
+            while self.serving >= self.capacity:
+                await self._freed.wait()
+        finally:
+            self.waiting -= 1
+        self.serving += 1
+        try:
+            await anyio.sleep(self.seconds)
+        finally:
+            self.serving -= 1
+            self._freed.set()
+            self._freed = anyio.Event()
+        return item
+
+
+def service_time(exact: bool) -> float:
+    """The simulated service time: 50 ms on the MockClock, 20 ms in real time."""
+    return 0.05 if exact else 0.02
+
+
+async def run_for(seconds: float, pool: Pool[Any, Any]) -> None:
+    """Keep ``pool`` fed for ``seconds``."""
+    with anyio.move_on_after(seconds):
+        index = 0
+        while True:
+            await pool.submit(index)
+            index += 1
+
+
+async def median_limit(seconds: float, pool: Pool[Any, Any], limiter: AdaptiveLimiter) -> int:
+    """Keep ``pool`` fed for ``seconds``; the median of the limit over the last
+    half of them, read every 10 ms (a probe halves it for a moment now and then)."""
+    limits: list[int] = []
+
+    async def watch() -> None:
+        await anyio.sleep(seconds / 2)
+        while True:
+            limits.append(limiter.limit)
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await run_for(seconds, pool)
+        tg.cancel_scope.cancel()
+    return statistics.median_low(limits)
+
+
+def overload_retry() -> Retry:
+    return Retry(attempts=1000, on=Overloaded, wait_initial=0.005, wait_max=0.05)
+
+
+# --- the contract of a capacity limiter ----------------------------------------
+
+
+async def test_async_with_holds_a_slot_and_waiters_queue_in_order() -> None:
+    limiter = AdaptiveLimiter(2)
+    order: list[int] = []
+    release = anyio.Event()
+
+    async def hold(n: int) -> None:
+        async with limiter:
+            order.append(n)
+            await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(hold, n)
+            await anyio.wait_all_tasks_blocked()
+        stats = limiter.statistics()
+        assert (stats.in_flight, stats.waiting) == (2, 2)
+        release.set()
+    assert order == [0, 1, 2, 3]
+    assert limiter.statistics().in_flight == 0
+
+
+async def test_a_cancelled_waiter_holds_nothing() -> None:
+    limiter = AdaptiveLimiter(1)
+    async with limiter:
+        with anyio.move_on_after(0.01):
+            async with limiter:
+                pytest.fail("the second slot was granted")  # pragma: no cover
+    assert limiter.statistics().in_flight == 0
+    async with limiter:  # the slot is free again
+        assert limiter.statistics().in_flight == 1
+
+
+# --- drops -------------------------------------------------------------------------
+
+
+async def test_a_burst_of_drops_lowers_the_limit_once() -> None:
+    limiter = AdaptiveLimiter(20, on=Overloaded)
+    entered = anyio.Event()
+
+    async def overloaded() -> None:
+        with pytest.raises(Overloaded):
+            async with limiter:
+                await entered.wait()
+                raise Overloaded
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(overloaded)
+        await anyio.wait_all_tasks_blocked()
+        entered.set()
+    stats = limiter.statistics()
+    assert (stats.limit, stats.drops, stats.decreases) == (18, 20, 1)
+    # an attempt that started after the decrease is news: 18 * 0.9 = 16.2
+    await anyio.sleep(0.01)  # (past the decrease on uvloop's millisecond clock too)
+    with pytest.raises(Overloaded):
+        async with limiter:
+            raise Overloaded
+    assert (limiter.limit, limiter.statistics().decreases) == (16, 2)
+
+
+async def test_timeouts_are_drops_by_default_and_other_errors_teach_nothing() -> None:
+    limiter = AdaptiveLimiter(10)
+    with pytest.raises(ValueError, match="a bad item"):
+        async with limiter:
+            raise ValueError("a bad item, not an overload")
+    assert (limiter.limit, limiter.statistics().drops) == (10, 0)
+    await anyio.sleep(0.01)
+    with pytest.raises(TimeoutError):
+        async with limiter:
+            raise TimeoutError
+    assert (limiter.limit, limiter.statistics().drops) == (9, 1)
+
+
+async def test_a_predicate_decides_what_is_a_drop() -> None:
+    limiter = AdaptiveLimiter(10, on=lambda error: "503" in str(error))
+    with pytest.raises(RuntimeError):
+        async with limiter:
+            raise RuntimeError("HTTP 404")
+    assert limiter.limit == 10
+    await anyio.sleep(0.01)
+    with pytest.raises(RuntimeError):
+        async with limiter:
+            raise RuntimeError("HTTP 503")
+    assert limiter.limit == 9
+
+
+async def test_drops_never_take_it_below_min() -> None:
+    limiter = AdaptiveLimiter(3, min=2)
+    for _ in range(5):
+        await anyio.sleep(0.01)  # each attempt starts after the last decrease
+        with pytest.raises(TimeoutError):
+            async with limiter:
+                raise TimeoutError
+    assert limiter.limit == 2
+
+
+async def test_a_pool_timeout_is_a_drop_and_retries_do_not_hold_slots(exact: bool) -> None:
+    limiter = AdaptiveLimiter(10)
+
+    async def slow(item: int) -> int:
+        await anyio.sleep(1)
+        return item
+
+    retry = Retry(attempts=2, on=TimeoutError, wait_initial=5, wait_jitter=False)
+    async with Pool(slow, workers=5, limiter=limiter, timeout=0.05, retry=retry) as pool:
+        for i in range(5):
+            await pool.submit(i)
+        await anyio.sleep(0.5)  # every first attempt timed out; all are in backoff
+        assert limiter.statistics().in_flight == 0
+        assert limiter.statistics().drops == 5
+        assert limiter.limit == 9  # five correlated timeouts, one decrease
+
+
+# --- learning from latency ------------------------------------------------------
+
+
+async def test_it_grows_while_it_is_the_bottleneck_and_latency_holds(exact: bool) -> None:
+    service = Service(capacity=1000, seconds=service_time(exact))
+    limiter = AdaptiveLimiter(4, on=Overloaded)
+    async with Pool(service, workers=64, limiter=limiter) as pool:
+        await run_for(2.0, pool)
+        pool.pause()
+    # it grew to what the 64 workers use, and stopped near twice that (there
+    # half its slots are idle: it is not the bottleneck)
+    assert 64 <= limiter.limit <= 128 + 6 * 3
+    assert service.rejected == 0
+
+
+async def test_it_does_not_grow_while_not_the_bottleneck(exact: bool) -> None:
+    service = Service(capacity=1000, seconds=service_time(exact))
+    limiter = AdaptiveLimiter(10, on=Overloaded)
+    async with Pool(service, workers=4, limiter=limiter) as pool:
+        await run_for(2.0, pool)
+        pool.pause()
+    assert limiter.limit == 10
+    assert limiter.statistics().latency is not None
+
+
+@pytest.mark.parametrize("algorithm", ["vegas", "gradient2"])
+async def test_it_finds_a_hidden_capacity(exact: bool, algorithm: Any) -> None:
+    seconds = service_time(exact)
+    service = Service(capacity=20, seconds=seconds, queue=10)
+    limiter = AdaptiveLimiter(on=Overloaded, algorithm=algorithm)
+    done: list[float] = []
+
+    async def call(item: int) -> None:
+        await service(item)
+        done.append(anyio.current_time())
+
+    async with Pool(call, workers=200, limiter=limiter, retry=overload_retry()) as pool:
+        await run_for(2.0, pool)
+        start = anyio.current_time()
+        calls, rejected = service.calls, service.rejected
+        limit = await median_limit(4.0, pool, limiter)
+        pool.pause()
+    steady = [t for t in done if t >= start]
+    goodput = len(steady) / 4.0 / (20 / seconds)
+    rejected_share = (service.rejected - rejected) / (service.calls - calls)
+    assert 20 <= limit <= 30 + 5  # capacity plus the service's queue, or about
+    # (in real time a loaded machine's late wake-ups blur the latencies)
+    assert goodput >= (0.9 if exact else 0.7)
+    assert rejected_share <= (0.02 if exact else 0.1)
+
+
+async def test_it_follows_the_capacity_down_and_up(exact: bool) -> None:
+    seconds = service_time(exact)
+    service = Service(capacity=40, seconds=seconds, queue=10)
+    limiter = AdaptiveLimiter(on=Overloaded)
+    async with Pool(service, workers=300, limiter=limiter, retry=overload_retry()) as pool:
+        assert 40 <= await median_limit(2.0, pool, limiter) <= 55
+        service.capacity = 20
+        assert 20 <= await median_limit(2.0, pool, limiter) <= 35
+        service.capacity = 40
+        assert 40 <= await median_limit(2.0, pool, limiter) <= 55
+        pool.pause()
+
+
+async def test_a_slow_start_does_not_poison_the_baseline(exact: bool) -> None:
+    seconds = service_time(exact)
+    service = Service(capacity=30, seconds=5 * seconds, queue=10)  # cold: 5 times slower
+    limiter = AdaptiveLimiter(on=Overloaded)
+    async with Pool(service, workers=300, limiter=limiter, retry=overload_retry()) as pool:
+        await run_for(1.0, pool)
+        service.seconds = seconds  # warm: a probe (every 64 windows) sees it
+        limit = await median_limit(200 * seconds, pool, limiter)
+        pool.pause()
+    baseline = limiter.statistics().baseline
+    assert baseline is not None
+    assert baseline <= 1.3 * seconds
+    assert 30 <= limit <= 45
+
+
+# --- where it shows ------------------------------------------------------------------
+
+
+async def test_its_limit_shows_in_the_stats_and_on_the_progress_bar() -> None:
+    limiter = AdaptiveLimiter(7)
+
+    async def echo(item: int) -> int:
+        return item
+
+    async with Pool(echo, limiter=limiter) as pool:
+        assert pool.stats.limit == 7
+        assert _pool_progress(pool.stats)[1]["limit"] == 7
+    async with Pool(echo, limiter=anyio.CapacityLimiter(3)) as pool:
+        assert pool.stats.limit is None
+        assert "limit" not in _pool_progress(pool.stats)[1]
+
+    async def flush(batch: list[int]) -> None:
+        pass
+
+    async with Batcher(flush, limiter=limiter) as batcher:
+        assert batcher.stats.limit == 7
+
+
+async def test_a_change_of_the_limit_is_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = AdaptiveLimiter(10)
+    with caplog.at_level(logging.DEBUG, logger="corral.limits"), pytest.raises(TimeoutError):
+        async with limiter:
+            raise TimeoutError
+    assert any("10 -> 9" in record.getMessage() for record in caplog.records)
+
+
+async def test_pools_sharing_it_share_its_slots(exact: bool) -> None:
+    limiter = AdaptiveLimiter(6, max=6)
+    running = peak = 0
+
+    async def call(item: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.01)
+        running -= 1
+
+    async with (
+        Pool(call, workers=10, limiter=limiter) as a,
+        Pool(call, workers=10, limiter=limiter) as b,
+    ):
+        for i in range(40):
+            await a.submit(i)
+            await b.submit(i)
+    assert peak == 6
+    outcomes = await apply_to_all(call, range(20), workers=10, limiter=limiter)
+    assert all(outcome.ok for outcome in outcomes)
+
+
+# --- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"initial": 0}, ValueError, "initial"),
+        ({"initial": 2.5}, TypeError, "initial"),
+        ({"min": 0}, ValueError, "min"),
+        ({"max": "10"}, TypeError, "max"),
+        ({"min": 5, "max": 4}, ValueError, "min <= initial <= max"),
+        ({"initial": 20, "max": 10}, ValueError, "min <= initial <= max"),
+        ({"initial": 1, "min": 2}, ValueError, "min <= initial <= max"),
+        ({"on": 503}, TypeError, "on"),
+        ({"on": (ValueError, KeyboardInterrupt)}, TypeError, "on"),
+        ({"algorithm": "aimd"}, ValueError, "algorithm"),
+    ],
+)
+def test_bad_input_is_refused_naming_the_parameter(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        AdaptiveLimiter(**kwargs)
