@@ -227,6 +227,22 @@ async def test_it_grows_while_it_is_the_bottleneck_and_latency_holds(exact: bool
     assert service.rejected == 0
 
 
+@pytest.mark.parametrize("algorithm", ["vegas", "gradient2"])
+async def test_a_handler_faster_than_the_clock_is_fine(algorithm: Any) -> None:
+    # no checkpoint at all: every latency reads 0 (on the MockClock always)
+    limiter = AdaptiveLimiter(2, algorithm=algorithm)
+
+    async def instant(item: int) -> int:
+        return item
+
+    outcomes = await apply_to_all(instant, range(2000), workers=16, limiter=limiter)
+    assert all(outcome.ok for outcome in outcomes)
+    stats = limiter.statistics()
+    assert stats.in_flight == 0
+    assert stats.latency is not None
+    assert 2 <= stats.limit <= 1000
+
+
 async def test_it_does_not_grow_while_not_the_bottleneck(exact: bool) -> None:
     service = Service(capacity=1000, seconds=service_time(exact))
     limiter = AdaptiveLimiter(10, on=Overloaded)

@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from corral import (
+    AdaptiveLimiter,
     Batcher,
     FlushError,
     Job,
@@ -208,7 +209,7 @@ async def test_apply_to_each_second_consumer_is_refused() -> None:
 
 async def trial(seed: int, *, layered: bool = False, scheduled: bool = False) -> None:
     """One random scenario; asserts the accounting invariant. ``layered`` adds
-    random retry, timeout, rate limit and capacity limit; ``scheduled`` adds
+    random retry, timeout, rate limit and capacity limit (fixed or adaptive); ``scheduled`` adds
     priorities, keys (a key function that sometimes raises), and a task that
     resizes, pauses, resumes and cancels jobs at random moments."""
     rng = random.Random(seed)
@@ -238,7 +239,7 @@ async def trial(seed: int, *, layered: bool = False, scheduled: bool = False) ->
                 [SlidingWindow(rng.randrange(1, 4), 0.001), TokenBucket(2000, burst=2)]
             )
         if rng.random() < 0.5:
-            options["limiter"] = anyio.CapacityLimiter(rng.randrange(1, 3))
+            options["limiter"] = rng.choice([anyio.CapacityLimiter, _adaptive])(rng.randrange(1, 3))
     if scheduled and rng.random() < 0.6:
         options["key"] = _chaos_key
         options["per_key"] = rng.choice([1, 2])
@@ -312,7 +313,8 @@ async def test_random_cancellation_accounts_for_every_item() -> None:
 
 async def test_random_cancellation_with_middleware_accounts_for_every_item() -> None:
     """The same with retries (cancelled during backoff too), timeouts, a shared
-    rate limiter and a capacity limiter in the chain."""
+    rate limiter and a capacity limiter (anyio's, or an AdaptiveLimiter) in the
+    chain."""
     for seed in range(150):
         await trial(seed, layered=True)
 
@@ -321,6 +323,11 @@ async def test_random_cancellation_with_scheduling_accounts_for_every_item() -> 
     """The same with priorities, keys, resizes, pauses and job cancellations."""
     for seed in range(150):
         await trial(seed, scheduled=True)
+
+
+def _adaptive(initial: int) -> AdaptiveLimiter:
+    """An AdaptiveLimiter that drops on timeouts and on the handler's errors."""
+    return AdaptiveLimiter(initial, max=4, on=(TimeoutError, ValueError))
 
 
 def _chaos_key(x: int) -> int:

@@ -85,10 +85,10 @@ def _vegas(limit: float, latency: Latency, baseline: float, busy: bool, calm: bo
     the latency is above that with confidence (its mean less two standard
     errors), so that a noisy service time does not pull it down."""
     step = max(1.0, math.log10(limit))
-    surely_queued = limit * (1 - baseline / max(latency.low, baseline))
+    surely_queued = _queued(limit, latency.low, baseline)
     if surely_queued > 6 * step:  # too many wait: give back half of the excess
         return limit - max(step, (surely_queued - 6 * step) / 2)
-    queued = limit * (1 - baseline / latency.mean)
+    queued = _queued(limit, latency.mean, baseline)
     if not busy:
         return limit
     if queued <= step:
@@ -96,6 +96,13 @@ def _vegas(limit: float, latency: Latency, baseline: float, busy: bool, calm: bo
     if queued < 3 * step:
         return limit + step
     return limit
+
+
+def _queued(limit: float, latency: float, baseline: float) -> float:
+    """How many of ``limit`` attempts wait, if the service takes ``baseline``
+    of their ``latency`` (none when the latency is not above it: a clock too
+    coarse for a fast service reads both as 0)."""
+    return limit * (1 - baseline / latency) if latency > baseline else 0.0
 
 
 class _Gradient2:
@@ -114,11 +121,11 @@ class _Gradient2:
     ) -> float:
         latency = measured.mean
         long = self.long = self._average(latency)
-        if latency / long > 2:  # a lasting change: let the long-term follow faster
+        if latency > 2 * long:  # a lasting change: let the long-term follow faster
             long = self.long = long * 0.95
         if not busy:
             return limit
-        gradient = max(0.5, min(1.0, _TOLERANCE * long / latency))
+        gradient = max(0.5, min(1.0, _TOLERANCE * long / latency)) if latency > 0 else 1.0
         target = limit * gradient + math.sqrt(limit)
         return limit * (1 - _SMOOTHING) + target * _SMOOTHING
 
@@ -330,6 +337,7 @@ class AdaptiveLimiter:
         estimate = learning.saved if learning.probing else self._estimate
         learning.probing = False
         self._set(estimate * _BACKOFF, "a drop")
+        learning.high = self._estimate
         learning.open(now, self._estimate)
 
     def _close_window(self, now: float) -> None:
