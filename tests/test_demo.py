@@ -1,5 +1,6 @@
 """``python -m corral.demo``: it runs, stores every record exactly once, and
-fails loudly when the database is wrong."""
+fails loudly when the database is wrong; with ``--adaptive`` its limiter finds
+the API's hidden capacity."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def test_demo_runs_and_verifies_its_database(backend: str, tmp_path: pathlib.Pat
     assert "database check: all 400 records stored exactly once" in out
     for row in ("API calls", "429s honoured", "batches written", "items per second"):
         assert row in out
+    assert "concurrency limit" not in out  # --adaptive's rows only with --adaptive
     with sqlite3.connect(db) as connection:
         rows = connection.execute(f"SELECT record_id, status FROM {demo.TABLE}").fetchall()
     connection.close()
@@ -111,12 +113,66 @@ def test_demo_without_tqdm_prints_status_lines(
     assert "100 done" in out
 
 
+@pytest.mark.untraced  # the limit follows latencies on the real clock
+@pytest.mark.anyio
+async def test_demo_adaptive_settles_near_the_hidden_capacity(tmp_path: pathlib.Path) -> None:
+    """``--adaptive``: 200 workers against an API that serves 32 calls at once
+    (and queues 8 more) without saying so. Every record is stored once, the
+    503s of an overloaded server are the limiter's drops and are retried (the
+    only final failures are 404s), and the limit it settled on is within a
+    factor of two of the capacity."""
+    report = await demo.run_adaptive(3000, tmp_path / "demo.sqlite3", seed=3)
+    assert report.problems == []
+    assert report.succeeded + report.failed == 3000
+    assert report.rows == 3000
+    server = report.server
+    assert server.requests == 3000 + report.retries
+    assert server.not_found == report.failed
+    limit = report.limit
+    assert limit is not None
+    assert (limit.capacity, limit.backlog) == (32, 8)
+    assert limit.statistics.drops == server.overloaded
+    assert limit.statistics.algorithm == "vegas"
+    assert limit.low <= limit.settled <= limit.high
+    assert 16 <= limit.settled <= 64, limit
+
+
+def test_demo_adaptive_prints_the_limit_it_settled_on(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command line's ``--adaptive --capacity N``: it names the capacity in
+    its first line and in the table, next to the limit it settled on."""
+    db = tmp_path / "demo.sqlite3"
+    argv = ["--adaptive", "--capacity", "12", "--records", "600", "--db", str(db)]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "a simulated API that serves 12 calls at once (the client is not told)" in out
+    assert "database check: all 600 records stored exactly once" in out
+    capacity = _table_row(out, "  server's capacity")
+    assert capacity.startswith("12 calls at once + a queue of 3")
+    settled = _table_row(out, "concurrency limit")
+    assert settled.startswith("settled at ")
+    assert int(settled.split()[2]) >= 1
+    assert "503s: server busy" in out
+    assert "over the server's limit" not in out  # it has no rate limit here
+
+
+def _table_row(out: str, name: str) -> str:
+    """The value in the row ``name`` of the demo's final table."""
+    (value,) = (line[len(name) :] for line in out.splitlines() if line.startswith(name + "  "))
+    return value.strip()
+
+
 def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     """Bad command-line values get argparse's usage error naming the option."""
     for argv, message in (
         (["--records", "0"], "--records must be >= 1"),
         (["--rate", "0"], "--rate must be >= 1"),
         (["--backend", "curio"], "invalid choice"),
+        (["--capacity", "8"], "--capacity needs --adaptive"),
+        (["--adaptive", "--capacity", "0"], "--capacity must be between 1 and 100"),
+        (["--adaptive", "--capacity", "101"], "--capacity must be between 1 and 100"),
+        (["--adaptive", "--rate", "100"], "--rate does not go with --adaptive"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             demo.main(argv)

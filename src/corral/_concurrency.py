@@ -81,10 +81,14 @@ class AdaptiveLimiterStatistics:
 def _vegas(limit: float, latency: Latency, baseline: float, busy: bool, calm: bool) -> float:
     """TCP Vegas, as Netflix's concurrency-limits has it: estimate how many
     attempts wait at the service (``limit * (1 - baseline / latency)``) and keep
-    that between 3 and 6 times ``log10(limit)``. It lowers the limit only when
+    that between 3 and 6 times ``log10(limit)`` (at most 3 and 6 times
+    ``limit / 20``).
+    It lowers the limit only when
     the latency is above that with confidence (its mean less two standard
     errors), so that a noisy service time does not pull it down."""
-    step = max(1.0, math.log10(limit))
+    # log10(limit), at most a twentieth of it: never more than 30% of the
+    # limit waits (a service that takes 4 at once is not asked to queue 6 more)
+    step = min(max(1.0, math.log10(limit)), limit / 20)
     surely_queued = _queued(limit, latency.low, baseline)
     if surely_queued > 6 * step:  # too many wait: give back half of the excess
         return limit - max(step, (surely_queued - 6 * step) / 2)

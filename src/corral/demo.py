@@ -16,39 +16,58 @@ not exist (404, not retried), and the server rejects any request over its own
 rate limit. At the end the demo checks the database: every record must be
 there exactly once, and it exits with status 1 if not.
 
+With ``--adaptive`` the API has no rate limit but a concurrency capacity that
+the client is not told: it serves ``--capacity`` calls at once (default 32),
+lets a quarter as many more wait in its queue, and answers a 503
+(:class:`Overloaded`) beyond that. The client runs 200 workers, far more
+than that, under an :class:`~corral.AdaptiveLimiter` whose drops are those
+503s (they are retried too)::
+
+    apply_to_each(api.enrich, workers=200, retry=Retry(...), timeout=Timeout(0.5),
+                  limiter=AdaptiveLimiter(min=1, max=200, on=Overloaded))
+
+and the table shows the limit it settled on (its median over the second half
+of the run, while every worker had a record) next to the hidden capacity, and
+how many 503s it caused.
+
 Options: ``--records N``, ``--rate PER_SECOND``, ``--backend
-asyncio|uvloop|trio``, ``--db PATH`` (default: a temporary file), ``--seed``.
-With tqdm installed (``pip install 'corral[progress]'``) it draws a progress
-bar; otherwise it prints a status line every second.
+asyncio|uvloop|trio``, ``--db PATH`` (default: a temporary file), ``--seed``,
+``--adaptive`` and ``--capacity N`` (1 to 100; only with ``--adaptive``,
+which does not take ``--rate``). With tqdm installed (``pip install
+'corral[progress]'``) it draws a progress bar; otherwise it prints a status
+line every second.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import pathlib
 import random
 import sqlite3
+import statistics
 import sys
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 import attrs
 
 from ._batcher import Batcher
+from ._concurrency import AdaptiveLimiter, AdaptiveLimiterStatistics
 from ._helpers import apply_to_each
 from ._limits import SlidingWindow
 from ._outcome import Outcome
 from ._pool import PoolStats
 from ._retry import Retry
 
-__all__ = ["main", "run"]
+__all__ = ["main", "run", "run_adaptive"]
 
 TABLE = "corral_demo_results"
 
@@ -84,6 +103,11 @@ class NotFound(APIError):
     status = 404
 
 
+class Overloaded(ServiceUnavailable):
+    """503 from a server at its capacity: every slot busy and its queue full.
+    An overload, not bad luck: the ``on=`` of ``--adaptive``'s limiter."""
+
+
 @attrs.define
 class ServerCounts:
     """What the simulated server saw."""
@@ -95,45 +119,68 @@ class ServerCounts:
     over_limit: int = 0  # 429s sent because the client broke the rate limit
     early_retries: int = 0  # requests that came before their Retry-After was up
     slow: int = 0  # answers that took 2 s
+    overloaded: int = 0  # 503s sent because every slot was busy and the queue full
+    queued: int = 0  # requests that waited in the queue for a slot
 
 
 class FakeAPI:
-    """An in-process stand-in for a remote JSON API, with its own rate limit.
+    """An in-process stand-in for a remote JSON API, with its own rate limit,
+    or (with ``capacity``) a limit on how many requests it serves at once.
 
     ``enrich(record_id)`` returns a small dict, or raises an :class:`APIError`.
     The server checks its rate limit (``rate`` requests in any second, give or
     take 5 ms) when a request arrives, and remembers every ``Retry-After`` it
     sent, so that it can count clients that retry too early.
+
+    With ``capacity`` it has no rate limit: it serves ``capacity`` requests at
+    once, lets up to ``backlog`` more wait in line for a slot (first come,
+    first served), and answers :class:`Overloaded` at once beyond that. A
+    request holds its slot for its whole answer (a slow one until the client
+    gives up on it).
     """
 
-    def __init__(self, rate: int, *, seed: int) -> None:
+    def __init__(
+        self, rate: int | None, *, seed: int, capacity: int | None = None, backlog: int = 0
+    ) -> None:
         self.rate = rate
+        self.capacity = capacity
+        self.backlog = backlog
         self.counts: ServerCounts = ServerCounts()
         self._random = random.Random(seed)
         self._arrivals: deque[float] = deque()
         self._not_before: dict[int, float] = {}
         self._seed = seed
+        self._slots = anyio.Semaphore(capacity) if capacity is not None else None
+        self._serving = 0  # requests holding a slot, or waiting for one
 
     async def enrich(self, record_id: int) -> dict[str, Any]:
         """The record's enrichment, after 5-40 ms; or an :class:`APIError`."""
+        slots = self._slots
+        if slots is None:
+            return await self._answer(record_id)
+        assert self.capacity is not None
+        if self._serving >= self.capacity + self.backlog:
+            self.counts.requests += 1
+            self.counts.overloaded += 1
+            raise Overloaded(f"503 Service Unavailable: server busy (record {record_id})")
+        self._serving += 1
+        try:
+            if slots.value == 0:
+                self.counts.queued += 1
+            async with slots:
+                return await self._answer(record_id)
+        finally:
+            self._serving -= 1
+
+    async def _answer(self, record_id: int) -> dict[str, Any]:
         now = anyio.current_time()
         counts = self.counts
         counts.requests += 1
         # (a millisecond of grace for the clocks' granularity: uvloop's is 1 ms)
         if now < self._not_before.pop(record_id, -math.inf) - 0.001:
             counts.early_retries += 1
-        arrivals = self._arrivals
-        # The window is 1 s less 5 ms of grace for jitter, as a real server must
-        # allow for the network between a client's limiter and its own clock.
-        # Here the jitter is the time between the limiter admitting a call and
-        # this line reading the clock: microseconds, unless the process is
-        # descheduled or collects garbage in between.
-        while arrivals and arrivals[0] <= now - 0.995:
-            arrivals.popleft()
-        if len(arrivals) >= self.rate:
-            counts.over_limit += 1
-            self._throttle(record_id, now, arrivals[0] + 1.0 - now)
-        arrivals.append(now)
+        if self.rate is not None:
+            self._check_rate(record_id, now)
         roll = self._random.random()
         if roll < 0.01:
             counts.throttled += 1
@@ -150,6 +197,21 @@ class FakeAPI:
             raise NotFound(f"404 Not Found: record {record_id}")
         score = (record_id * 7919) % 1000 / 10
         return {"id": record_id, "score": score, "tier": "gold" if score > 90 else "basic"}
+
+    def _check_rate(self, record_id: int, now: float) -> None:
+        assert self.rate is not None
+        arrivals = self._arrivals
+        # The window is 1 s less 5 ms of grace for jitter, as a real server must
+        # allow for the network between a client's limiter and its own clock.
+        # Here the jitter is the time between the limiter admitting a call and
+        # this line reading the clock: microseconds, unless the process is
+        # descheduled or collects garbage in between.
+        while arrivals and arrivals[0] <= now - 0.995:
+            arrivals.popleft()
+        if len(arrivals) >= self.rate:
+            self.counts.over_limit += 1
+            self._throttle(record_id, now, arrivals[0] + 1.0 - now)
+        arrivals.append(now)
 
     def _throttle(self, record_id: int, now: float, retry_after: float) -> None:
         self._not_before[record_id] = now + retry_after
@@ -210,6 +272,29 @@ def verify(path: pathlib.Path, records: int) -> list[str]:
 
 # ------------------------------------------------------------------- the job
 
+WORKERS = 64
+ADAPTIVE_WORKERS = 200  # --adaptive: far more than the server can take at once
+CAPACITY = 32  # --adaptive: calls the simulated API serves at once, by default
+MAX_CAPACITY = 100  # so that ADAPTIVE_WORKERS can still overload it
+RETRY = Retry(
+    attempts=6,
+    on=(ServiceUnavailable, TooManyRequests, TimeoutError),  # Overloaded is a 503 too
+    wait_initial=0.05,
+    wait_max=2.0,
+)
+
+
+@attrs.define
+class LimitReport:
+    """What ``--adaptive``'s limiter settled on, and what it had to find."""
+
+    capacity: int  # calls the server serves at once (the client is not told)
+    backlog: int  # calls that may wait in its queue beyond that
+    settled: int  # the limit's median over the second half of the loaded time
+    low: int  # the limit's range over that half
+    high: int
+    statistics: AdaptiveLimiterStatistics  # the limiter's, when the run ended
+
 
 @attrs.define
 class Report:
@@ -225,10 +310,46 @@ class Report:
     seconds: float = 0.0
     server: ServerCounts = attrs.Factory(ServerCounts)
     problems: list[str] = attrs.Factory(list)
+    limit: LimitReport | None = None  # with --adaptive
 
     @property
     def failed(self) -> int:
         return sum(self.failures.values())
+
+    def count(self, outcome: Outcome[int, dict[str, Any]]) -> None:
+        """Add a record's outcome to the tally."""
+        if outcome.ok:
+            self.succeeded += 1
+        else:
+            kind = type(outcome.error).__name__
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.retries += outcome.attempts - 1
+
+
+class LimitTrace:
+    """The adaptive limit, read at every outcome while more records remained
+    than there are workers: every worker had a record, so the limiter, not
+    the input, set the pace."""
+
+    def __init__(self, limiter: AdaptiveLimiter, loaded_until: int) -> None:
+        self.limiter: AdaptiveLimiter = limiter
+        self.loaded_until: int = loaded_until  # outcomes
+        self.outcomes: int = 0
+        self.readings: list[tuple[float, int]] = []  # (time, limit)
+
+    def __call__(self) -> None:
+        """One more outcome came."""
+        self.outcomes += 1
+        if self.outcomes <= self.loaded_until:
+            self.readings.append((anyio.current_time(), self.limiter.limit))
+
+    def settled(self) -> tuple[int, int, int]:
+        """The limit's median over the second half of the loaded time (the
+        first half is spent finding it), and its lowest and highest then."""
+        readings = self.readings or [(0.0, self.limiter.limit)]
+        middle = (readings[0][0] + readings[-1][0]) / 2
+        late = [limit for at, limit in readings if at >= middle]
+        return statistics.median_low(late), min(late), max(late)
 
 
 def _row(outcome: Outcome[int, dict[str, Any]]) -> tuple[int, str, str, int]:
@@ -253,12 +374,46 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
     second and store one row per record in the SQLite file ``db``."""
     api = FakeAPI(rate, seed=seed)
     limiter = TimedLimiter(SlidingWindow(rate, per=1.0))
-    retry = Retry(
-        attempts=6,
-        on=(ServiceUnavailable, TooManyRequests, TimeoutError),
-        wait_initial=0.05,
-        wait_max=2.0,
+    report = await _pipeline(api, records, db, workers=WORKERS, rate_limit=limiter)
+    report.limiter_wait = limiter.waited
+    return report
+
+
+async def run_adaptive(
+    records: int,
+    db: pathlib.Path,
+    seed: int = 1,
+    *,
+    capacity: int = CAPACITY,
+    algorithm: Literal["vegas", "gradient2"] = "vegas",
+) -> Report:
+    """As :func:`run`, through a fake API that has no rate limit but serves
+    ``capacity`` calls at once (a quarter as many more wait in its queue, and
+    any more get :class:`Overloaded`), with ``ADAPTIVE_WORKERS`` workers and
+    an :class:`AdaptiveLimiter` that is not told the capacity: it finds it."""
+    backlog = max(2, capacity // 4)
+    api = FakeAPI(None, seed=seed, capacity=capacity, backlog=backlog)
+    limiter = AdaptiveLimiter(min=1, max=ADAPTIVE_WORKERS, on=Overloaded, algorithm=algorithm)
+    trace = LimitTrace(limiter, loaded_until=records - ADAPTIVE_WORKERS)
+    report = await _pipeline(
+        api, records, db, workers=ADAPTIVE_WORKERS, watch=trace, limiter=limiter
     )
+    settled, low, high = trace.settled()
+    report.limit = LimitReport(capacity, backlog, settled, low, high, limiter.statistics())
+    return report
+
+
+async def _pipeline(
+    api: FakeAPI,
+    records: int,
+    db: pathlib.Path,
+    *,
+    workers: int,
+    watch: Callable[[], None] | None = None,
+    **limits: Any,
+) -> Report:
+    """Records through ``api`` (with the ``limits`` passed on to
+    ``apply_to_each``) into ``db``; ``watch`` is called after every outcome."""
     connection = open_database(db)
     # one writer at a time; held by a write that cancellation abandoned (its
     # thread runs on), so that the connection is not closed under it
@@ -282,23 +437,20 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
             apply_to_each(
                 api.enrich,
                 range(records),
-                workers=64,
-                retry=retry,
-                rate_limit=limiter,
+                workers=workers,
+                retry=RETRY,
                 timeout=0.5,
                 name="api",
                 progress=show_bar,
                 on_stats=None if show_bar else _print_status,
+                **limits,
             ) as outcomes,
         ):
             async for outcome in outcomes:
                 await batcher.add(_row(outcome))
-                if outcome.ok:
-                    report.succeeded += 1
-                else:
-                    kind = type(outcome.error).__name__
-                    report.failures[kind] = report.failures.get(kind, 0) + 1
-                report.retries += outcome.attempts - 1
+                report.count(outcome)
+                if watch is not None:
+                    watch()
     finally:
         with anyio.CancelScope(shield=True):  # bounded: at most one batch's write
             await anyio.to_thread.run_sync(close)
@@ -306,7 +458,6 @@ async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Repor
     report.server = api.counts
     report.batches = batcher.stats.flushes
     report.rows = batcher.stats.flushed
-    report.limiter_wait = limiter.waited
     report.problems = verify(db, records)
     return report
 
@@ -325,13 +476,23 @@ def format_report(report: Report, db: pathlib.Path) -> str:
         ("  503s retried", f"{server.unavailable}"),
         ("  slow answers timed out", f"{server.slow} (after 0.5 s)"),
         ("  429s honoured", f"{honoured - server.early_retries} of {honoured}"),
-        ("  over the server's limit", f"{server.over_limit}"),
+    ]
+    if report.limit is None:
+        lines.append(("  over the server's limit", f"{server.over_limit}"))
+    else:
+        lines += _limit_lines(report.limit, server)
+    lines += [
         (
             "batches written",
             f"{report.batches} (mean {mean_batch:.0f} rows)",
         ),
         ("items per second", f"{report.records / report.seconds:.0f}"),
-        ("waiting on the limiter", f"{report.limiter_wait:.1f} s (summed over 64 workers)"),
+    ]
+    if report.limit is None:
+        lines.append(
+            ("waiting on the limiter", f"{report.limiter_wait:.1f} s (summed over 64 workers)")
+        )
+    lines += [
         ("wall time", f"{report.seconds:.1f} s"),
         ("database", f"{db}"),
     ]
@@ -344,45 +505,108 @@ def format_report(report: Report, db: pathlib.Path) -> str:
     return "\n".join(table)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo from the command line; 0 if the database checks out, else 1."""
+def _limit_lines(limit: LimitReport, server: ServerCounts) -> list[tuple[str, str]]:
+    """``--adaptive``'s rows: the limit it settled on, next to the hidden capacity."""
+    stats = limit.statistics
+
+    def ms(seconds: float | None) -> str:
+        return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+    return [
+        (
+            "  503s: server busy",
+            f"{server.overloaded} (the limiter's drops; {stats.decreases} lowered its limit)",
+        ),
+        ("  queued at the server", f"{server.queued} calls waited for a slot"),
+        (
+            "concurrency limit",
+            f"settled at {limit.settled} ({stats.algorithm}; "
+            f"{limit.low}-{limit.high} over the run's second half)",
+        ),
+        (
+            "  server's capacity",
+            f"{limit.capacity} calls at once + a queue of {limit.backlog} (hidden from the client)",
+        ),
+        ("  latency", f"{ms(stats.latency)} (baseline {ms(stats.baseline)})"),
+    ]
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: ``python -m corral.demo --help``."""
     parser = argparse.ArgumentParser(
         prog="python -m corral.demo",
         description="Enrich records through a flaky, rate-limited API into SQLite.",
+        epilog=(
+            "With --adaptive the simulated API has no rate limit: it serves a number of "
+            "calls at once (--capacity), queues a few more and answers 503 beyond that, "
+            "and does not say how many. The client runs 200 workers under an "
+            "AdaptiveLimiter that finds the capacity from latency and 503s; the table "
+            "shows the limit it settled on next to the capacity."
+        ),
     )
     parser.add_argument("--records", type=int, default=3000, help="how many (default 3000)")
-    parser.add_argument("--rate", type=int, default=500, help="API calls/s (default 500)")
+    parser.add_argument("--rate", type=int, help="API calls/s (default 500; not with --adaptive)")
     parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio")
     parser.add_argument("--db", type=pathlib.Path, help="SQLite file (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=1, help="for the simulated API's dice")
-    options = parser.parse_args(argv)
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="a concurrency capacity instead of a rate limit, found by an AdaptiveLimiter",
+    )
+    parser.add_argument(
+        "--capacity",
+        type=int,
+        help=f"with --adaptive: calls the API serves at once (default {CAPACITY}, "
+        f"at most {MAX_CAPACITY})",
+    )
+    return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, options: argparse.Namespace) -> None:
+    """Exit with argparse's usage error if the options do not make sense."""
     if options.records < 1:
         parser.error("--records must be >= 1")
-    if options.rate < 1:
+    if options.rate is not None and options.rate < 1:
         parser.error("--rate must be >= 1")
+    if options.adaptive and options.rate is not None:
+        parser.error("--rate does not go with --adaptive (its API limits calls at once, not rate)")
+    if options.capacity is not None and not options.adaptive:
+        parser.error("--capacity needs --adaptive")
+    if options.capacity is not None and not 1 <= options.capacity <= MAX_CAPACITY:
+        parser.error(f"--capacity must be between 1 and {MAX_CAPACITY}")
     module = {"trio": "trio", "uvloop": "uvloop"}.get(options.backend)
     if module and importlib.util.find_spec(module) is None:
         parser.error(f"--backend {options.backend} needs {module}: pip install 'corral[{module}]'")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo from the command line; 0 if the database checks out, else 1."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    _check_options(parser, options)
     backend, backend_options = options.backend, {}
     if backend == "uvloop":
         backend, backend_options = "asyncio", {"use_uvloop": True}
+    rate = options.rate or 500
+    capacity = options.capacity or CAPACITY
     with tempfile.TemporaryDirectory() as scratch:
         db = options.db or pathlib.Path(scratch) / "corral-demo.sqlite3"
+        if options.adaptive:
+            api = f"that serves {capacity} calls at once (the client is not told)"
+            job = functools.partial(
+                run_adaptive, options.records, db, options.seed, capacity=capacity
+            )
+        else:
+            api = f"at {rate:g} calls/s"
+            job = functools.partial(run, options.records, rate, db, options.seed)
         print(
-            f"corral demo: {options.records} records through a simulated API at "
-            f"{options.rate:g} calls/s into {db}, on {options.backend}",
+            f"corral demo: {options.records} records through a simulated API {api} "
+            f"into {db}, on {options.backend}",
             flush=True,
         )
         try:
-            report = anyio.run(
-                run,
-                options.records,
-                options.rate,
-                db,
-                options.seed,
-                backend=backend,
-                backend_options=backend_options,
-            )
+            report = anyio.run(job, backend=backend, backend_options=backend_options)
         except KeyboardInterrupt:
             print("\ninterrupted: the rows written so far are in the database", file=sys.stderr)
             return 130
