@@ -2,13 +2,13 @@
 
 A capacity limiter (like :class:`anyio.CapacityLimiter`) whose number of
 slots moves with what the attempts it admits see. It learns in windows: a
-window gathers the latency of attempts that started after it opened (so each
-reflects the limit of its time) and, once it holds enough of them, the
-algorithm moves the limit from the window's mean latency and a baseline (the
-latency of the service when nothing queues). Drops (attempts that failed with
-an overload error) lower the limit at once, multiplicatively, and once per
-generation: drops of attempts that started before the last decrease are the
-same overload seen late.
+window gathers the latencies of the attempts that end in it and, once it
+holds enough of them and lasted one mean latency, the algorithm moves the
+limit from the window's mean latency and a baseline (the latency of the
+service when nothing queues). Drops (attempts that failed with an overload
+error) lower the limit at once, multiplicatively, and once per generation:
+drops of attempts that started before the last decrease are the same overload
+seen late.
 
 Now and then the limiter probes its baseline: it halves its limit for one
 window, so that whatever queued at the service drains, and takes that window's
@@ -18,6 +18,7 @@ faster for good, does not stay in the baseline.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import anyio
 import attrs
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
 from ._retry import ExceptionFilter, check_on, matches
 from ._slots import Slots
@@ -53,9 +55,11 @@ _log = logging.getLogger("corral.limits")
 _BACKOFF = 0.9  # a drop multiplies the limit by this (AIMD's decrease)
 _MIN_SAMPLES = 8  # a window closes after at least this many latencies ...
 _WINDOW_SHARE = 0.5  # ... and at least this share of the limit
-_PROBE_EVERY = 64  # windows between two probes of the baseline latency
+_INITIAL = 10  # the limit to start from, unless given (within min and max)
+_MOST = 10**9  # the largest limit that can be asked for
+_PROBE_EVERY = 100  # windows between two probes of the baseline latency
 _FIRST_PROBE = 8  # the first probe comes after this many windows
-_PROBE_SAMPLES = 64  # a probe's window holds at least this many latencies
+_PROBE_SAMPLES = 32  # a probe's window holds at least this many latencies
 _CALM = 8  # vegas grows fast only this many windows after the last drop
 _LONG_WINDOWS = 20  # gradient2: the long-term latency averages this many windows
 _TOLERANCE = 1.5  # gradient2: latency this many times the long-term one is fine
@@ -72,7 +76,7 @@ class AdaptiveLimiterStatistics:
     in_flight: int  #: attempts holding a slot
     waiting: int  #: tasks in line for a slot
     drops: int  #: attempts that failed with an ``on`` error
-    decreases: int  #: times drops lowered the limit (once per generation)
+    decreases: int  #: times drops lowered the limit
     latency: float | None  #: mean latency of the last window's successes, seconds
     baseline: float | None  #: the latency when nothing queues, as last measured
     algorithm: str
@@ -81,24 +85,24 @@ class AdaptiveLimiterStatistics:
 def _vegas(limit: float, latency: Latency, baseline: float, busy: bool, calm: bool) -> float:
     """TCP Vegas, as Netflix's concurrency-limits has it: estimate how many
     attempts wait at the service (``limit * (1 - baseline / latency)``) and keep
-    that between 3 and 6 times ``log10(limit)`` (at most 3 and 6 times
-    ``limit / 20``).
-    It lowers the limit only when
-    the latency is above that with confidence (its mean less two standard
-    errors), so that a noisy service time does not pull it down."""
-    # log10(limit), at most a twentieth of it: never more than 30% of the
-    # limit waits (a service that takes 4 at once is not asked to queue 6 more)
-    step = min(max(1.0, math.log10(limit)), limit / 20)
+    that between 3 and 6 times ``log10(limit)`` (at most 15% and 30% of the
+    limit). It lowers the limit only when the latency is above that with
+    confidence (its mean less two standard errors), so that a noisy service
+    time does not pull it down."""
+    step = max(1.0, math.log10(limit))
+    # the bounds on how many wait, at most 15% and 30% of the limit (a service
+    # that takes 4 at once is not asked to queue 6 more)
+    low, high = min(3 * step, 0.15 * limit), min(6 * step, 0.3 * limit)
     surely_queued = _queued(limit, latency.low, baseline)
-    if surely_queued > 6 * step:  # too many wait: give back half of the excess
-        return limit - max(step, (surely_queued - 6 * step) / 2)
+    if surely_queued > high:  # too many wait: give back half of the excess
+        return limit - max(step, (surely_queued - high) / 2)
     queued = _queued(limit, latency.mean, baseline)
     if not busy:
         return limit
-    if queued <= step:
-        return limit + (6 * step if calm else step)
-    if queued < 3 * step:
-        return limit + step
+    if queued <= low / 3:
+        return limit + min(limit, 6 * step if calm else step)  # at most double
+    if queued < low:
+        return limit + min(limit, step)
     return limit
 
 
@@ -125,7 +129,7 @@ class _Gradient2:
     ) -> float:
         latency = measured.mean
         long = self.long = self._average(latency)
-        if latency > 2 * long:  # a lasting change: let the long-term follow faster
+        if long > 2 * latency:  # back from a long overload: let it follow faster
             long = self.long = long * 0.95
         if not busy:
             return limit
@@ -148,24 +152,29 @@ class AdaptiveLimiter:
     Holds a slot per attempt, like :class:`anyio.CapacityLimiter` (so no slot
     is held during a retry's backoff), and can be shared by several pools. It
     measures every attempt's latency and moves its limit between ``min`` and
-    ``max``:
+    ``max``, from ``initial`` (10 unless given, within them):
 
     - ``algorithm="vegas"`` (the default): it estimates how many attempts wait
       at the service from the latency against its baseline, and keeps a few
-      waiting (between 3 and 6 times ``log10(limit)``): enough to keep the
-      service busy, few enough that latency stays near the baseline.
-      ``"gradient2"``: the limit follows the ratio of the long-term latency to
-      the recent one, tolerating 1.5 times it (latency runs higher).
+      waiting (between 3 and 6 times ``log10(limit)``, at most 30% of the
+      limit): enough to keep the service busy, few enough that latency stays
+      near the baseline. ``"gradient2"``: the limit follows the ratio of the
+      long-term latency to the recent one, tolerating 1.5 times it (latency
+      runs higher).
     - A *drop* (an attempt that fails with an error ``on`` matches: exception
       types or a predicate, as in :class:`Retry`; by default a
       :class:`TimeoutError`, which is what ``timeout=`` raises) multiplies the
-      limit by 0.9, once: drops of attempts that started before that decrease
-      do not lower it again, so a burst of correlated errors costs one step.
+      limit by 0.9, once per generation: drops of attempts that started
+      before that decrease do not lower it again, so a burst of correlated
+      errors costs one step. Each round of retries that fails again lowers
+      it again; once attempts succeed, it doubles per window back to half
+      the limit it had before the first of those drops.
     - It does not grow while fewer than half its slots are in use (it is not
-      the bottleneck then), and every 64 windows it halves its limit for one
+      the bottleneck then), and every 100 windows it halves its limit for one
       window to measure the service's latency unloaded again.
 
-    Other errors and cancelled attempts teach it nothing. :attr:`limit` and
+    Other errors and cancelled attempts teach it nothing; neither does an
+    attempt for which ``on`` raised (logged). :attr:`limit` and
     :meth:`statistics` say where it is; a change of the limit is logged at
     DEBUG on the ``corral.limits`` logger. Outside a pool, ``async with
     limiter:`` holds a slot for the block and learns from how it ends.
@@ -177,32 +186,34 @@ class AdaptiveLimiter:
 
     def __init__(
         self,
-        initial: int = 10,
+        initial: int | None = None,
         *,
         min: int = 1,
         max: int = 1000,
         on: ExceptionFilter = (TimeoutError,),
         algorithm: Algorithm = "vegas",
     ) -> None:
-        low = check_int("min", min, minimum=1)
-        high = check_int("max", max, minimum=1)
-        initial = check_int("initial", initial, minimum=1)
+        low, high = _check_limit("min", min), _check_limit("max", max)
+        if low > high:
+            raise ValueError(f"min must be at most max, got min={low!r}, max={high!r}")
+        if initial is None:
+            initial = builtins.max(low, builtins.min(high, _INITIAL))
+        initial = _check_limit("initial", initial)
         if not low <= initial <= high:
-            raise ValueError(f"wanted min <= initial <= max, got {low!r}, {initial!r}, {high!r}")
+            raise ValueError(
+                f"initial must be within min and max, got {initial!r} (min={low!r}, max={high!r})"
+            )
         check_on(on)
         if algorithm not in ("vegas", "gradient2"):
             raise ValueError(f"algorithm must be 'vegas' or 'gradient2', got {algorithm!r}")
-        self.min: int = low
-        self.max: int = high
-        self.on: ExceptionFilter = on
-        self.algorithm: Algorithm = algorithm
+        self._min, self._max, self._on, self._algorithm = low, high, on, algorithm
         self._update: Callable[[float, Latency, float, bool, bool], float] = (
             _vegas if algorithm == "vegas" else _Gradient2()
         )
         self._slots = Slots(initial)
         self._estimate = float(initial)
         self._learning = _Learning()
-        self._starts: dict[int, list[tuple[float, int]]] = {}  # ``async with`` blocks, per task
+        self._starts: dict[int, tuple[float, int]] = {}  # ``async with`` blocks, per task
 
     def __repr__(self) -> str:
         return (
@@ -214,6 +225,26 @@ class AdaptiveLimiter:
     def limit(self) -> int:
         """How many attempts may hold a slot at once, now."""
         return self._slots.capacity
+
+    @property
+    def min(self) -> int:
+        """The lowest the limit goes."""
+        return self._min
+
+    @property
+    def max(self) -> int:
+        """The highest the limit goes."""
+        return self._max
+
+    @property
+    def on(self) -> ExceptionFilter:
+        """What makes a failed attempt a drop."""
+        return self._on
+
+    @property
+    def algorithm(self) -> Algorithm:
+        """``"vegas"`` or ``"gradient2"``."""
+        return self._algorithm
 
     def statistics(self) -> AdaptiveLimiterStatistics:
         """Where it stands now (a frozen snapshot)."""
@@ -234,11 +265,25 @@ class AdaptiveLimiter:
     # -- holding a slot ------------------------------------------------------
 
     async def __aenter__(self) -> None:
-        """Wait for a slot (first come, first served) and hold it for the block."""
-        if not self._slots.take_nowait():
+        """Wait for a slot (first come, first served) and hold it for the block.
+
+        :raises RuntimeError: this task holds a slot of it already (as
+            :class:`anyio.CapacityLimiter` does: waiting would deadlock once
+            the limit comes down to 1).
+        """
+        task = anyio.get_current_task().id
+        if task in self._starts:
+            raise RuntimeError("this task already holds a slot of this AdaptiveLimiter")
+        await checkpoint_if_cancelled()
+        if self._slots.take_nowait():
+            try:
+                await cancel_shielded_checkpoint()
+            except BaseException:  # pragma: no cover - a shielded checkpoint
+                self._slots.release()
+                raise
+        else:
             await self._slots.take()
-        started = (anyio.current_time(), self._learning.decreases)
-        self._starts.setdefault(anyio.get_current_task().id, []).append(started)
+        self._starts[task] = (anyio.current_time(), self._learning.generation)
 
     async def __aexit__(
         self,
@@ -247,14 +292,13 @@ class AdaptiveLimiter:
         tb: TracebackType | None,
     ) -> None:
         """Give the slot back, learning from how the block ended."""
-        task = anyio.get_current_task().id
-        starts = self._starts[task]
-        started, generation = starts.pop()
-        if not starts:
-            del self._starts[task]
-        if exc is None or isinstance(exc, Exception):
-            self._learn(started, generation, exc, anyio.current_time())
-        self._slots.release()
+        started, generation = self._starts.pop(anyio.get_current_task().id)
+        try:
+            if exc is None or isinstance(exc, Exception):
+                now = anyio.current_time()
+                self._learn(started, generation, exc, now, self._slots.used)
+        finally:
+            self._slots.release()
 
     def _layer(self, call_next: Call, clock: Callable[[], float], threaded: bool) -> Call:
         """The pool's limiter layer: a slot per attempt, and what it taught."""
@@ -266,18 +310,22 @@ class AdaptiveLimiter:
         async def adaptive_limited(item: Any) -> Any:
             if not take_nowait():
                 await take()
-            started, generation = clock(), learning.decreases
+            started, generation = clock(), learning.generation
             try:
                 result = await call_next(item)
             except Exception as error:
-                learn(started, generation, error, clock())
-                release()
+                try:
+                    learn(started, generation, error, clock(), slots.used)
+                finally:
+                    release()
                 raise
             except BaseException:
                 release()
                 raise
-            learn(started, generation, None, clock())
-            release()
+            try:
+                learn(started, generation, None, clock(), slots.used)
+            finally:
+                release()
             return result
 
         return adaptive_limited
@@ -287,61 +335,95 @@ class AdaptiveLimiter:
         timeout may leave it running), as a capacity limiter's token is."""
         slots, learn, learning = self._slots, self._learn, self._learning
 
+        def in_flight(holds: Holds) -> int:
+            # the thread may have ended and given this attempt's slot back
+            return slots.used + (not holds.releases)
+
         async def adaptive_limited_thread(item: Any) -> Any:
             if not slots.take_nowait():
                 await slots.take()
-            started, generation = clock(), learning.decreases
+            started, generation = clock(), learning.generation
             holds = Holds()
             holds.releases.append(slots.release)
             token = holds_of_attempt.set(holds)
             try:
                 result = await call_next(item)
             except Exception as error:
-                learn(started, generation, error, clock())
+                learn(started, generation, error, clock(), in_flight(holds))
                 raise
+            else:
+                learn(started, generation, None, clock(), in_flight(holds))
+                return result
             finally:
                 holds_of_attempt.reset(token)
                 if not holds.taken:
                     holds.release()
-            learn(started, generation, None, clock())
-            return result
 
         return adaptive_limited_thread
 
     # -- learning --------------------------------------------------------------
 
     def _learn(
-        self, started: float, generation: int, error: BaseException | None, now: float
+        self,
+        started: float,
+        generation: int,
+        error: BaseException | None,
+        now: float,
+        in_flight: int,
     ) -> None:
-        """An attempt that held a slot since ``started`` ended (with ``error``);
-        ``generation``: the limiter's decreases when it started."""
+        """An attempt that held a slot since ``started`` ended (with ``error``),
+        ``in_flight`` counting it; ``generation``: the limiter's when it started."""
         learning = self._learning
+        if now < learning.last:
+            self._restart(now)  # another event loop's clock: start a window on it
+        learning.last = now
         if error is not None:
-            if isinstance(error, Exception) and matches(self.on, error):
+            if self._is_drop(error):
                 learning.drops += 1
-                if generation == learning.decreases:  # not one of the same overload
+                if generation == learning.generation:  # not one of the same overload
                     self._drop(now)
             return
-        if generation != learning.decreases or now < learning.opened:
+        if generation != learning.generation or now < learning.opened:
             return  # it started before a drop, or ended while a probe drains
         latency = now - started
         learning.count += 1
         learning.total += latency
         learning.squares += latency * latency
-        if self._slots.used > learning.busiest:
-            learning.busiest = self._slots.used
+        if in_flight > learning.busiest:
+            learning.busiest = in_flight
         if learning.count >= learning.needed and now >= learning.closes_at:
             self._close_window(now)
 
+    def _is_drop(self, error: BaseException) -> bool:
+        if not isinstance(error, Exception):
+            return False
+        try:
+            return matches(self.on, error)
+        except Exception:  # noqa: BLE001 - a user bug, logged: the attempt still ends
+            _log.exception("AdaptiveLimiter's on=%r raised: not a drop", self.on)
+            return False
+
     def _drop(self, now: float) -> None:
         learning = self._learning
-        learning.decreases += 1
+        learning.generation += 1
+        estimate = learning.saved if learning.probing else self._estimate
+        if learning.calm >= _CALM:  # the first of a run of drops
+            learning.recover_to = estimate / 2
+        learning.ceiling = estimate
         learning.starting = False
         learning.calm = 0
-        estimate = learning.saved if learning.probing else self._estimate
         learning.probing = False
+        limit = self.limit
         self._set(estimate * _BACKOFF, "a drop")
+        learning.decreases += self.limit < limit
         learning.high = self._estimate
+        learning.open(now, self._estimate)
+
+    def _restart(self, now: float) -> None:
+        learning = self._learning
+        if learning.probing:
+            learning.probing = False
+            self._set(learning.saved, "a new clock")
         learning.open(now, self._estimate)
 
     def _close_window(self, now: float) -> None:
@@ -355,7 +437,7 @@ class AdaptiveLimiter:
         else:
             if learning.baseline is None:
                 self._rebase(measured.mean)
-            estimate = self._next_estimate(measured)
+            estimate = self._clamp(self._next_estimate(measured))
             learning.windows += 1
             learning.calm += 1
             if estimate < learning.high / 2 or learning.windows % _PROBE_EVERY == _FIRST_PROBE:
@@ -370,19 +452,29 @@ class AdaptiveLimiter:
         learning = self._learning
         learning.probing, learning.saved = True, estimate
         self._set(estimate / 2, "probing the baseline")
-        learning.open(now, self._estimate, delay=2 * (learning.latency or 0.0))
-        learning.needed = max(learning.needed, _PROBE_SAMPLES)
+        learning.open(now, self._estimate, delay=learning.latency or 0.0)
+        learning.needed = builtins.max(learning.needed, _PROBE_SAMPLES)
 
     def _next_estimate(self, measured: Latency) -> float:
         """What the window that ``measured`` makes of the limit."""
         learning, estimate = self._learning, self._estimate
         baseline = learning.baseline
         assert baseline is not None
-        busy = 2 * learning.busiest > estimate  # not while half its slots are idle
-        if learning.starting and busy and measured.mean <= baseline * 1.1:
-            return 2 * estimate  # slow start: double until latency moves
+        busy = 2 * learning.busiest >= estimate  # not while half its slots are idle
+        if learning.starting and estimate >= self.max:
+            learning.starting = False
+        fast = learning.starting or estimate < learning.recover_to
+        if fast and busy and measured.mean <= baseline * 1.1:
+            # slow start (from the start, or back from many drops in a row up
+            # to half the limit before them): double until latency moves,
+            # never beyond what is used
+            most = 2 * learning.busiest if learning.starting else learning.recover_to
+            return builtins.min(2 * estimate, most)
         learning.starting = False
+        learning.recover_to = 0.0
         new = self._update(estimate, measured, baseline, busy, learning.calm >= _CALM)
+        if new > estimate and abs(estimate - learning.ceiling) <= 0.1 * learning.ceiling:
+            new = estimate + (new - estimate) / 4  # near the last drop: carefully
         if new >= estimate:
             learning.high = new  # where a run of lowerings for latency starts
         return new
@@ -392,22 +484,36 @@ class AdaptiveLimiter:
         if isinstance(self._update, _Gradient2):
             self._update.rebase(latency)
 
+    def _clamp(self, estimate: float) -> float:
+        return builtins.max(self.min, builtins.min(self.max, estimate))
+
     def _set(self, estimate: float, why: str) -> None:
-        estimate = self._estimate = max(self.min, min(self.max, estimate))
+        estimate = self._estimate = self._clamp(estimate)
         slots = self._slots
         limit = int(estimate)
         if limit == slots.capacity:
             return
         learning = self._learning
         _log.debug(
-            "adaptive limit %d -> %d (%s; latency %.3g s, baseline %.3g s)",
+            "adaptive limit %d -> %d (%s; latency %s s, baseline %s s)",
             slots.capacity,
             limit,
             why,
-            learning.latency or math.nan,
-            learning.baseline or math.nan,
+            _seconds(learning.latency),
+            _seconds(learning.baseline),
         )
         slots.resize(limit)
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3g}"
+
+
+def _check_limit(name: str, value: object) -> int:
+    value = check_int(name, value, minimum=1)
+    if value > _MOST:
+        raise ValueError(f"{name} must be at most {_MOST}, got {value!r}")
+    return value
 
 
 def limit_of(limiter: object) -> int | None:
@@ -423,15 +529,19 @@ class _Learning:
         "baseline",
         "busiest",
         "calm",
+        "ceiling",
         "closes_at",
         "count",
         "decreases",
         "drops",
+        "generation",
         "high",
+        "last",
         "latency",
         "needed",
         "opened",
         "probing",
+        "recover_to",
         "saved",
         "squares",
         "starting",
@@ -454,6 +564,10 @@ class _Learning:
         self.saved = 0.0  # the limit to go back to after the probe
         self.high = 0.0  # the limit before windows in a row lowered it for latency
         self.calm = _CALM  # windows since the last drop
+        self.recover_to = 0.0  # after drops, slow start again up to this limit
+        self.ceiling = 0.0  # the limit when the last drop came
+        self.generation = 0  # drops decided: attempts started since are news
+        self.last = -math.inf  # the clock when an attempt last ended
         self.drops = self.decreases = 0
 
     def measured(self) -> Latency:
@@ -464,7 +578,10 @@ class _Learning:
 
     def open(self, now: float, estimate: float, delay: float = 0.0) -> None:
         self.opened = now + delay
-        self.closes_at = self.opened + (self.latency or 0.0)
+        # a window lasts a mean latency; two while the limit doubles, so that
+        # the attempts the last doubling let in are in it
+        doubling = self.starting or estimate < self.recover_to
+        self.closes_at = self.opened + (self.latency or 0.0) * (2 if doubling else 1)
         self.needed = max(_MIN_SAMPLES, math.ceil(estimate * _WINDOW_SHARE))
         self.count = self.busiest = 0
         self.total = self.squares = 0.0
