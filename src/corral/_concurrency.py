@@ -474,7 +474,7 @@ class AdaptiveLimiter:
         learning.recover_to = 0.0
         new = self._update(estimate, measured, baseline, busy, learning.calm >= _CALM)
         if new > estimate and abs(estimate - learning.ceiling) <= 0.1 * learning.ceiling:
-            new = estimate + (new - estimate) / 4  # near the last drop: carefully
+            new = estimate + (new - estimate) / 8  # near the last drop: carefully
         if new >= estimate:
             learning.high = new  # where a run of lowerings for latency starts
         return new
