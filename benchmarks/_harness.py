@@ -38,6 +38,9 @@ PEERS = [
     "flushq",
     "async-batcher",
     "aiolimiter",
+    "ace-concurrency",
+    "adaptive-concurrency",
+    "aioadaptive",
 ]
 
 

@@ -18,6 +18,21 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
 TINY = {
+    "bench_adaptive.py": [
+        "--seconds",
+        "0.6",
+        "--repeat",
+        "1",
+        "--capacity",
+        "4",
+        "--service-time",
+        "0.01",
+        "--fixed",
+        "1",
+        "--no-peers",
+        "--jobs",
+        "4",
+    ],
     "bench_apply.py": ["--items", "300", "--workers", "4", "--repeat", "1"],
     "bench_batcher.py": [
         "--items",
