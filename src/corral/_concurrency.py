@@ -267,9 +267,11 @@ class AdaptiveLimiter:
     async def __aenter__(self) -> None:
         """Wait for a slot (first come, first served) and hold it for the block.
 
-        :raises RuntimeError: this task holds a slot of it already (as
-            :class:`anyio.CapacityLimiter` does: waiting would deadlock once
-            the limit comes down to 1).
+        :raises RuntimeError: this task holds a slot of it already from an
+            ``async with`` (as :class:`anyio.CapacityLimiter` does: waiting
+            would deadlock once the limit comes down to 1). A pool's attempt
+            is not recorded so: a handler must not enter its own pool's
+            limiter.
         """
         task = anyio.get_current_task().id
         if task in self._starts:
@@ -381,7 +383,7 @@ class AdaptiveLimiter:
             if self._is_drop(error):
                 learning.drops += 1
                 if generation == learning.generation:  # not one of the same overload
-                    self._drop(now)
+                    self._drop(now, started)
             return
         if generation != learning.generation or now < learning.opened:
             return  # it started before a drop, or ended while a probe drains
@@ -403,11 +405,13 @@ class AdaptiveLimiter:
             _log.exception("AdaptiveLimiter's on=%r raised: not a drop", self.on)
             return False
 
-    def _drop(self, now: float) -> None:
+    def _drop(self, now: float, started: float) -> None:
         learning = self._learning
         learning.generation += 1
-        estimate = learning.saved if learning.probing else self._estimate
-        if learning.calm >= _CALM:  # the first of a run of drops
+        estimate = self._estimate
+        if learning.probing and started < learning.probed_at:
+            estimate = learning.saved  # the load before the probe said so
+        if learning.calm > 0:  # the first of a run of drops (a window closed since)
             learning.recover_to = estimate / 2
         learning.ceiling = estimate
         learning.starting = False
@@ -450,7 +454,7 @@ class AdaptiveLimiter:
         """Halve the limit for a window, to measure the latency unloaded: the
         window opens once what queued at the higher limit had time to end."""
         learning = self._learning
-        learning.probing, learning.saved = True, estimate
+        learning.probing, learning.saved, learning.probed_at = True, estimate, now
         self._set(estimate / 2, "probing the baseline")
         learning.open(now, self._estimate, delay=learning.latency or 0.0)
         learning.needed = builtins.max(learning.needed, _PROBE_SAMPLES)
@@ -473,7 +477,8 @@ class AdaptiveLimiter:
         learning.starting = False
         learning.recover_to = 0.0
         new = self._update(estimate, measured, baseline, busy, learning.calm >= _CALM)
-        if new > estimate and abs(estimate - learning.ceiling) <= 0.1 * learning.ceiling:
+        near = abs(estimate - learning.ceiling) <= 0.1 * learning.ceiling * (1 + 1e-9)
+        if new > estimate and near:
             new = estimate + (new - estimate) / 8  # near the last drop: carefully
         if new >= estimate:
             learning.high = new  # where a run of lowerings for latency starts
@@ -540,6 +545,7 @@ class _Learning:
         "latency",
         "needed",
         "opened",
+        "probed_at",
         "probing",
         "recover_to",
         "saved",
@@ -562,6 +568,7 @@ class _Learning:
         self.starting = True  # slow start: the limit doubles per window
         self.probing = False  # this window measures the baseline at half the limit
         self.saved = 0.0  # the limit to go back to after the probe
+        self.probed_at = -math.inf  # when the probe began
         self.high = 0.0  # the limit before windows in a row lowered it for latency
         self.calm = _CALM  # windows since the last drop
         self.recover_to = 0.0  # after drops, slow start again up to this limit
