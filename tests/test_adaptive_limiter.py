@@ -511,7 +511,7 @@ def test_growth_near_the_last_drop_is_an_eighth() -> None:
     limiter._learning.ceiling = 100.0
     limiter._learning.starting = False
     limiter._learning.baseline = 1.0
-    limiter._learning.busiest = 100
+    limiter._learning.window.busiest = 100
     for estimate in (90.0, 100.0, 110.0):
         limiter._estimate = estimate
         step = limiter._next_estimate(Latency(1.0, 1.0)) - estimate
@@ -534,7 +534,8 @@ async def test_a_drop_during_a_probe_lowers_from_where_it_probes() -> None:
 async def test_a_limiter_used_by_a_later_event_loop_keeps_learning() -> None:
     limiter = AdaptiveLimiter(4, on=Overloaded)
     limiter._learning.last = anyio.current_time() + 10**6  # as if an earlier loop's clock
-    limiter._learning.opened = limiter._learning.closes_at = anyio.current_time() + 10**6
+    window = limiter._learning.window
+    window.opened = window.closes_at = anyio.current_time() + 10**6
 
     async def call(item: int) -> int:
         await anyio.sleep(0.001)

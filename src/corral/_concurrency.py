@@ -385,15 +385,16 @@ class AdaptiveLimiter:
                 if generation == learning.generation:  # not one of the same overload
                     self._drop(now, started)
             return
-        if generation != learning.generation or now < learning.opened:
+        window = learning.window
+        if generation != learning.generation or now < window.opened:
             return  # it started before a drop, or ended while a probe drains
         latency = now - started
-        learning.count += 1
-        learning.total += latency
-        learning.squares += latency * latency
-        if in_flight > learning.busiest:
-            learning.busiest = in_flight
-        if learning.count >= learning.needed and now >= learning.closes_at:
+        window.count += 1
+        window.total += latency
+        window.squares += latency * latency
+        if in_flight > window.busiest:
+            window.busiest = in_flight
+        if window.count >= window.needed and now >= window.closes_at:
             self._close_window(now)
 
     def _is_drop(self, error: BaseException) -> bool:
@@ -432,7 +433,7 @@ class AdaptiveLimiter:
 
     def _close_window(self, now: float) -> None:
         learning = self._learning
-        measured = learning.measured()
+        measured = learning.window.measured()
         learning.latency = measured.mean
         if learning.probing:
             learning.probing = False
@@ -457,14 +458,15 @@ class AdaptiveLimiter:
         learning.probing, learning.saved, learning.probed_at = True, estimate, now
         self._set(estimate / 2, "probing the baseline")
         learning.open(now, self._estimate, delay=learning.latency or 0.0)
-        learning.needed = builtins.max(learning.needed, _PROBE_SAMPLES)
+        learning.window.needed = builtins.max(learning.window.needed, _PROBE_SAMPLES)
 
     def _next_estimate(self, measured: Latency) -> float:
         """What the window that ``measured`` makes of the limit."""
         learning, estimate = self._learning, self._estimate
         baseline = learning.baseline
         assert baseline is not None
-        busy = 2 * learning.busiest >= estimate  # not while half its slots are idle
+        busiest = learning.window.busiest
+        busy = 2 * busiest >= estimate  # not while half its slots are idle
         if learning.starting and estimate >= self.max:
             learning.starting = False
         fast = learning.starting or estimate < learning.recover_to
@@ -472,7 +474,7 @@ class AdaptiveLimiter:
             # slow start (from the start, or back from many drops in a row up
             # to half the limit before them): double until latency moves,
             # never beyond what is used
-            most = 2 * learning.busiest if learning.starting else learning.recover_to
+            most = 2 * busiest if learning.starting else learning.recover_to
             return builtins.min(2 * estimate, most)
         learning.starting = False
         learning.recover_to = 0.0
@@ -526,42 +528,51 @@ def limit_of(limiter: object) -> int | None:
     return limiter.limit if isinstance(limiter, AdaptiveLimiter) else None
 
 
+class _Window:
+    """The latencies of the attempts that end in one window."""
+
+    __slots__ = ("busiest", "closes_at", "count", "needed", "opened", "squares", "total")
+
+    def __init__(self, opened: float, closes_at: float, needed: int) -> None:
+        self.opened = opened  # latencies of attempts ending from then on count
+        self.closes_at = closes_at  # it lasts until then at least
+        self.needed = needed  # and holds at least this many latencies
+        self.count = 0
+        self.total = self.squares = 0.0  # their sum, and of their squares
+        self.busiest = 0  # the most slots in use when one of them ended
+
+    def measured(self) -> Latency:
+        """Its latency."""
+        mean = self.total / self.count
+        spread = max(0.0, self.squares / self.count - mean * mean)
+        return Latency(mean, mean - 2 * math.sqrt(spread / self.count))
+
+
 class _Learning:
     """What an :class:`AdaptiveLimiter` has seen: the open window, the
     baseline, its drops."""
 
     __slots__ = (
         "baseline",
-        "busiest",
         "calm",
         "ceiling",
-        "closes_at",
-        "count",
         "decreases",
         "drops",
         "generation",
         "high",
         "last",
         "latency",
-        "needed",
-        "opened",
         "probed_at",
         "probing",
         "recover_to",
         "saved",
-        "squares",
         "starting",
-        "total",
+        "window",
         "windows",
     )
 
     def __init__(self) -> None:
-        self.opened = -math.inf  # when the open window opened
-        self.closes_at = -math.inf  # it lasts at least the last window's latency
-        self.needed = _MIN_SAMPLES  # and holds at least this many latencies
-        self.count = 0
-        self.total = self.squares = 0.0  # their sum, and of their squares
-        self.busiest = 0  # the most slots in use when one of them ended
+        self.window = _Window(-math.inf, -math.inf, _MIN_SAMPLES)
         self.windows = 0  # windows closed
         self.latency: float | None = None  # the last window's mean
         self.baseline: float | None = None
@@ -577,18 +588,12 @@ class _Learning:
         self.last = -math.inf  # the clock when an attempt last ended
         self.drops = self.decreases = 0
 
-    def measured(self) -> Latency:
-        """The open window's latency."""
-        mean = self.total / self.count
-        spread = max(0.0, self.squares / self.count - mean * mean)
-        return Latency(mean, mean - 2 * math.sqrt(spread / self.count))
-
     def open(self, now: float, estimate: float, delay: float = 0.0) -> None:
-        self.opened = now + delay
+        """Open the next window, ``delay`` seconds from ``now``."""
+        opened = now + delay
         # a window lasts a mean latency; two while the limit doubles, so that
         # the attempts the last doubling let in are in it
         doubling = self.starting or estimate < self.recover_to
-        self.closes_at = self.opened + (self.latency or 0.0) * (2 if doubling else 1)
-        self.needed = max(_MIN_SAMPLES, math.ceil(estimate * _WINDOW_SHARE))
-        self.count = self.busiest = 0
-        self.total = self.squares = 0.0
+        closes_at = opened + (self.latency or 0.0) * (2 if doubling else 1)
+        needed = max(_MIN_SAMPLES, math.ceil(estimate * _WINDOW_SHARE))
+        self.window = _Window(opened, closes_at, needed)
