@@ -4,8 +4,13 @@ The hierarchy::
 
     Exception
     └── CorralError                  every error corral raises on its own behalf
-        └── FlushError               a Batcher's final flush failed; ``.items`` holds
-                                     everything that was not flushed
+        ├── FlushError               a Batcher's final flush failed; ``.items`` holds
+        │                            everything that was not flushed
+        ├── JobCancelled             the outcome of a job cancelled by ``job.cancel()``
+        ├── CircuitOpen              an attempt refused by an open circuit breaker;
+        │                            ``.retry_after``: seconds until it half-opens
+        └── RetryError               a Retry gave up on a *result* (``on_result``);
+                                     ``.result`` holds the last one
 
     anyio.WouldBlock
     └── QueueFull (+ CorralError)    ``submit_nowait`` / ``add_nowait`` on a full queue
@@ -27,11 +32,13 @@ from typing import Any
 import anyio
 
 __all__ = [
+    "CircuitOpen",
     "CorralError",
     "FlushError",
     "JobCancelled",
     "PoolClosed",
     "QueueFull",
+    "RetryError",
     "attempt_timed_out",
 ]
 
@@ -72,6 +79,44 @@ class PoolClosed(CorralError, anyio.ClosedResourceError):
 class JobCancelled(CorralError):
     """The error of an item whose job was cancelled by :meth:`Job.cancel`: it
     never started, or its running attempt was cancelled (and not retried)."""
+
+
+class CircuitOpen(CorralError):
+    """An attempt refused at once because its :class:`~corral.CircuitBreaker`
+    is open (or half-open with its one trial call still running).
+
+    ``retry_after`` is the number of seconds until the breaker half-opens (0
+    while it is half-open), so a :class:`~corral.Retry` waits that long
+    before its next attempt instead of hammering an open circuit. ``breaker``
+    is the breaker that refused the attempt.
+    """
+
+    retry_after: float
+    breaker: Any
+
+    def __init__(self, message: str, *, retry_after: float, breaker: Any = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.breaker = breaker
+
+
+class RetryError(CorralError):
+    """A :class:`~corral.Retry` with ``on_result=`` gave up on a result: the
+    last attempt returned a result for which ``on_result(result)`` was true
+    (attempts ran out, the deadline left no time for another, or the retry
+    budget was spent).
+
+    ``result`` is the last attempt's result; ``attempts`` the number of calls
+    the policy made.
+    """
+
+    result: Any
+    attempts: int
+
+    def __init__(self, message: str, *, result: Any, attempts: int) -> None:
+        super().__init__(message)
+        self.result = result
+        self.attempts = attempts
 
 
 class FlushError(CorralError):
