@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import numbers
 import random
 import re
+import reprlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 import attrs
 
-from ._handlers import is_async_callable
+from ._budget import RetryBudget
+from ._errors import RetryError
+from ._handlers import check_callable, is_async_callable
 from ._validate import check_bool, check_int, check_number
 
 __all__ = ["Retry", "backoff"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 ExceptionFilter = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
+Call = Callable[[Any], Awaitable[Any]]
+# before_sleep(item, error_or_result, attempt, wait), plain or async
+BeforeSleep = Callable[[Any, Any, int, float], object]
 
 
 def backoff(
@@ -218,6 +227,24 @@ def matches(on: ExceptionFilter, error: Exception) -> bool:
     return bool(on(error))
 
 
+class _CallOrDecorate(functools.partial[Any]):
+    """What ``Retry.__call__`` is: a partial of the async middleware, bound to
+    its policy when looked up on one, so that whoever asks whether a policy is
+    async middleware (``inspect.iscoroutinefunction`` looks through partials,
+    and so does the middleware check) is told it is. Called with one function
+    instead of ``(item, call_next)``, it decorates that function."""
+
+    def __get__(self, retry: object, owner: object = None) -> Any:
+        return self if retry is None else type(self)(self.func, retry)
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
+        args = self.args + args
+        if len(args) == 2 and not kwargs:  # (policy, fn)
+            retry, fn = args
+            return retry._decorate(fn)
+        return self.func(*args, **kwargs)
+
+
 @attrs.frozen
 class Retry:
     """Call the handler again when it fails, with exponential backoff.
@@ -238,6 +265,24 @@ class Retry:
     passed). A value that cannot be read is ignored and logged at DEBUG to
     ``corral.retry``; an infinite one ends the retrying.
 
+    ``on_result``: a plain predicate of a result; a result for which it is
+    true is retried like an error (same waits, no Retry-After), and when the
+    policy gives up on it the item's error is a :class:`~corral.RetryError`
+    carrying the last ``result`` and the ``attempts`` made. An exception the
+    predicate raises is the item's error, not retried.
+
+    ``before_sleep``: called as ``before_sleep(item, error_or_result, attempt,
+    wait)`` before every retry (``attempt``: the call that just failed, 1 for
+    the first; ``wait``: the seconds about to be waited), awaited if async. An
+    exception it raises is the item's error, raised from the failure. Every
+    retry is also logged at INFO, to the pool's logger (``corral.retry`` for
+    a single call or as middleware).
+
+    ``budget``: a :class:`~corral.RetryBudget`, which may be shared by several
+    policies and pools. Every item's first call counts in it; a retry it
+    refuses is not made: the failure is final at once, its error carries a
+    note saying so, and an INFO record says so too.
+
     ``deadline`` bounds one item's total time, waits included: a running
     attempt is cut off at the deadline, a ``TimeoutError`` saying
     ``Retry deadline=... s passed``, and no retry is made that could not start
@@ -245,7 +290,10 @@ class Retry:
     it gives up, the last attempt's error is the item's error.
 
     Used as ``retry=Retry(...)`` on a pool or helper; it is also a
-    :class:`~corral.Middleware` and can stand in ``middleware=[...]``. It
+    :class:`~corral.Middleware` and can stand in ``middleware=[...]``. On a
+    single call, ``await retry.call(fn, *args, **kwargs)``; as a decorator,
+    ``@retry`` makes an async function of an async or a plain one (a plain
+    one runs in a worker thread, abandoned if the deadline cuts it off). It
     waits between attempts with :func:`anyio.sleep` (as ``retry=`` it wraps
     ``limiter``, so no capacity slot is held meanwhile); a cancellation
     during an attempt or a wait propagates at once. Bad arguments raise
@@ -253,6 +301,11 @@ class Retry:
 
     >>> Retry(attempts=5, on=ConnectionError, wait_initial=0.5).attempts
     5
+    >>> @Retry(attempts=3, wait_initial=0)
+    ... async def fetch(key):
+    ...     return key.upper()
+    >>> anyio.run(fetch, "ok")
+    'OK'
     """
 
     attempts: int = attrs.field(default=3)
@@ -264,6 +317,9 @@ class Retry:
     deadline: float | None = attrs.field(default=None, kw_only=True)
     cap_retry_after: bool = attrs.field(default=False, kw_only=True)
     retry_after: Callable[[Exception], object] | None = attrs.field(default=None, kw_only=True)
+    on_result: Callable[[Any], object] | None = attrs.field(default=None, kw_only=True)
+    before_sleep: BeforeSleep | None = attrs.field(default=None, kw_only=True)
+    budget: RetryBudget | None = attrs.field(default=None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         check_int("attempts", self.attempts, minimum=1)
@@ -285,6 +341,7 @@ class Retry:
                 f"its Retry-After (seconds, a timedelta, the header's text) or None, "
                 f"got {self.retry_after!r}"
             )
+        _check_hooks(self.on_result, self.before_sleep, self.budget)
 
     def should_retry(self, error: Exception) -> bool:
         """Whether ``error`` matches ``on`` (an exception a predicate raises
@@ -297,42 +354,245 @@ class Retry:
         return self._wait(retry, error, random.uniform)
 
     def _wait(
-        self, retry: int, error: Exception, uniform: Callable[[float, float], float]
+        self, retry: int, error: Exception | None, uniform: Callable[[float, float], float]
     ) -> float:
-        """:meth:`wait_before` with the jitter drawn by ``uniform(low, high)``."""
+        """:meth:`wait_before` with the jitter drawn by ``uniform(low, high)``
+        (after a rejected result, ``error`` is None: no Retry-After)."""
+        hint = (
+            None if error is None else read_retry_after(error, self.retry_after or retry_after_of)
+        )
         return backoff(
             retry,
             wait_initial=self.wait_initial,
             wait_max=self.wait_max,
             wait_exp_base=self.wait_exp_base,
             jitter=self.wait_jitter,
-            retry_after=read_retry_after(error, self.retry_after or retry_after_of),
+            retry_after=hint,
             cap_retry_after=self.cap_retry_after,
             uniform=uniform,
         )
 
-    async def __call__(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
+    # -- the entry points: middleware, a pool's layer, a call, a decorator ---
+
+    async def _middleware(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
+        """The middleware: ``call_next(item)`` under this policy, its retries
+        logged to ``corral.retry``."""
+        return await self._run(item, call_next, _log)
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+        @overload
+        def __call__(self, fn: Callable[P, R], /) -> Callable[P, Awaitable[R]]: ...
+        @overload
+        def __call__(
+            self, item: T, call_next: Callable[[T], Awaitable[R]], /
+        ) -> Coroutine[Any, Any, R]: ...
+        def __call__(self, *args: Any) -> Any:
+            """``retry(fn)`` decorates ``fn``; ``retry(item, call_next)`` is the
+            middleware's coroutine."""
+
+    else:
+        __call__ = _CallOrDecorate(_middleware)
+
+    def _layer(self, call_next: Call, log: logging.Logger) -> Call:
+        """This policy as a layer of a pool's chain around ``call_next``,
+        logging its retries to ``log`` (the pool's logger)."""
+        run = self._run
+
+        async def retried(item: Any) -> Any:
+            return await run(item, call_next, log)
+
+        return retried
+
+    @overload
+    async def call(
+        self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
+    @overload
+    async def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    async def call(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """``await fn(*args, **kwargs)`` under this policy: its result, or the
+        error it gave up on. A plain ``fn`` runs in a worker thread (abandoned,
+        running on, if the deadline cuts it off). The hooks see
+        ``functools.partial(fn, *args, **kwargs)`` as the item; retries are
+        logged to ``corral.retry``."""
+        check_callable("fn", fn)
+        call = _call_async if is_async_callable(fn) else _call_in_thread
+        return await self._run(functools.partial(fn, *args, **kwargs), call, _log)
+
+    def _decorate(self, fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        """``fn`` made into an async function that runs under this policy."""
+        if not callable(fn):
+            raise TypeError(
+                f"a Retry decorates a function (and as middleware takes item, call_next), "
+                f"got {fn!r}"
+            )
+        check_callable("fn", fn)
+        call = _call_async if is_async_callable(fn) else _call_in_thread
+        run = self._run
+
+        @functools.wraps(fn)
+        async def retried(*args: Any, **kwargs: Any) -> Any:
+            return await run(functools.partial(fn, *args, **kwargs), call, _log)
+
+        return retried
+
+    # -- the loop ------------------------------------------------------------
+
+    async def _run(self, item: T, call_next: Callable[[T], Awaitable[R]], log: logging.Logger) -> R:
         if self.deadline is None:
-            return await self._loop(item, call_next, math.inf)
+            return await self._loop(item, call_next, math.inf, log)
         ends_at = anyio.current_time() + self.deadline
         with anyio.CancelScope(deadline=ends_at):
-            return await self._loop(item, call_next, ends_at)
+            return await self._loop(item, call_next, ends_at, log)
         # reached only when the deadline cancelled the loop (an error the loop
         # raises, a per-attempt TimeoutError included, passes through as it is)
         raise TimeoutError(
             f"Retry deadline={self.deadline!r} s passed (this item's total time, waits included)"
         )
 
-    async def _loop(self, item: T, call_next: Callable[[T], Awaitable[R]], ends_at: float) -> R:
-        retry = 0
+    async def _loop(
+        self, item: T, call_next: Callable[[T], Awaitable[R]], ends_at: float, log: logging.Logger
+    ) -> R:
+        if self.budget is not None:
+            self.budget.deposit(anyio.current_time())
+        on_result = self.on_result
+        attempt = 1
         while True:
             try:
-                return await call_next(item)
+                result = await call_next(item)
             except Exception as error:
-                retry += 1
-                if retry >= self.attempts or not self.should_retry(error):
+                delay = self._after_error(item, error, attempt, ends_at, log)
+                if delay is None:
                     raise
-                delay = self.wait_before(retry, error)
-                if anyio.current_time() + delay >= ends_at:
-                    raise  # the retry could not start before the deadline
+                seen: object = error
+                cause: Exception = error
+            else:
+                if on_result is None or not on_result(result):
+                    return result
+                cause = RetryError(_rejected(result, attempt), result=result, attempts=attempt)
+                delay = self._after_result(item, cause, attempt, ends_at, log)  # or raises cause
+                seen = result
+            if self.before_sleep is not None:
+                await self._before_sleep(item, seen, cause, attempt, delay)
+            del seen, cause  # not kept through the wait
             await anyio.sleep(delay)
+            attempt += 1
+
+    def _after_error(
+        self, item: object, error: Exception, attempt: int, ends_at: float, log: logging.Logger
+    ) -> float | None:
+        """The wait before retrying after ``error``, or None: it is final."""
+        if attempt >= self.attempts or not self.should_retry(error):
+            return None
+        delay = self.wait_before(attempt, error)
+        return self._admit(item, error, attempt, delay, ends_at, log)
+
+    def _after_result(
+        self, item: object, rejected: RetryError, attempt: int, ends_at: float, log: logging.Logger
+    ) -> float:
+        """The wait before retrying after a result ``on_result`` rejects; raises
+        ``rejected`` when it is final."""
+        if attempt < self.attempts:
+            delay = self._admit(
+                item, rejected, attempt, self._wait(attempt, None, random.uniform), ends_at, log
+            )
+            if delay is not None:
+                return delay
+        raise rejected
+
+    def _admit(
+        self,
+        item: object,
+        failure: Exception,
+        attempt: int,
+        delay: float,
+        ends_at: float,
+        log: logging.Logger,
+    ) -> float | None:
+        """``delay`` if a retry may wait it, else None: it could not start before
+        the deadline, or the budget refuses it (``failure`` then says so)."""
+        now = anyio.current_time()
+        if now + delay >= ends_at:
+            return None  # the retry could not start before the deadline
+        budget = self.budget
+        if budget is not None and not budget.try_withdraw(now):
+            failure.add_note(f"not retried: {budget._spent()}")
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "not retrying %r after attempt %d of %d %s: the retry budget is spent",
+                    item,
+                    attempt,
+                    self.attempts,
+                    _what(failure),
+                )
+            return None
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "retrying %r after attempt %d of %d %s; waiting %.3g s",
+                item,
+                attempt,
+                self.attempts,
+                _what(failure),
+                delay,
+            )
+        return delay
+
+    async def _before_sleep(
+        self, item: object, seen: object, cause: Exception, attempt: int, delay: float
+    ) -> None:
+        """Call ``before_sleep``; what it raises is raised from ``cause``."""
+        assert self.before_sleep is not None
+        try:
+            called = self.before_sleep(item, seen, attempt, delay)
+            if inspect.isawaitable(called):
+                await called
+        except Exception as error:
+            raise error from cause
+
+
+def _what(failure: Exception) -> str:
+    """How a failed attempt ended, for a log record."""
+    if isinstance(failure, RetryError):
+        return "returned a result on_result rejects"
+    return f"failed with {failure!r}"
+
+
+def _rejected(result: object, attempt: int) -> str:
+    return f"on_result rejected the result of attempt {attempt}: {reprlib.repr(result)}"
+
+
+async def _call_async(call: Callable[[], Awaitable[R]]) -> R:
+    return await call()
+
+
+async def _call_in_thread(call: Callable[[], Any]) -> Any:
+    """``call()`` in a worker thread, abandoned if cancelled; an awaitable it
+    returns is awaited here."""
+    # boxed: the thread hands back whatever the call returned, an awaitable too
+    (result,) = await anyio.to_thread.run_sync(lambda: (call(),), abandon_on_cancel=True)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _check_hooks(on_result: object, before_sleep: object, budget: object) -> None:
+    """Check ``on_result``, ``before_sleep`` and ``budget``, naming the parameter."""
+    if on_result is not None and not callable(on_result):
+        raise TypeError(
+            f"on_result must be a predicate taking a result (true: retry), got {on_result!r}"
+        )
+    if on_result is not None and is_async_callable(on_result):
+        raise TypeError(
+            f"on_result must be a plain predicate, got the async function {on_result!r} "
+            "(its coroutine would always count as true)"
+        )
+    if before_sleep is not None and not callable(before_sleep):
+        raise TypeError(
+            "before_sleep must be a function (plain or async) taking "
+            f"(item, error_or_result, attempt, wait), got {before_sleep!r}"
+        )
+    if budget is not None and not isinstance(budget, RetryBudget):
+        raise TypeError(f"budget must be a corral.RetryBudget or None, got {budget!r}")
