@@ -3,7 +3,8 @@
 Runs the seeded scenarios of ``test_contract_accounting.py`` and
 ``test_batcher_scheduling.py`` (a pool, a pool with
 retry/timeout/limiters, a pool with priorities, keys, resizes, pauses and job
-cancellations, a batcher, a batcher with submit_nowait jobs, their
+cancellations, a pool with a circuit breaker, hedges and retries of results
+under a budget, a batcher, a batcher with submit_nowait jobs, their
 cancellations and weights; random sizes, producers, failures, hangs, and
 cancellation at a random moment) for ``--cases`` seeds on each backend, and
 prints how many cases ran and how many broke an invariant (an item lost,
@@ -36,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     async def scheduled(seed: int) -> None:
         await trial(seed, scheduled=True)
 
+    async def resilient(seed: int) -> None:
+        await trial(seed, resilient=True)
+
     scenarios: dict[str, Callable[[int], Awaitable[None]]] = {
         "pool": trial,
         "pool+middleware": layered,
         "pool+scheduling": scheduled,
+        "pool+resilience": resilient,
         "batcher": batcher_trial,
         "batcher+jobs": batcher_jobs_trial,
     }

@@ -13,7 +13,10 @@ import pytest
 from corral import (
     AdaptiveLimiter,
     Batcher,
+    CircuitBreaker,
+    CircuitOpen,
     FlushError,
+    Hedge,
     Job,
     JobCancelled,
     Outcome,
@@ -21,6 +24,7 @@ from corral import (
     PoolClosed,
     QueueFull,
     Retry,
+    RetryBudget,
     SlidingWindow,
     TokenBucket,
     apply_to_all,
@@ -207,11 +211,15 @@ async def test_apply_to_each_second_consumer_is_refused() -> None:
     assert len(rest) == 2
 
 
-async def trial(seed: int, *, layered: bool = False, scheduled: bool = False) -> None:
+async def trial(
+    seed: int, *, layered: bool = False, scheduled: bool = False, resilient: bool = False
+) -> None:
     """One random scenario; asserts the accounting invariant. ``layered`` adds
     random retry, timeout, rate limit and capacity limit (fixed or adaptive); ``scheduled`` adds
     priorities, keys (a key function that sometimes raises), and a task that
-    resizes, pauses, resumes and cancels jobs at random moments."""
+    resizes, pauses, resumes and cancels jobs at random moments; ``resilient``
+    adds a circuit breaker, hedged attempts, and a retry on results with a
+    budget and a hook."""
     rng = random.Random(seed)
     seen: list[Outcome[int, int]] = []
     returned: list[int] = []  # in the order the submits returned = submission order
@@ -240,6 +248,8 @@ async def trial(seed: int, *, layered: bool = False, scheduled: bool = False) ->
             )
         if rng.random() < 0.5:
             options["limiter"] = rng.choice([anyio.CapacityLimiter, _adaptive])(rng.randrange(1, 3))
+    if resilient:
+        options.update(_resilience(rng))
     if scheduled and rng.random() < 0.6:
         options["key"] = _chaos_key
         options["per_key"] = rng.choice([1, 2])
@@ -317,6 +327,45 @@ async def test_random_cancellation_with_middleware_accounts_for_every_item() -> 
     chain."""
     for seed in range(150):
         await trial(seed, layered=True)
+
+
+async def test_random_cancellation_with_resilience_accounts_for_every_item() -> None:
+    """The same with a circuit breaker, hedged attempts, and retries of
+    results under a retry budget with a hook before each wait."""
+    for seed in range(150):
+        await trial(seed, resilient=True)
+
+
+def _resilience(rng: random.Random) -> dict[str, Any]:
+    """Random resilience options for a trial (each may be absent)."""
+    options: dict[str, Any] = {}
+    if rng.random() < 0.8:
+        hooked: list[int] = []
+        options["retry"] = Retry(
+            rng.choice([1, 2, 3]),
+            wait_initial=rng.random() * 0.001,
+            on_result=_chaos_result if rng.random() < 0.5 else None,
+            budget=rng.choice([None, RetryBudget(ratio=0.5, min_per_second=rng.choice([0, 50]))]),
+            before_sleep=rng.choice([None, lambda *args: hooked.append(args[2])]),
+        )
+    if rng.random() < 0.6:
+        options["breaker"] = CircuitBreaker(
+            failure_rate=0.5,
+            min_calls=rng.choice([1, 3]),
+            window=0.01,
+            cooldown=rng.random() * 0.002 + 0.0001,
+        )
+    if rng.random() < 0.6:
+        options["hedge"] = Hedge(rng.random() * 0.001 + 0.00001, max_extra=rng.choice([1, 2]))
+    if rng.random() < 0.4:
+        options["timeout"] = rng.random() * 0.002 + 0.0001
+    if rng.random() < 0.4:
+        options["limiter"] = anyio.CapacityLimiter(rng.randrange(1, 3))
+    return options
+
+
+def _chaos_result(result: int) -> bool:
+    return result % 5 == 0
 
 
 async def test_random_cancellation_with_scheduling_accounts_for_every_item() -> None:
@@ -415,6 +464,7 @@ async def batcher_trial(seed: int) -> None:
         max_pending=max_size * rng.choice([1, 2, 4]),
         retry=rng.choice([None, Retry(2, wait_initial=0.0002)]),
         timeout=timeout,
+        breaker=rng.choice([None, CircuitBreaker(min_calls=2, window=0.01, cooldown=0.0005)]),
     )
     counter = iter(range(10**9))
 
@@ -453,7 +503,7 @@ async def batcher_trial(seed: int) -> None:
                     maybe.add(x)
                     try:
                         result = await batcher.submit(x)
-                    except (SinkDown, TimeoutError):
+                    except (SinkDown, TimeoutError, CircuitOpen):
                         failed.append(x)  # its batch failed: the error is its outcome
                     else:
                         assert result == x
@@ -462,7 +512,7 @@ async def batcher_trial(seed: int) -> None:
 
     async def guarded(n: int) -> None:
         # flush() reports a failed flush of its items with the flush's error
-        with contextlib.suppress(QueueFull, PoolClosed, SinkDown, TimeoutError):
+        with contextlib.suppress(QueueFull, PoolClosed, SinkDown, TimeoutError, CircuitOpen):
             await producer(n)
 
     exit_normally = rng.random() < 0.5

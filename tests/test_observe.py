@@ -303,22 +303,24 @@ async def test_logging_failures_at_warning_and_lifecycle_at_debug(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A named pool logs to corral.pool.<name>: start and stop at DEBUG, each
-    final failure at WARNING with the item id, attempts and the exception;
-    nothing for successful items."""
+    retry at INFO, each final failure at WARNING with the item id, attempts
+    and the exception; nothing for successful items."""
     caplog.set_level(logging.DEBUG, logger="corral")
     retry = corral.Retry(attempts=2, wait_initial=0)
     async with Pool(flaky, retry=retry, name="fetch") as pool:
         for n in range(6):
             await pool.submit(n, id=f"rec-{n}")
     records = [r for r in caplog.records if r.name == "corral.pool.fetch"]
-    assert [r.levelno for r in records] == [logging.DEBUG, logging.WARNING, logging.DEBUG]
-    failure = records[1]
+    levels = [logging.DEBUG, logging.INFO, logging.WARNING, logging.DEBUG]
+    assert [r.levelno for r in records] == levels
+    assert "retrying 3 after attempt 1 of 2 failed with ValueError" in records[1].getMessage()
+    failure = records[2]
     assert "'rec-3'" in failure.getMessage()
     assert "after 2 attempts" in failure.getMessage()
     assert "item 3 is bad" in failure.getMessage()
     assert failure.exc_info is not None
     assert isinstance(failure.exc_info[1], ValueError)
-    assert "5 succeeded, 1 failed, 0 unfinished" in records[2].getMessage()
+    assert "5 succeeded, 1 failed, 0 unfinished" in records[3].getMessage()
 
 
 async def test_logging_flush_failures(caplog: pytest.LogCaptureFixture) -> None:

@@ -37,6 +37,11 @@ def test_error_hierarchy() -> None:
     assert issubclass(corral.FlushError, corral.CorralError)
     error = corral.FlushError("final flush failed", items=[1, 2])
     assert error.items == [1, 2]
+    assert issubclass(corral.CircuitOpen, corral.CorralError)
+    assert corral.CircuitOpen("open", retry_after=2.5).retry_after == 2.5
+    assert issubclass(corral.RetryError, corral.CorralError)
+    gave_up = corral.RetryError("gave up", result="pending", attempts=3)
+    assert (gave_up.result, gave_up.attempts) == ("pending", 3)
 
 
 @pytest.mark.parametrize("name", ["Pool", "apply_to_all", "apply_to_each"])

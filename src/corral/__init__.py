@@ -8,13 +8,21 @@ from ._adaptive import AdaptiveRate as AdaptiveRate
 from ._adaptive import AdaptiveRateStatistics as AdaptiveRateStatistics
 from ._batcher import Batcher as Batcher
 from ._batcher import BatcherStats as BatcherStats
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._breaker import CircuitBreakerStatistics as CircuitBreakerStatistics
+from ._budget import RetryBudget as RetryBudget
+from ._budget import RetryBudgetStatistics as RetryBudgetStatistics
 from ._concurrency import AdaptiveLimiter as AdaptiveLimiter
 from ._concurrency import AdaptiveLimiterStatistics as AdaptiveLimiterStatistics
+from ._errors import CircuitOpen as CircuitOpen
 from ._errors import CorralError as CorralError
 from ._errors import FlushError as FlushError
 from ._errors import JobCancelled as JobCancelled
 from ._errors import PoolClosed as PoolClosed
 from ._errors import QueueFull as QueueFull
+from ._errors import RetryError as RetryError
+from ._hedge import Hedge as Hedge
+from ._hedge import HedgeStatistics as HedgeStatistics
 from ._helpers import ApplyToEach as ApplyToEach
 from ._helpers import Outcomes as Outcomes
 from ._helpers import apply_to_all as apply_to_all
@@ -40,8 +48,13 @@ __all__ = [
     "ApplyToEach",
     "Batcher",
     "BatcherStats",
+    "CircuitBreaker",
+    "CircuitBreakerStatistics",
+    "CircuitOpen",
     "CorralError",
     "FlushError",
+    "Hedge",
+    "HedgeStatistics",
     "Job",
     "JobCancelled",
     "Middleware",
@@ -54,6 +67,9 @@ __all__ = [
     "QueueFull",
     "RateLimiter",
     "Retry",
+    "RetryBudget",
+    "RetryBudgetStatistics",
+    "RetryError",
     "SlidingWindow",
     "Timeout",
     "TokenBucket",

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
 from typing import TypeVar
 
 import anyio
@@ -211,6 +213,25 @@ class AdaptiveRate(TokenBucket):
         self._ended(admitted_at, None, None)
         return result
 
+    async def __aenter__(self) -> None:
+        """``async with rate:`` acquires one unit, and the limiter learns from
+        how the block ends (an ``Exception`` leaving it is the attempt's
+        error), as it does in ``middleware=[...]``."""
+        await super().__aenter__()
+        _admitted_at.set(anyio.current_time())
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        admitted_at = _admitted_at.get(anyio.current_time())
+        if exc is None:
+            self._ended(admitted_at, None, None)
+        elif isinstance(exc, Exception):
+            self._ended(admitted_at, exc, read_retry_after(exc))
+
     def _ended(
         self, admitted_at: float, error: Exception | None, retry_after: float | None
     ) -> None:
@@ -225,6 +246,10 @@ class AdaptiveRate(TokenBucket):
             return
         self._throttle(admitted_at, now)
         self._failed(error, retry_after)
+
+
+# when the block of ``async with rate:`` in this task was admitted
+_admitted_at: ContextVar[float] = ContextVar("corral_rate_admitted_at")
 
 
 def _now_or_never() -> float:

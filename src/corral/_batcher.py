@@ -46,9 +46,11 @@ import anyio
 import attrs
 from anyio.lowlevel import checkpoint
 
+from ._breaker import CircuitBreaker
 from ._concurrency import limit_of
 from ._errors import FlushError, JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
+from ._hedge import Hedge
 from ._lifecycle import NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
 from ._middleware import Layers, Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import Observer, ProgressBar, logger_for
@@ -240,6 +242,8 @@ def _configure(
     rate_limit: RateLimiter | None,
     cost: Callable[[list[Any]], int] | None,
     limiter: anyio.CapacityLimiter | None,
+    breaker: CircuitBreaker | None,
+    hedge: Hedge | None,
     timeout: float | Timeout | None,
     middleware: Sequence[Middleware],
     max_consecutive_failures: int | None,
@@ -257,6 +261,8 @@ def _configure(
         retry=retry,
         rate_limit=rate_limit,
         limiter=limiter,
+        breaker=breaker,
+        hedge=hedge,
         timeout=timeout,
         middleware=middleware,
         cost=len if cost is None else cost,  # a batch costs its rows by default
@@ -529,6 +535,12 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         size. If ``cost`` raises, or returns anything but an int of at least
         1, that attempt fails with the error, as a failed flush.
     :param limiter: an :class:`anyio.CapacityLimiter` held for each flush attempt.
+    :param breaker: a :class:`CircuitBreaker` every flush attempt passes; while
+        it is open, a flush attempt fails at once with :class:`CircuitOpen` (a
+        failed flush: its batch is queued again).
+    :param hedge: a :class:`Hedge`: a flush attempt still running after
+        ``hedge.after`` seconds gets a copy, the first success wins. Only for a
+        ``flush`` that is safe to run twice on the same batch.
     :param timeout: seconds (or a :class:`Timeout`) per flush attempt.
     :param middleware: user :class:`Middleware`, outermost first; they see each
         batch (a list) as their item.
@@ -568,6 +580,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
@@ -592,6 +606,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
@@ -616,6 +632,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
@@ -640,6 +658,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
@@ -663,6 +683,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         name: str | None = None,
@@ -684,6 +706,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             rate_limit=rate_limit,
             cost=cost,
             limiter=limiter,
+            breaker=breaker,
+            hedge=hedge,
             timeout=timeout,
             middleware=middleware,
             max_consecutive_failures=max_consecutive_failures,
@@ -749,7 +773,9 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     def _started(self, run: _BatcherRun[T]) -> None:
         config = self._config
-        run.chain = config.layers.chain(config.flush, threads=run.threads, clock=run.clock)
+        run.chain = config.layers.chain(
+            config.flush, threads=run.threads, clock=run.clock, log=self._log
+        )
         run.stopped = anyio.Event()
         self._start_flusher(run)  # more start as batches are cut (see _cut)
 

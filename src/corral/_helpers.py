@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 import anyio
 from anyio.lowlevel import checkpoint
 
+from ._breaker import CircuitBreaker
 from ._errors import PoolClosed
+from ._hedge import Hedge
 from ._middleware import Middleware, RateLimiter, Timeout
 from ._observe import ProgressBar
 from ._outcome import Outcome
@@ -187,6 +189,8 @@ async def apply_to_all(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -209,6 +213,8 @@ async def apply_to_all(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -230,6 +236,8 @@ async def apply_to_all(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,  # noqa: ASYNC109 - per-attempt, the contract's name
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
@@ -282,6 +290,8 @@ async def apply_to_all(
         retry=retry,
         rate_limit=rate_limit,
         limiter=limiter,
+        breaker=breaker,
+        hedge=hedge,
         timeout=timeout,
         middleware=middleware,
         on_outcome=on_outcome,
@@ -494,6 +504,8 @@ def apply_to_each(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -517,6 +529,8 @@ def apply_to_each(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -539,6 +553,8 @@ def apply_to_each(
     retry: Retry | None = None,
     rate_limit: RateLimiter | None = None,
     limiter: anyio.CapacityLimiter | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
     timeout: float | Timeout | None = None,
     middleware: Sequence[Middleware] = (),
     on_outcome: Callable[[Outcome[T, Any]], Any] | None = None,
@@ -600,6 +616,8 @@ def apply_to_each(
         retry=retry,
         rate_limit=rate_limit,
         limiter=limiter,
+        breaker=breaker,
+        hedge=hedge,
         timeout=timeout,
         middleware=middleware,
         on_outcome=on_outcome,

@@ -14,6 +14,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import TypeVar
 
 import anyio
@@ -197,6 +198,34 @@ class _FairLimiter:
         except Exception as error:
             self._failed(error, read_retry_after(error))
             raise
+
+    async def __aenter__(self) -> None:
+        """``async with limiter:`` acquires one unit (as :meth:`acquire`, so
+        it waits its turn and is cancel-safe) and releases nothing on exit: a
+        rate is spent, not held. An ``Exception`` leaving the block that
+        carries a Retry-After pauses the limiter, as in a pool.
+
+        >>> import anyio, corral
+        >>> async def main():
+        ...     bucket = corral.TokenBucket(10)
+        ...     async with bucket:
+        ...         return "admitted"
+        >>> anyio.run(main)
+        'admitted'
+        """
+        if not self._admit_at(1, anyio.current_time()):
+            await self.acquire()
+        else:
+            await checkpoint()  # a checkpoint on every path, as acquire is
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, Exception):
+            self._failed(exc, read_retry_after(exc))
 
     @property
     def waiting(self) -> int:

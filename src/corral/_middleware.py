@@ -2,11 +2,22 @@
 
 A chain is built once per worker when a pool starts (never per item)::
 
-    middleware[0] → middleware[1] → … → retry → limiter → rate_limit → timeout → handler
+    middleware[0] → … → retry → breaker → hedge → limiter → rate_limit → timeout → handler
 
-so user middleware sees each item once, while the capacity limiter, the rate
-limiter and the timeout see every attempt, and no capacity slot is held
-during a retry's backoff. With nothing configured the chain *is* the handler.
+This is the one place the order is decided, and why:
+
+* user ``middleware`` sees each item once (it wraps everything, retries too);
+* ``retry`` sees every failure of the item and decides whether to call again;
+* ``breaker`` sees every attempt: while open it refuses one at once (a
+  :class:`~corral.CircuitOpen`, which ``retry`` may wait out), before it takes
+  a capacity slot or a rate-limit token;
+* ``hedge`` turns one attempt into a race of copies; each copy is a call
+  that passes the limiter, the rate limiter and the timeout, and counts in
+  ``Outcome.attempts``;
+* ``limiter``, ``rate_limit`` and ``timeout`` see every call, and no capacity
+  slot is held during a retry's backoff.
+
+With nothing configured the chain *is* the handler.
 """
 
 from __future__ import annotations
@@ -21,10 +32,12 @@ import anyio
 import attrs
 
 from ._adaptive import AdaptiveRate
+from ._breaker import CircuitBreaker
 from ._concurrency import AdaptiveLimiter
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
-from ._limits import SlidingWindow, TokenBucket
+from ._hedge import Hedge
+from ._limits import SlidingWindow, TokenBucket, _FairLimiter
 from ._retry import Retry, read_retry_after, retry_after_of
 from ._threads import Holds, Threads, holds_of_attempt
 from ._validate import check_int, check_number
@@ -134,6 +147,8 @@ def check_middleware(
     timeout: object,
     middleware: object,
     cost: object = None,
+    breaker: object = None,
+    hedge: object = None,
 ) -> Layers:
     """Validate the middleware options of a pool or helper, naming the parameter.
 
@@ -147,13 +162,11 @@ def check_middleware(
             f"rate_limit must have an async acquire(cost=1) method "
             f"(e.g. corral.TokenBucket), got {rate_limit!r}"
         )
-    if limiter is not None and not (
-        hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")
-    ):
-        raise TypeError(
-            f"limiter must be an anyio.CapacityLimiter (or another async context "
-            f"manager), got {limiter!r}"
-        )
+    _check_limiter(limiter)
+    if breaker is not None and not isinstance(breaker, CircuitBreaker):
+        raise TypeError(f"breaker must be a corral.CircuitBreaker or None, got {breaker!r}")
+    if hedge is not None and not isinstance(hedge, Hedge):
+        raise TypeError(f"hedge must be a corral.Hedge or None, got {hedge!r}")
     layers = _check_layers(middleware)
     _check_cost_function(cost)
     return Layers(
@@ -163,7 +176,24 @@ def check_middleware(
         _check_timeout(timeout),
         layers,
         cost,  # type: ignore[arg-type]
+        breaker,
+        hedge,
     )
+
+
+def _check_limiter(limiter: object) -> None:
+    if isinstance(limiter, _FairLimiter):  # an async context manager too, but a rate
+        raise TypeError(
+            f"limiter takes a concurrency limiter (anyio.CapacityLimiter, "
+            f"corral.AdaptiveLimiter); {limiter!r} is a rate limiter: pass it as rate_limit="
+        )
+    if limiter is not None and not (
+        hasattr(limiter, "__aenter__") and hasattr(limiter, "__aexit__")
+    ):
+        raise TypeError(
+            f"limiter must be an anyio.CapacityLimiter (or another async context "
+            f"manager), got {limiter!r}"
+        )
 
 
 def _check_cost_function(cost: object) -> None:
@@ -206,24 +236,26 @@ class Layers:
     timeout: Timeout | None
     middleware: tuple[Middleware, ...]
     cost: Callable[[Any], int] | None = None  # what an attempt costs the rate limiter
+    breaker: CircuitBreaker | None = None
+    hedge: Hedge | None = None
 
     @property
     def configured(self) -> bool:
         """Whether any layer is configured (else the chain is the handler)."""
-        return bool(self.middleware) or any(
-            layer is not None for layer in (self.retry, self.rate_limit, self.limiter, self.timeout)
-        )
+        layers = (self.retry, self.rate_limit, self.limiter, self.timeout, self.breaker, self.hedge)
+        return bool(self.middleware) or any(layer is not None for layer in layers)
 
     def threads_for(self, fn: Callable[[Any], Any], limit: int) -> Threads | None:
         """The threads a plain ``fn`` runs in (None for an async one). They keep
         track of calls given up on while the pool runs on only where that can
-        happen: a timeout, a Retry deadline, or user middleware (which may
-        cancel)."""
+        happen: a timeout, a Retry deadline, a hedge (which cancels the copies
+        that lost), or user middleware (which may cancel)."""
         if is_async_callable(fn):
             return None
         retry = self.retry
         abandonable = (
             self.timeout is not None
+            or self.hedge is not None
             or bool(self.middleware)
             or (retry is not None and retry.deadline is not None)
         )
@@ -236,9 +268,11 @@ class Layers:
         threads: Threads | None,
         clock: Callable[[], float],
         on_start: Callable[[], None] | None = None,
+        log: logging.Logger | None = None,
     ) -> Call:
         """``fn`` (run in ``threads`` if given) wrapped in the layers;
-        ``on_start`` is called as each call of ``fn`` starts."""
+        ``on_start`` is called as each call of ``fn`` starts; ``log`` is the
+        block's logger (where a retry says so)."""
         timeout = self.timeout
         if threads is not None:  # they keep the timeout, and know when a call starts
             seconds = None if timeout is None else timeout.seconds
@@ -258,6 +292,9 @@ class Layers:
             clock=clock,
             threaded=threads is not None and threads.abandonable,
             cost=self.cost,
+            breaker=self.breaker,
+            hedge=self.hedge,
+            log=log,
         )
 
 
@@ -280,6 +317,9 @@ def build_chain(
     clock: Callable[[], float] = anyio.current_time,
     threaded: bool = False,
     cost: Callable[[Any], int] | None = None,
+    breaker: CircuitBreaker | None = None,
+    hedge: Hedge | None = None,
+    log: logging.Logger | None = None,
 ) -> Call:
     """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
     when nothing is configured. ``clock`` is the running loop's clock (what
@@ -291,6 +331,8 @@ def build_chain(
 
     ``cost``: a function of the item, giving the units every attempt asks
     ``rate_limit`` for (None: 1).
+
+    ``log``: where a retry logs (None: ``corral.retry``).
     """
     chain = call
     if timeout is not None:
@@ -300,8 +342,12 @@ def build_chain(
         chain = _with_rate_limit(chain, rate_limit, clock, where, cost)
     if limiter is not None:
         chain = _with_limiter(chain, limiter, threaded, clock)
+    if hedge is not None:
+        chain = hedge._layer(chain, clock)
+    if breaker is not None:
+        chain = breaker._layer(chain, clock)
     if retry is not None:
-        chain = _bind(retry, chain)
+        chain = retry._layer(chain, log or logging.getLogger("corral.retry"))
     for layer in reversed(middleware):
         chain = _bind(layer, chain)
     return chain

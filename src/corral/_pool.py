@@ -30,9 +30,11 @@ import anyio.abc
 import attrs
 from anyio.lowlevel import checkpoint
 
+from ._breaker import CircuitBreaker
 from ._concurrency import limit_of
 from ._errors import JobCancelled, PoolClosed, QueueFull
 from ._handlers import check_callable, is_async_callable
+from ._hedge import Hedge
 from ._lifecycle import CLOSED, NEW, RUNNING, STOPPING, Block, Run, stray_cancellation, weakly
 from ._middleware import Middleware, RateLimiter, Timeout, check_middleware
 from ._observe import Observer, ProgressBar, logger_for
@@ -244,6 +246,13 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         acquired once per attempt; may be shared by several pools.
     :param limiter: an :class:`anyio.CapacityLimiter` held for each attempt
         (not during a retry's backoff); pools sharing one share a concurrency cap.
+    :param breaker: a :class:`CircuitBreaker` every attempt passes (inside
+        ``retry``, outside the limiters): while it is open, attempts fail at
+        once with :class:`CircuitOpen`; may be shared by several pools.
+    :param hedge: a :class:`Hedge`: an attempt still running after
+        ``hedge.after`` seconds gets a copy, the first success wins. Each copy
+        passes ``limiter``, ``rate_limit`` and ``timeout``, and counts in
+        :attr:`Outcome.attempts`.
     :param timeout: seconds (or a :class:`Timeout`) per attempt; a timed-out
         attempt is a ``TimeoutError``, which ``retry`` may retry. A plain
         handler's timed-out thread runs on, abandoned: it keeps one of the
@@ -253,8 +262,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         time fails with a ``TimeoutError`` saying so and is not counted in
         ``Outcome.attempts``.
     :param middleware: user :class:`Middleware`, outermost first; they wrap the
-        chain ``retry → limiter → rate_limit → timeout → handler`` and see each
-        item once.
+        chain ``retry → breaker → hedge → limiter → rate_limit → timeout →
+        handler`` and see each item once.
     :param key: a function giving each item's key (any hashable value), called
         once per item as it is submitted. At most ``per_key`` items with equal
         keys run at once, and they start in submission order; an item waiting
@@ -284,6 +293,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -306,6 +317,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -327,6 +340,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         limiter: anyio.CapacityLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
+        hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
         middleware: Sequence[Middleware] = (),
         on_outcome: Callable[[Outcome[T, R]], Any] | None = None,
@@ -351,6 +366,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             retry=retry,
             rate_limit=rate_limit,
             limiter=limiter,
+            breaker=breaker,
+            hedge=hedge,
             timeout=timeout,
             middleware=middleware,
             cost=cost,
@@ -790,7 +807,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         attempts: list[float] = [0, 0.0]
         on_start = _counter(attempts, clock)
         return layers.chain(
-            self._handler, threads=threads, clock=clock, on_start=on_start
+            self._handler, threads=threads, clock=clock, on_start=on_start, log=self._log
         ), attempts
 
     # ----------------------------------------------------- resize, pause, cancel
