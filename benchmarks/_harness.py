@@ -41,6 +41,10 @@ PEERS = [
     "ace-concurrency",
     "adaptive-concurrency",
     "aioadaptive",
+    "purgatory",
+    "aiobreaker",
+    "tenacity",
+    "stamina",
 ]
 
 
