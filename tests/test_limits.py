@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+import corral
 import corral._limits
 from corral import Pool, SlidingWindow, TokenBucket, apply_to_all
 
@@ -420,3 +421,88 @@ def test_token_bucket_rejects_a_rate_too_small_to_compute() -> None:
         TokenBucket(1e-310)
     with pytest.raises(ValueError, match="rate must be finite"):
         TokenBucket(float("inf"))
+
+
+# -- async with limiter: one acquisition per block ------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: TokenBucket(10), lambda: SlidingWindow(1, 0.1)])
+async def test_async_with_acquires_one_unit_per_block_in_order(make: Any, exact: bool) -> None:
+    """``async with limiter:`` admits one unit per block, paced as ``acquire``
+    is (10 per second here), and the blocks enter in the order they asked."""
+    limiter = make()
+    entered: list[tuple[int, float]] = []
+
+    async def enter(n: int) -> None:
+        async with limiter:
+            entered.append((n, anyio.current_time()))
+
+    start = anyio.current_time()
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(enter, n)
+            await anyio.wait_all_tasks_blocked()
+    assert [n for n, _ in entered] == [0, 1, 2, 3]
+    elapsed = entered[-1][1] - start
+    assert 0.3 - slack(exact) <= elapsed < (0.31 if exact else 0.36)  # a quota adds slack
+
+
+async def test_async_with_releases_nothing_and_a_retry_after_pauses_it(exact: bool) -> None:
+    """Leaving the block returns no unit (a rate is spent), and an error leaving
+    it with a Retry-After pauses the limiter for everyone."""
+
+    class Throttled(Exception):
+        retry_after = 0.5
+
+    bucket = TokenBucket(1000)
+    with pytest.raises(Throttled):
+        async with bucket:
+            raise Throttled
+    start = anyio.current_time()
+    async with bucket:
+        waited = anyio.current_time() - start
+    assert waited == pytest.approx(0.5, abs=1e-9 if exact else 0.05)
+
+
+async def test_async_with_is_cancel_safe_while_waiting() -> None:
+    """A block cancelled while waiting for its unit consumed nothing and left
+    the line: the next caller is admitted as if it had never asked."""
+    bucket = TokenBucket(1, 10.0)  # one unit per 10 s
+    async with bucket:
+        pass
+    with anyio.move_on_after(1):
+        async with bucket:
+            pytest.fail("admitted before its time")
+    assert bucket.waiting == 0
+    with pytest.raises(anyio.WouldBlock):
+        bucket.acquire_nowait()
+
+
+async def test_async_with_adaptive_rate_learns_from_the_block() -> None:
+    """An AdaptiveRate used as ``async with`` hears how each block ended: a
+    throttling error lowers its rate."""
+
+    class TooMany(Exception):
+        status_code = 429
+
+    rate = corral.AdaptiveRate(100, on=TooMany)
+    for _ in range(5):
+        async with rate:
+            pass
+    with pytest.raises(TooMany):
+        async with rate:
+            raise TooMany
+    assert rate.statistics().throttles == 1
+    assert rate.rate < 100
+
+
+@pytest.mark.parametrize("limiter", [TokenBucket(5), SlidingWindow(5)])
+def test_a_rate_limiter_given_as_limiter_is_refused_by_name(limiter: Any) -> None:
+    """``limiter=`` takes a concurrency limiter; a rate limiter there (it is an
+    async context manager too) is refused, pointing at ``rate_limit=``."""
+
+    async def handler(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="rate_limit="):
+        Pool(handler, limiter=limiter)

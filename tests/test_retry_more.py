@@ -15,7 +15,6 @@ import anyio
 import pytest
 
 from corral import Pool, Retry, RetryBudget, RetryError, apply_to_all
-from corral._handlers import is_async_callable
 
 pytestmark = pytest.mark.anyio
 
@@ -123,15 +122,13 @@ async def test_on_result_gives_up_when_the_deadline_leaves_no_time(exact: bool) 
 
 
 async def test_on_result_works_in_middleware() -> None:
-    """A Retry in middleware=[...] retries rejected results too (it is still
-    taken for async middleware)."""
+    """A Retry in middleware=[...] retries rejected results too."""
     results = iter([None, None, 7])
 
     async def poll(x: int) -> int | None:
         return next(results)
 
     retry = Retry(3, wait_initial=0, on_result=lambda r: r is None)
-    assert is_async_callable(retry)
     [outcome] = await apply_to_all(poll, [1], middleware=[retry])
     assert outcome.result == 7
     assert outcome.attempts == 3

@@ -9,7 +9,7 @@ the types must reject is in ``typecheck_misuse.py``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from typing import Any, assert_type
+from typing import Any, Literal, assert_type
 
 import anyio
 
@@ -233,3 +233,28 @@ async def check_redis_connect() -> None:
         assert_type(mine, coredis.Redis[str])
     async with connect(coredis.RedisCluster("localhost", 7000)) as cluster:
         assert_type(cluster, coredis.RedisCluster[bytes])
+
+
+async def check_resilience() -> None:
+    retry = corral.Retry(3, on_result=lambda r: r is None, budget=corral.RetryBudget())
+    assert_type(await retry.call(fetch, 1), str)
+    assert_type(await retry.call(render, 1), str)
+    decorated = retry(fetch)
+    assert_type(await decorated(1), str)
+    threaded = retry(render)
+    assert_type(await threaded(1), str)
+    breaker = corral.CircuitBreaker(min_calls=5)
+    assert_type(breaker.state, Literal["closed", "open", "half_open"])
+    assert_type(breaker.statistics(), corral.CircuitBreakerStatistics)
+    hedge = corral.Hedge("p95", max_extra=2)
+    assert_type(hedge.statistics(), corral.HedgeStatistics)
+    outcomes = await corral.apply_to_all(fetch, [1, 2], breaker=breaker, hedge=hedge, retry=retry)
+    assert_type(outcomes, list[corral.Outcome[int, str]])
+    async with corral.TokenBucket(10):
+        pass
+    try:
+        pass
+    except corral.CircuitOpen as refused:
+        assert_type(refused.retry_after, float)
+    except corral.RetryError as gave_up:
+        assert_type(gave_up.attempts, int)

@@ -217,7 +217,7 @@ def _check_layers(middleware: object) -> tuple[Middleware, ...]:
         raise TypeError(f"middleware must be a sequence of middleware, got {middleware!r}")
     for index, layer in enumerate(middleware):
         check_callable(f"middleware[{index}]", layer)
-        if not is_async_callable(layer):
+        if not (isinstance(layer, Retry) or is_async_callable(layer)):  # Retry also decorates
             raise TypeError(
                 f"middleware[{index}] must be async: "
                 f"`async def __call__(self, item, call_next)`, got {layer!r}"
@@ -347,7 +347,7 @@ def build_chain(
     if breaker is not None:
         chain = breaker._layer(chain, clock)
     if retry is not None:
-        chain = retry._layer(chain, log or logging.getLogger("corral.retry"))
+        chain = retry._layer(chain, log or logging.getLogger("corral.retry"), clock)
     for layer in reversed(middleware):
         chain = _bind(layer, chain)
     return chain

@@ -11,8 +11,9 @@ import random
 import re
 import reprlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from collections.abc import Awaitable, Callable
+from types import CoroutineType
+from typing import Any, ParamSpec, TypeVar, overload
 
 import anyio
 import attrs
@@ -227,24 +228,6 @@ def matches(on: ExceptionFilter, error: Exception) -> bool:
     return bool(on(error))
 
 
-class _CallOrDecorate(functools.partial[Any]):
-    """What ``Retry.__call__`` is: a partial of the async middleware, bound to
-    its policy when looked up on one, so that whoever asks whether a policy is
-    async middleware (``inspect.iscoroutinefunction`` looks through partials,
-    and so does the middleware check) is told it is. Called with one function
-    instead of ``(item, call_next)``, it decorates that function."""
-
-    def __get__(self, retry: object, owner: object = None) -> Any:
-        return self if retry is None else type(self)(self.func, retry)
-
-    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
-        args = self.args + args
-        if len(args) == 2 and not kwargs:  # (policy, fn)
-            retry, fn = args
-            return retry._decorate(fn)
-        return self.func(*args, **kwargs)
-
-
 @attrs.frozen
 class Retry:
     """Call the handler again when it fails, with exponential backoff.
@@ -374,35 +357,32 @@ class Retry:
 
     # -- the entry points: middleware, a pool's layer, a call, a decorator ---
 
-    async def _middleware(self, item: T, call_next: Callable[[T], Awaitable[R]]) -> R:
-        """The middleware: ``call_next(item)`` under this policy, its retries
-        logged to ``corral.retry``."""
-        return await self._run(item, call_next, _log)
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Callable[P, Awaitable[R]]: ...
+    @overload
+    def __call__(
+        self, item: T, call_next: Callable[[T], Awaitable[R]], /
+    ) -> CoroutineType[Any, Any, R]: ...
+    def __call__(self, *args: Any) -> Any:
+        """``retry(fn)`` decorates ``fn``; ``retry(item, call_next)`` is the
+        middleware's coroutine (its retries logged to ``corral.retry``)."""
+        if len(args) == 1:
+            return self._decorate(args[0])
+        item, call_next = args
+        return self._run(item, call_next, _log)
 
-    if TYPE_CHECKING:
-
-        @overload
-        def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Callable[P, Awaitable[R]]: ...
-        @overload
-        def __call__(self, fn: Callable[P, R], /) -> Callable[P, Awaitable[R]]: ...
-        @overload
-        def __call__(
-            self, item: T, call_next: Callable[[T], Awaitable[R]], /
-        ) -> Coroutine[Any, Any, R]: ...
-        def __call__(self, *args: Any) -> Any:
-            """``retry(fn)`` decorates ``fn``; ``retry(item, call_next)`` is the
-            middleware's coroutine."""
-
-    else:
-        __call__ = _CallOrDecorate(_middleware)
-
-    def _layer(self, call_next: Call, log: logging.Logger) -> Call:
+    def _layer(
+        self, call_next: Call, log: logging.Logger, clock: Callable[[], float] = anyio.current_time
+    ) -> Call:
         """This policy as a layer of a pool's chain around ``call_next``,
-        logging its retries to ``log`` (the pool's logger)."""
+        logging its retries to ``log`` (the pool's logger); ``clock`` is the
+        event loop's (what :func:`anyio.current_time` reads)."""
         run = self._run
 
         async def retried(item: Any) -> Any:
-            return await run(item, call_next, log)
+            return await run(item, call_next, log, clock)
 
         return retried
 
@@ -441,12 +421,18 @@ class Retry:
 
     # -- the loop ------------------------------------------------------------
 
-    async def _run(self, item: T, call_next: Callable[[T], Awaitable[R]], log: logging.Logger) -> R:
+    async def _run(
+        self,
+        item: T,
+        call_next: Callable[[T], Awaitable[R]],
+        log: logging.Logger,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> R:
         if self.deadline is None:
-            return await self._loop(item, call_next, math.inf, log)
-        ends_at = anyio.current_time() + self.deadline
+            return await self._loop(item, call_next, math.inf, log, clock)
+        ends_at = clock() + self.deadline
         with anyio.CancelScope(deadline=ends_at):
-            return await self._loop(item, call_next, ends_at, log)
+            return await self._loop(item, call_next, ends_at, log, clock)
         # reached only when the deadline cancelled the loop (an error the loop
         # raises, a per-attempt TimeoutError included, passes through as it is)
         raise TimeoutError(
@@ -454,10 +440,15 @@ class Retry:
         )
 
     async def _loop(
-        self, item: T, call_next: Callable[[T], Awaitable[R]], ends_at: float, log: logging.Logger
+        self,
+        item: T,
+        call_next: Callable[[T], Awaitable[R]],
+        ends_at: float,
+        log: logging.Logger,
+        clock: Callable[[], float],
     ) -> R:
         if self.budget is not None:
-            self.budget.deposit(anyio.current_time())
+            self.budget.deposit(clock())
         on_result = self.on_result
         attempt = 1
         while True:
