@@ -156,9 +156,11 @@ class CircuitBreaker:
     >>> breaker.cooldown
     15.0
 
-    :raises TypeError, ValueError: an argument is not what it must be:
-        ``failure_rate`` in (0, 1], ``min_calls`` an int >= 1, ``window`` and
-        ``cooldown`` positive, finite numbers of seconds.
+    :raises ValueError: an argument is out of range: ``failure_rate`` must be
+        in (0, 1], ``min_calls`` at least 1, ``window`` and ``cooldown``
+        positive, finite numbers of seconds.
+    :raises TypeError: an argument is not of its type (a number, an int, an
+        exception filter, a str).
     """
 
     def __init__(

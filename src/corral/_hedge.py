@@ -123,9 +123,11 @@ class Hedge:
     >>> Hedge("p95").after
     'p95'
 
-    :raises TypeError, ValueError: ``after`` is not a positive, finite number
-        or a percentile ``"pNN"`` strictly between 0 and 100, or ``max_extra``
-        is not an int >= 1.
+    :raises ValueError: ``after`` is not a positive, finite number of seconds
+        or a percentile ``"pNN"`` strictly between 0 and 100, or
+        ``max_extra`` is below 1.
+    :raises TypeError: ``after`` is neither a number nor a str, or
+        ``max_extra`` is not an int.
     """
 
     __slots__ = (

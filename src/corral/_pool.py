@@ -252,7 +252,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     :param hedge: a :class:`Hedge`: an attempt still running after
         ``hedge.after`` seconds gets a copy, the first success wins. Each copy
         passes ``limiter``, ``rate_limit`` and ``timeout``, and counts in
-        :attr:`Outcome.attempts`.
+        ``Outcome.attempts``.
     :param timeout: seconds (or a :class:`Timeout`) per attempt; a timed-out
         attempt is a ``TimeoutError``, which ``retry`` may retry. A plain
         handler's timed-out thread runs on, abandoned: it keeps one of the
