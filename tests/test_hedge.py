@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from corral import Hedge, HedgeStatistics, Pool, Retry, apply_to_all
+from corral._hedge import _Race
 
 pytestmark = pytest.mark.anyio
 
@@ -493,3 +494,41 @@ def test_bad_arguments_are_refused_naming_the_parameter(
     between 0 and 100; ``max_extra`` an int >= 1."""
     with pytest.raises(error, match=message.replace("(", r"\(")):
         Hedge(**kwargs)
+
+
+async def test_a_percentile_after_is_never_below_a_millisecond() -> None:
+    """Calls that take no time by the clock (a virtual clock, or uvloop's whole
+    milliseconds) give a percentile of 0; ``after`` stays at 1 ms, so a call
+    that awaits is not doubled at once."""
+
+    async def instant(x: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return x
+
+    hedge = Hedge("p50")
+    await apply_to_all(instant, range(40), hedge=hedge, workers=1)
+    after = hedge.statistics().after
+    assert after is not None and 0.001 <= after < 0.01
+    assert hedge.statistics().hedged == 0
+
+
+async def test_a_copy_whose_task_starts_after_the_race_ended_calls_nothing() -> None:
+    """The timer schedules a copy; if the first copy wins before that copy's
+    task runs, the copy never calls the handler, and neither attempts nor
+    ``hedged`` count it."""
+    calls: list[int] = []
+
+    async def handler(x: int) -> int:
+        calls.append(x)
+        return x
+
+    hedge = Hedge(1.0)
+    race = _Race(hedge, 7, handler, anyio.current_time, anyio.current_time(), 1.0)
+    async with anyio.create_task_group() as tg:
+        race.tg = tg
+        race.running += 1  # as the timer counts a copy it schedules
+        tg.start_soon(race.extra)
+        race.won(7, anyio.current_time(), extra=False)  # the first copy wins meanwhile
+    assert calls == []
+    assert hedge.statistics().hedged == 0
+    assert race.running == 0

@@ -506,3 +506,26 @@ def test_a_rate_limiter_given_as_limiter_is_refused_by_name(limiter: Any) -> Non
 
     with pytest.raises(TypeError, match="rate_limit="):
         Pool(handler, limiter=limiter)
+
+
+async def test_async_with_cancelled_on_entry_consumes_nothing() -> None:
+    """A block entered in an already cancelled scope raises the cancellation
+    and leaves its unit for the next caller."""
+    bucket = TokenBucket(1, 100.0)  # one unit, then one per 100 s
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        async with bucket:
+            pytest.fail("entered a cancelled scope")
+    bucket.acquire_nowait()  # the unit is still there
+
+
+async def test_a_circuit_open_leaving_a_limiter_does_not_pause_it() -> None:
+    """CircuitOpen carries the breaker's retry_after for a Retry; a rate
+    limiter it passes through must not read it as the server's Retry-After
+    and stop everyone else."""
+    bucket = TokenBucket(1000)
+    with pytest.raises(corral.CircuitOpen):
+        async with bucket:
+            raise corral.CircuitOpen("open", retry_after=30.0)
+    with anyio.fail_after(1):
+        await bucket.acquire()

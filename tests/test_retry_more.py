@@ -631,3 +631,24 @@ async def test_call_refuses_what_is_not_a_function() -> None:
     handler = failing(0)
     with pytest.raises(TypeError, match="fn must be a callable, got a coroutine"):
         await Retry().call(handler())
+
+
+async def test_a_retry_cancelled_during_its_wait_is_given_back_to_the_budget() -> None:
+    """The budget counts retries made: one allowed and then cancelled while it
+    waited is given back, so cancellation never spends the budget."""
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1)  # one retry per 10 s
+    waiting = anyio.Event()
+
+    async def failing(x: int) -> int:
+        raise ConnectionError("down")
+
+    def note(*args: Any) -> None:
+        waiting.set()
+
+    retry = Retry(2, wait_initial=60, wait_jitter=False, budget=budget, before_sleep=note)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(retry.call, failing, 1)
+        await waiting.wait()
+        tg.cancel_scope.cancel()
+    statistics = budget.statistics()
+    assert (statistics.retries, statistics.available) == (0, 1)

@@ -20,6 +20,7 @@ from typing import TypeVar
 import anyio
 import attrs
 
+from ._errors import CircuitOpen
 from ._limits import TokenBucket, _slack
 from ._retry import ExceptionFilter, check_on, matches, read_retry_after, retry_after_of
 from ._validate import check_number
@@ -218,7 +219,7 @@ class AdaptiveRate(TokenBucket):
         how the block ends (an ``Exception`` leaving it is the attempt's
         error), as it does in ``middleware=[...]``."""
         await super().__aenter__()
-        _admitted_at.set(anyio.current_time())
+        _entered.set((*_entered.get(), (self, anyio.current_time())))
 
     async def __aexit__(
         self,
@@ -226,7 +227,7 @@ class AdaptiveRate(TokenBucket):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        admitted_at = _admitted_at.get(anyio.current_time())
+        admitted_at = _leave(self)
         if exc is None:
             self._ended(admitted_at, None, None)
         elif isinstance(exc, Exception):
@@ -235,6 +236,8 @@ class AdaptiveRate(TokenBucket):
     def _ended(
         self, admitted_at: float, error: Exception | None, retry_after: float | None
     ) -> None:
+        if isinstance(error, CircuitOpen):
+            return  # our own breaker refused the call: the server saw nothing
         now = anyio.current_time()
         if error is None or (retry_after is None and not self.is_throttle(error)):
             if error is not None and status_of(error) is None:
@@ -248,8 +251,20 @@ class AdaptiveRate(TokenBucket):
         self._failed(error, retry_after)
 
 
-# when the block of ``async with rate:`` in this task was admitted
-_admitted_at: ContextVar[float] = ContextVar("corral_rate_admitted_at")
+# the ``async with rate:`` blocks this task is in: (rate, when admitted), innermost last
+_entered: ContextVar[tuple[tuple[AdaptiveRate, float], ...]] = ContextVar(
+    "corral_rates_entered", default=()
+)
+
+
+def _leave(rate: AdaptiveRate) -> float:
+    """Leave the innermost block of ``rate``: when it was admitted."""
+    entered = _entered.get()
+    for at in range(len(entered) - 1, -1, -1):
+        if entered[at][0] is rate:
+            _entered.set(entered[:at] + entered[at + 1 :])
+            return entered[at][1]
+    return anyio.current_time()  # not entered in this task: as if just now
 
 
 def _now_or_never() -> float:

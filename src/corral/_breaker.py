@@ -133,7 +133,8 @@ class CircuitBreaker:
       until it half-opens: a :class:`Retry` (which retries any ``Exception``
       by default) waits that long before its next attempt.
     - **Half-open**: the next attempt is a trial call; until it ends, the
-      others fail at once with ``CircuitOpen`` (``retry_after=0.0``). If the
+      others fail at once with ``CircuitOpen`` (``retry_after`` a tenth of
+      ``cooldown``: about when the trial will have decided). If the
       trial call does not fail, the breaker closes with an empty window; if it
       fails, it opens again for a full ``cooldown``; if it is cancelled, the
       next attempt is the trial. A trial that never ends keeps it half-open:
@@ -386,7 +387,7 @@ class CircuitBreaker:
             retry_after = max(0.0, self._half_opens_at - now)
             message = f"{self._label} open: {self._why}; half-opens in {_seconds(retry_after)} s"
         else:
-            retry_after = 0.0
+            retry_after = self._cooldown / 10  # about when the trial may have decided
             message = f"{self._label} half-open: its trial call is still running"
         return CircuitOpen(message, retry_after=retry_after, breaker=self)
 

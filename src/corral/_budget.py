@@ -100,6 +100,19 @@ class RetryBudget:
         self._retry_total += 1
         return True
 
+    def _give_back(self) -> None:
+        """A retry :meth:`try_withdraw` allowed was not made (cancelled while it
+        waited, or its hook raised): uncount it, from the newest bucket that
+        holds one."""
+        if self._newest is None or not self._retry_total:
+            return
+        for number in range(self._newest, self._newest - _BUCKETS, -1):
+            bucket = number % _BUCKETS
+            if self._retries[bucket]:
+                self._retries[bucket] -= 1
+                self._retry_total -= 1
+                return
+
     def statistics(self, now: float | None = None) -> RetryBudgetStatistics:
         """Where it stands at ``now`` (default: :func:`anyio.current_time`
         inside an event loop, the last time it was used outside one)."""

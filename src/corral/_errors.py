@@ -27,9 +27,12 @@ Errors raised by *your* handler are never wrapped: they become
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+if TYPE_CHECKING:
+    from ._breaker import CircuitBreaker
 
 __all__ = [
     "CircuitOpen",
@@ -85,16 +88,19 @@ class CircuitOpen(CorralError):
     """An attempt refused at once because its :class:`~corral.CircuitBreaker`
     is open (or half-open with its one trial call still running).
 
-    ``retry_after`` is the number of seconds until the breaker half-opens (0
-    while it is half-open), so a :class:`~corral.Retry` waits that long
-    before its next attempt instead of hammering an open circuit. ``breaker``
-    is the breaker that refused the attempt.
+    ``retry_after`` is the number of seconds until the breaker half-opens (a
+    tenth of its cooldown while it is half-open and its trial call runs), so
+    a :class:`~corral.Retry` waits that long before its next attempt instead
+    of hammering an open circuit. ``breaker`` is the breaker that refused
+    the attempt.
     """
 
     retry_after: float
-    breaker: Any
+    breaker: CircuitBreaker | None
 
-    def __init__(self, message: str, *, retry_after: float, breaker: Any = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float, breaker: CircuitBreaker | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.breaker = breaker

@@ -42,6 +42,7 @@ Call = Callable[[Any], Awaitable[Any]]
 _WINDOW = 1000  # a percentile is taken over this many latest latencies
 _MIN_SAMPLES = 20  # no hedging by percentile before this many latencies are known
 _REFRESH = 32  # the percentile is computed again after this many new latencies
+_FLOOR = 0.001  # the least ``after`` a percentile gives, in seconds
 
 _PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
 
@@ -101,8 +102,8 @@ class Hedge:
     - ``after`` is a positive number of seconds, or a percentile of the
       latencies of recent calls, such as ``"p95"`` or ``"p99.9"``: the time
       from a winning copy's start to its success, over the last 1000 calls,
-      computed again every 32 calls. Until 20 latencies are known, nothing is
-      hedged.
+      computed again every 32 calls, never less than 1 ms. Until 20
+      latencies are known, nothing is hedged.
     - Each copy passes the ``limiter``, the ``rate_limit`` and the
       ``timeout``: hedging takes capacity slots and rate-limit tokens, and a
       copy may wait for them. ``Outcome.attempts`` counts every copy.
@@ -225,7 +226,9 @@ class Hedge:
         self._fresh += 1
         if len(latencies) >= _MIN_SAMPLES and (self._seconds is None or self._fresh >= _REFRESH):
             assert self._percentile is not None
-            self._seconds = _percentile(latencies, self._percentile)
+            # never 0: a coarse clock (uvloop's counts milliseconds) reads fast
+            # calls as taking no time, and a copy at once would double the load
+            self._seconds = max(_FLOOR, _percentile(latencies, self._percentile))
             self._fresh = 0
 
 
@@ -285,13 +288,17 @@ class _Race:
                 await done.wait()
             if self.over:
                 return
-            self.running += 1
-            self.hedge._hedged += 1
+            self.running += 1  # counted now: the race waits for it to start
             assert self.tg is not None
             self.tg.start_soon(self.extra, name="corral hedge copy")
 
     async def extra(self) -> None:
-        """An extra copy, in a task of the race's task group."""
+        """An extra copy, in a task of the race's task group. One whose task
+        first runs after the race ended calls nothing."""
+        if self.over:
+            self.running -= 1
+            return
+        self.hedge._hedged += 1
         started = self.clock()
         try:
             result = await self.call_next(self.item)

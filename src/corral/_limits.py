@@ -20,6 +20,7 @@ from typing import TypeVar
 import anyio
 from anyio.lowlevel import checkpoint
 
+from ._errors import CircuitOpen
 from ._retry import read_retry_after
 from ._validate import check_int, check_number
 
@@ -90,6 +91,8 @@ class _FairLimiter:
     def _failed(self, error: Exception, retry_after: float | None) -> None:
         """An attempt this limiter admitted failed with ``error``, whose
         Retry-After (seconds, if it had one) was ``retry_after``."""
+        if isinstance(error, CircuitOpen):
+            return  # our own breaker refused the call: the server said nothing
         if retry_after and math.isfinite(retry_after):  # never a pause for good
             log_pause(retry_after)
             self._pause_until(anyio.current_time() + retry_after)
@@ -213,10 +216,7 @@ class _FairLimiter:
         >>> anyio.run(main)
         'admitted'
         """
-        if not self._admit_at(1, anyio.current_time()):
-            await self.acquire()
-        else:
-            await checkpoint()  # a checkpoint on every path, as acquire is
+        await self.acquire()  # cancel-safe: a cancelled entry consumed nothing
 
     async def __aexit__(
         self,

@@ -23,8 +23,9 @@ class Outcome(Generic[T, R]):
     ``index`` is the item's position (in the input for the helpers, in submission
     order for a :class:`Pool`); ``id`` is the caller's id or, by default, the
     index. ``attempts`` counts calls of the handler (more than one only under a
-    retry policy). ``elapsed`` is the time in seconds from the start of the first
-    attempt to the outcome, read with :func:`anyio.current_time`.
+    retry policy or a hedge, whose every copy is a call). ``elapsed`` is the
+    time in seconds from the start of the first attempt to the outcome, read
+    with :func:`anyio.current_time`.
 
     >>> Outcome(item=2, index=0, id=0, result=4).unwrap()
     4

@@ -87,7 +87,8 @@ class PoolStats:
     ``submitted``: items accepted (by :meth:`Pool.submit` and its twin, or by
     the helpers from their input). ``queued``: submitted, waiting for a
     worker. ``running``: in a worker.
-    ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts.
+    ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts
+    (retries, and a hedge's copies).
     ``backpressure_waits``: submits that had to wait for room.
     ``unfinished``: items left without an outcome at the last exit (not
     accumulated: it is ``len(pool.unfinished)``).

@@ -73,6 +73,11 @@ def backoff(
 
 _log = logging.getLogger("corral.retry")
 
+# how a log record shows an item: a batch or a long text is cut short
+_brief = reprlib.Repr()
+_brief.maxother = _brief.maxstring = 120
+_brief.maxlist = _brief.maxtuple = _brief.maxset = _brief.maxdict = 8
+
 # delay-seconds (RFC 9110, section 10.2.3) is whole digits; "1.5" is taken too
 _SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+", re.ASCII)
 
@@ -370,6 +375,11 @@ class Retry:
         middleware's coroutine (its retries logged to ``corral.retry``)."""
         if len(args) == 1:
             return self._decorate(args[0])
+        if len(args) != 2:
+            raise TypeError(
+                f"a Retry is called with a function to decorate, or as middleware with "
+                f"(item, call_next); got {len(args)} arguments"
+            )
         item, call_next = args
         return self._run(item, call_next, _log)
 
@@ -466,10 +476,15 @@ class Retry:
                 cause = RetryError(_rejected(result, attempt), result=result, attempts=attempt)
                 delay = self._after_result(item, cause, attempt, ends_at, log)  # or raises cause
                 seen = result
-            if self.before_sleep is not None:
-                await self._before_sleep(item, seen, cause, attempt, delay)
-            del seen, cause  # not kept through the wait
-            await anyio.sleep(delay)
+            try:
+                if self.before_sleep is not None:
+                    await self._before_sleep(item, seen, cause, attempt, delay)
+                del seen, cause  # not kept through the wait
+                await anyio.sleep(delay)
+            except BaseException:
+                if self.budget is not None:  # the retry was not made: give it back
+                    self.budget._give_back()
+                raise
             attempt += 1
 
     def _after_error(
@@ -513,8 +528,8 @@ class Retry:
             failure.add_note(f"not retried: {budget._spent()}")
             if log.isEnabledFor(logging.INFO):
                 log.info(
-                    "not retrying %r after attempt %d of %d %s: the retry budget is spent",
-                    item,
+                    "not retrying %s after attempt %d of %d %s: the retry budget is spent",
+                    _brief.repr(item),
                     attempt,
                     self.attempts,
                     _what(failure),
@@ -522,8 +537,8 @@ class Retry:
             return None
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "retrying %r after attempt %d of %d %s; waiting %.3g s",
-                item,
+                "retrying %s after attempt %d of %d %s; waiting %.3g s",
+                _brief.repr(item),
                 attempt,
                 self.attempts,
                 _what(failure),
