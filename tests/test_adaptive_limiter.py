@@ -271,8 +271,9 @@ async def test_it_grows_while_it_is_the_bottleneck_and_latency_holds(exact: bool
 
 
 @pytest.mark.parametrize("algorithm", ["vegas", "gradient2"])
-async def test_a_handler_faster_than_the_clock_is_fine(algorithm: Any) -> None:
-    # no checkpoint at all: every latency reads 0 (on the MockClock always)
+async def test_a_handler_faster_than_the_clock_is_fine(algorithm: Any, exact: bool) -> None:
+    """Latencies of (nearly) nothing, 0 on the MockClock, break nothing; on the
+    MockClock, where they are exactly 0, the limit grows."""
     limiter = AdaptiveLimiter(2, algorithm=algorithm)
 
     async def instant(item: int) -> int:
@@ -284,7 +285,11 @@ async def test_a_handler_faster_than_the_clock_is_fine(algorithm: Any) -> None:
     stats = limiter.statistics()
     assert stats.in_flight == 0
     assert stats.latency is not None
-    assert stats.limit > 2  # its slots were in use and nothing queued: it grew
+    if exact:  # its slots were in use and nothing queued: it grew
+        assert stats.limit > 2
+    else:  # in real time tens of µs of jitter may read as queueing: it holds
+        assert stats.limit >= 2
+        assert stats.drops == 0
 
 
 async def test_it_does_not_grow_while_not_the_bottleneck(exact: bool) -> None:
