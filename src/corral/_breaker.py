@@ -58,6 +58,7 @@ _OPEN: CircuitState = "open"
 _HALF_OPEN: CircuitState = "half_open"
 
 _BUCKETS = 10  # the window is counted in this many buckets
+_EARLY = 1e-6  # seconds: an attempt this close to the half-open time counts as at it
 
 _log = logging.getLogger("corral.breaker")
 
@@ -261,7 +262,9 @@ class CircuitBreaker:
             failure_rate=failures / calls if calls else 0.0,
             opened=self._opened,
             rejected=self._rejected,
-            retry_after=max(0.0, self._half_opens_at - now) if state is _OPEN else 0.0,
+            retry_after=min(self._cooldown, max(0.0, self._half_opens_at - now))
+            if state is _OPEN
+            else 0.0,
         )
 
     # -- the layer -------------------------------------------------------------
@@ -370,7 +373,9 @@ class CircuitBreaker:
     def _poll(self, now: float) -> None:
         """Half-open if it is open and its cooldown has passed (or the clock
         went back to before it opened: a new event loop)."""
-        if self._state is _OPEN and not self._opened_at <= now < self._half_opens_at:
+        # _EARLY: a sleep of exactly retry_after may wake a hair before the
+        # deadline (float rounding of the loop's clock, uvloop's above all)
+        if self._state is _OPEN and not self._opened_at <= now < self._half_opens_at - _EARLY:
             self._half_open(clock_went_back=now < self._opened_at)
 
     def _admit(self, now: float) -> int | None:
@@ -385,7 +390,7 @@ class CircuitBreaker:
     def _refusal(self, now: float) -> CircuitOpen:
         self._rejected += 1
         if self._state is _OPEN:
-            retry_after = max(0.0, self._half_opens_at - now)
+            retry_after = min(self._cooldown, max(0.0, self._half_opens_at - now))
             message = f"{self._label} open: {self._why}; half-opens in {_seconds(retry_after)} s"
         else:
             retry_after = self._cooldown / 10  # about when the trial may have decided
