@@ -35,6 +35,7 @@ from coredis.commands.script import Script
 from coredis.exceptions import StreamDuplicateConsumerGroupError
 
 from .._batcher import Batcher, BatcherStats
+from .._delivery import Delivery
 from .._errors import FlushError, PoolClosed
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, check_on, matches
@@ -152,23 +153,6 @@ return 1
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-@attrs.frozen
-class Delivery(Generic[AnyStr]):
-    """One stream entry handed to this consumer.
-
-    ``fields`` are the entry's field/value pairs, as ``str`` or ``bytes`` as the
-    client decodes them. ``deliveries`` counts how many times the group has
-    handed the entry out, this time included: more than 1 means an earlier
-    attempt failed or its consumer died, so the handler may be running it a
-    second time (make it idempotent).
-    """
-
-    stream: str
-    id: str
-    fields: Mapping[AnyStr, AnyStr]
-    deliveries: int
 
 
 @attrs.frozen
