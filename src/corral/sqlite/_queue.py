@@ -156,6 +156,8 @@ class QueueSink(_QueueFile):
         missing. Several processes may share it.
     :param queue: the queue's name within the file.
     :param max_size: the most entries in one transaction.
+    :param max_wait: seconds the oldest entry may wait for its batch to fill;
+        None (the default) for natural batching.
     :param max_pending: how many queued entries make :meth:`add` wait.
     :param retry: a :class:`~corral.Retry` policy per batch.
     :param timeout: seconds to wait for another process's write lock before
@@ -168,6 +170,7 @@ class QueueSink(_QueueFile):
         queue: str = "default",
         *,
         max_size: int = 500,
+        max_wait: float | None = None,
         max_pending: int | None = None,
         retry: Retry | None = None,
         timeout: float = 10.0,
@@ -175,8 +178,9 @@ class QueueSink(_QueueFile):
         super().__init__(path, queue, timeout)
         self._what = f"QueueSink({self.path!r}, queue={queue!r})"
         self._batcher: Batcher[tuple[dict[str, str], str | None], str] = Batcher(
-            self._write, max_size=max_size, max_pending=max_pending, retry=retry, name=self._what
-        )
+            self._write, max_size=max_size, max_wait=max_wait, max_pending=max_pending,
+            retry=retry, name=self._what,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return self._what
@@ -378,6 +382,7 @@ class QueueSource(_QueueFile):
         self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
         self._in_flight_count = 0
         self._wake: anyio.Event | None = None  # set by settle (room), a sink (entries), stop
+        self._woken = False  # one of those happened since the last _wait: do not wait
         self._stopping = self._reading = False
         self._thread = 0  # the thread of the loop the block runs in
         self._tasks: anyio.abc.TaskGroup | None = None  # the lease renewals
@@ -508,7 +513,12 @@ class QueueSource(_QueueFile):
 
     def _nudge(self) -> None:
         """Entries were added (by a sink of this process): look now."""
-        if self._wake is not None and threading.get_ident() == self._thread:
+        if threading.get_ident() == self._thread:
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        self._woken = True
+        if self._wake is not None:
             self._wake.set()
 
     def stop(self) -> None:
@@ -516,8 +526,7 @@ class QueueSource(_QueueFile):
         raises ``StopAsyncIteration``. Deliveries already handed out can still
         be settled until the block ends. Never waits."""
         self._stopping = True
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_up()
 
     def __aiter__(self) -> QueueSource:
         return self
@@ -563,6 +572,9 @@ class QueueSource(_QueueFile):
     async def _wait(self, seconds: float | None) -> None:
         """Until settle frees room, a sink adds entries, stop() is called, or
         ``seconds`` pass (None: no limit)."""
+        if self._woken:
+            self._woken = False
+            return
         self._wake = anyio.Event()
         try:
             with anyio.move_on_after(float("inf") if seconds is None else seconds):
@@ -613,8 +625,7 @@ class QueueSource(_QueueFile):
         else:
             self._in_flight[delivery.id] = count - 1
         self._in_flight_count -= 1
-        if self._wake is not None:
-            self._wake.set()
+        self._wake_up()
         error = outcome.error
         if error is None:
             await self._settles.add(int(delivery.id))
@@ -627,7 +638,9 @@ class QueueSource(_QueueFile):
     async def _settle_batch(self, batch: list[int | Failure]) -> list[None]:
         done = [entry for entry in batch if isinstance(entry, int)]
         failed = [entry for entry in batch if isinstance(entry, Failure)]
-        acked, requeued, buried = await self._run(self._live().settle, self.consumer, done, failed)
+        acked, requeued, buried = await self._run(
+            self._live().settle, self.queue, self.consumer, done, failed
+        )
         self._counts.acked += acked
         self._counts.failed += requeued
         self._counts.buried += buried

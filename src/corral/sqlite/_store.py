@@ -15,6 +15,10 @@ The table, one row per entry::
                         so that a producer run again does not add it twice
               'dead'    dead-lettered; ``error`` says why
 
+    corral_done(queue, done)   entries handled per queue, ever (rows without
+                               a key are deleted when done, and pruning drops
+                               the rest, so counting rows would not tell)
+
 Times are wall-clock seconds (``time.time()``): the file is shared by
 processes and outlives them, so no process's monotonic clock would do.
 """
@@ -41,6 +45,7 @@ SCHEMA_VERSION = "1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS corral_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS corral_done (queue TEXT PRIMARY KEY, done INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS corral_entries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -80,7 +85,7 @@ class QueueCounts:
 
     queued: int  #: waiting to be handed out (failures waiting to come back included)
     in_progress: int  #: handed out, under a lease
-    done: int  #: handled, and kept by their key
+    done: int  #: handled, ever (pruning does not lower it)
     dead: int  #: dead-lettered
     oldest_age: float | None  #: seconds the oldest queued entry has waited; None if none
 
@@ -244,7 +249,7 @@ class Store:
         return cursor.rowcount
 
     def settle(
-        self, consumer: str, done: Sequence[int], failed: Sequence[Failure]
+        self, queue: str, consumer: str, done: Sequence[int], failed: Sequence[Failure]
     ) -> tuple[int, int, int]:
         """Record outcomes in one transaction: ``done`` entries are deleted
         (or, with a key, kept as the key alone); each failure goes back to the
@@ -262,6 +267,12 @@ class Store:
                 "error = NULL, due = ? WHERE id = ? AND key IS NOT NULL AND state != 'done'",
                 [(at, i) for i in done],
             ).rowcount
+            if acked:
+                execute(
+                    "INSERT INTO corral_done VALUES (?, ?) "
+                    "ON CONFLICT (queue) DO UPDATE SET done = done + excluded.done",
+                    (queue, acked),
+                )
             for failure in failed:
                 owned = "WHERE id = ? AND state = 'leased' AND consumer = ?"
                 if failure.dead:
@@ -317,6 +328,9 @@ class Store:
                     (queue,),
                 ).fetchall()
             )
+            row = self._connection.execute(
+                "SELECT done FROM corral_done WHERE queue = ?", (queue,)
+            ).fetchone()
             (oldest,) = self._connection.execute(
                 "SELECT min(added) FROM corral_entries WHERE queue = ? AND state = 'queued'",
                 (queue,),
@@ -324,7 +338,7 @@ class Store:
         return QueueCounts(
             queued=states.get("queued", 0),
             in_progress=states.get("leased", 0),
-            done=states.get("done", 0),
+            done=0 if row is None else row[0],
             dead=states.get("dead", 0),
             oldest_age=None if oldest is None else max(0.0, now() - oldest),
         )
@@ -332,7 +346,8 @@ class Store:
     def queues(self) -> list[str]:
         with self._errors("read"):
             rows = self._connection.execute(
-                "SELECT DISTINCT queue FROM corral_entries ORDER BY queue"
+                "SELECT queue FROM corral_entries UNION SELECT queue FROM corral_done "
+                "ORDER BY queue"
             ).fetchall()
         return [queue for (queue,) in rows]
 
