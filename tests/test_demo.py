@@ -1,13 +1,18 @@
 """``python -m corral.demo``: it runs, stores every record exactly once, and
 fails loudly when the database is wrong; with ``--adaptive`` its limiter finds
-the API's hidden capacity."""
+the API's hidden capacity; interrupted (Ctrl-C or killed), it finishes the
+rest when run again on the same file, without calling the API for what is
+stored."""
 
 from __future__ import annotations
 
 import pathlib
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import anyio
 import pytest
@@ -70,10 +75,10 @@ def test_demo_exits_1_when_a_record_is_stored_twice(
     db = tmp_path / "demo.sqlite3"
     opened = demo.open_database
 
-    def faulty(path: pathlib.Path) -> sqlite3.Connection:
-        connection = opened(path)
+    def faulty(path: pathlib.Path, records: int, seed: int) -> sqlite3.Connection:
+        connection = opened(path, records, seed)
         connection.execute(
-            f"CREATE TRIGGER twice AFTER INSERT ON {demo.TABLE} "
+            f"CREATE TRIGGER IF NOT EXISTS twice AFTER INSERT ON {demo.TABLE} "
             f"WHEN NEW.record_id = 7 AND (SELECT COUNT(*) FROM {demo.TABLE} "
             "WHERE record_id = 7) = 1 "
             f"BEGIN INSERT INTO {demo.TABLE} VALUES (7, 'ok', 'again', 1); END"
@@ -90,7 +95,7 @@ def test_demo_exits_1_when_a_record_is_stored_twice(
 def test_verify_reports_missing_and_unknown_records(tmp_path: pathlib.Path) -> None:
     """The check names records that are missing and records that should not be there."""
     db = tmp_path / "demo.sqlite3"
-    connection = demo.open_database(db)
+    connection = demo.open_database(db, 4, 1)
     with connection:
         connection.executemany(
             f"INSERT INTO {demo.TABLE} VALUES (?, 'ok', '', 1)", [(0,), (1,), (3,), (99,)]
@@ -178,3 +183,283 @@ def test_demo_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
             demo.main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _demo_command(db: pathlib.Path, backend: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "corral.demo", "--backend", backend, "--db", str(db), *options]
+
+
+def _stored(db: pathlib.Path) -> list[int]:
+    """The record IDs that have a row, sorted (duplicates kept). A read-write
+    connection: after a SIGKILL it rolls back the killed run's open batch."""
+    with sqlite3.connect(db, timeout=10) as connection:
+        rows = connection.execute(f"SELECT record_id FROM {demo.TABLE}").fetchall()
+    connection.close()
+    return sorted(record for (record,) in rows)
+
+
+def _wait_for_rows(db: pathlib.Path, process: subprocess.Popen[str], deadline: float) -> int:
+    """Poll ``db`` (read-only: the test must not create or change it) until the
+    running demo has committed some rows; their number."""
+    uri = db.as_uri() + "?mode=ro"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            connection = sqlite3.connect(uri, uri=True, timeout=1)
+            try:
+                (count,) = connection.execute(f"SELECT COUNT(*) FROM {demo.TABLE}").fetchone()
+            finally:
+                connection.close()
+        except sqlite3.Error:  # not created yet, or being created
+            count = 0
+        if count:
+            return int(count)
+        time.sleep(0.01)
+    process.kill()
+    out, err = process.communicate(timeout=30)
+    pytest.fail(f"no rows stored before the demo ended or 30 s passed: {out}{err}")
+
+
+def _sigint_by_default() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt, even where the test runner
+    was started with SIGINT ignored (as a shell's background jobs are)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_demo_resumes_where_an_interrupted_run_stopped(
+    backend: str, how: signal.Signals, tmp_path: pathlib.Path
+) -> None:
+    """The demo as a real process, killed (SIGKILL) or interrupted (SIGINT)
+    once it has committed a batch, then run again on the same file: the
+    second run calls the API only for the records not stored (API calls less
+    retries are exactly those), says how many were stored already, and its
+    check finds every record stored exactly once. Ctrl-C exits 130 and says
+    how far it got and how to finish, without a traceback.
+
+    The first run goes slowly (200 calls/s: two seconds for 400 records) so
+    that it is surely still running when the signal comes, the second fast."""
+    db = tmp_path / "demo.sqlite3"
+    first = subprocess.Popen(
+        _demo_command(db, backend, "--records", "400", "--rate", "200"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_by_default,
+    )
+    try:
+        _wait_for_rows(db, first, deadline=time.monotonic() + 30)
+        assert first.poll() is None, "the first run ended before it was interrupted"
+        first.send_signal(how)
+        _, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate(timeout=30)
+    stored = _stored(db)
+    assert stored == sorted(set(stored)), "a record stored twice"
+    assert 0 < len(stored) < 400
+    if how == signal.SIGKILL:
+        assert first.returncode == -signal.SIGKILL
+    else:
+        assert first.returncode == 130, err
+        assert "Traceback" not in err
+        assert (
+            f"interrupted: {len(stored)} of 400 records stored in {db}; "
+            f"run again with --db {db} --records 400 to finish"
+        ) in err
+
+    second = subprocess.run(
+        _demo_command(db, backend, "--records", "400", "--rate", "5000"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    out = second.stdout
+    assert f"resuming: {len(stored)} already stored, {400 - len(stored)} to go" in out
+    assert _table_row(out, "already stored") == f"{len(stored)} (from an earlier run)"
+    calls = re.fullmatch(r"(\d+) \((\d+) retries\)", _table_row(out, "API calls"))
+    assert calls is not None, out
+    requests, retries = int(calls[1]), int(calls[2])
+    assert requests - retries == 400 - len(stored)  # one first call per record not stored
+    assert requests < 400
+    assert "database check: all 400 records stored exactly once" in out
+    assert _stored(db) == list(range(400))
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_demo_run_again_calls_only_for_the_records_not_stored(
+    backend: str, tmp_path: pathlib.Path
+) -> None:
+    """In process: a finished run less some of its rows (as if its last batches
+    never committed) is finished by a second run that calls the API only for
+    those; a third run on the finished file calls it for none."""
+    db = tmp_path / "demo.sqlite3"
+    first = anyio.run(demo.run, 300, 5000, db, 5, backend=backend)
+    assert (first.already, first.problems) == (0, [])
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"DELETE FROM {demo.TABLE} WHERE record_id >= 220")
+    connection.close()
+    second = anyio.run(demo.run, 300, 5000, db, 5, backend=backend)
+    assert second.problems == []
+    assert second.already == 220
+    assert second.succeeded + second.failed == 80
+    assert second.rows == 80
+    assert second.server.requests == 80 + second.retries
+    third = anyio.run(demo.run, 300, 5000, db, 5, backend=backend)
+    assert third.problems == []
+    assert (third.already, third.rows, third.server.requests) == (300, 0, 0)
+    table = demo.format_report(third, db)
+    assert _table_row(table, "already stored") == "300 (from an earlier run)"
+    assert _table_row(table, "API calls") == "0 (0 retries)"
+    assert _stored(db) == list(range(300))
+
+
+def test_demo_keeps_failed_records_as_stored(tmp_path: pathlib.Path) -> None:
+    """A record stored as failed (a 404) is a final outcome: a second run does
+    not call the API for it; deleting its row is how to try it again."""
+    db = tmp_path / "demo.sqlite3"
+    first = anyio.run(demo.run, 1000, 10000, db, 1)
+    assert first.server.not_found >= 1  # the seed has 404s among 1000 records
+    with sqlite3.connect(db) as connection:
+        failed = connection.execute(
+            f"SELECT COUNT(*) FROM {demo.TABLE} WHERE status = 'failed'"
+        ).fetchone()[0]
+    connection.close()
+    assert failed == first.failed >= 1
+    again = anyio.run(demo.run, 1000, 10000, db, 1)
+    assert (again.already, again.server.requests, again.problems) == (1000, 0, [])
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"DELETE FROM {demo.TABLE} WHERE status = 'failed'")
+    connection.close()
+    retried = anyio.run(demo.run, 1000, 10000, db, 1)
+    assert retried.already == 1000 - failed
+    assert retried.server.requests - retried.retries == failed
+    assert retried.problems == []
+
+
+def test_demo_refuses_a_database_it_cannot_resume(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file that is not SQLite, a SQLite file that is not the demo's, and the
+    demo's from another --records or --seed are refused with exit status 2
+    and a message saying why, and left as they were: never mixed into."""
+    made = tmp_path / "demo.sqlite3"
+    assert demo.main(["--records", "50", "--rate", "5000", "--seed", "3", "--db", str(made)]) == 0
+    foreign = tmp_path / "other.sqlite3"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE customers (id INTEGER)")
+    connection.close()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n" * 10)
+    capsys.readouterr()
+    for db, options, message in (
+        (text, [], f"{text} is not a SQLite database"),
+        (foreign, [], f"{foreign} is not a corral demo database (it has the tables customers)"),
+        (made, ["--records", "40", "--seed", "3"], "holds a run of --records 50 --seed 3, not "),
+        (made, ["--records", "50"], "holds a run of --records 50 --seed 3, not "),
+        (tmp_path / "no" / "such.sqlite3", [], "cannot open"),
+    ):
+        before = db.read_bytes() if db.exists() else None
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main([*options, "--rate", "5000", "--db", str(db)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err
+        assert err.startswith("python -m corral.demo: error: ")
+        assert (db.read_bytes() if db.exists() else None) == before
+    # and what an interrupted run would say of them: it cannot count their records
+    assert demo.count_stored(text) is None
+    assert demo.count_stored(foreign) is None
+    assert demo.count_stored(made) == 50
+
+
+def test_demo_refuses_another_runs_database_as_a_process(tmp_path: pathlib.Path) -> None:
+    """The same, as the command line's exit status: a file made with another
+    --records is refused with 2 before any API call."""
+    db = tmp_path / "demo.sqlite3"
+    assert demo.main(["--records", "30", "--rate", "5000", "--db", str(db)]) == 0
+    result = subprocess.run(
+        _demo_command(db, "asyncio", "--records", "60"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "holds a run of --records 30 --seed 1, not --records 60 --seed 1" in result.stderr
+    assert result.stdout == ""
+    assert _stored(db) == list(range(30))
+
+
+def test_open_database_refuses_records_outside_the_range(tmp_path: pathlib.Path) -> None:
+    """A demo file holding a record its --records does not have is refused."""
+    db = tmp_path / "demo.sqlite3"
+    connection = demo.open_database(db, 10, 1)
+    with connection:
+        connection.execute(f"INSERT INTO {demo.TABLE} VALUES (12, 'ok', '', 1)")
+    connection.close()
+    with pytest.raises(demo.DemoDatabaseError, match=r"holds 1 records outside 0\.\.9"):
+        demo.open_database(db, 10, 1)
+
+
+@pytest.mark.parametrize("with_db", [True, False], ids=["db", "temporary"])
+def test_demo_ctrl_c_exits_130_and_says_how_to_finish(
+    with_db: bool,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In process: a KeyboardInterrupt in the middle of the run (here from the
+    loop that takes the outcomes) ends ``main`` with 130 and a message that
+    counts the records stored; with the default temporary file it says that
+    it cannot be resumed. The rows written stay and a second run finishes."""
+    db = tmp_path / "demo.sqlite3"
+    row = demo._row
+    taken = 0
+
+    def interrupted(outcome: demo.Outcome[int, dict[str, object]]) -> tuple[int, str, str, int]:
+        nonlocal taken
+        taken += 1
+        if taken > 260:
+            raise KeyboardInterrupt
+        return row(outcome)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(demo, "_row", interrupted)
+    monkeypatch.setattr(demo, "_has_tqdm", lambda: False)
+    argv = ["--records", "500", "--rate", "5000", "--seed", "2"]
+    assert demo.main([*argv, "--db", str(db)] if with_db else argv) == 130
+    err = capsys.readouterr().err
+    if not with_db:
+        assert re.search(
+            r"interrupted: \d+ of 500 records were stored, in a temporary file that is now "
+            r"deleted; give --db PATH to be able to resume",
+            err,
+        ), err
+        return
+    stored = _stored(db)
+    assert 250 <= len(stored) <= 260
+    assert (
+        f"interrupted: {len(stored)} of 500 records stored in {db}; "
+        f"run again with --db {db} --records 500 --seed 2 to finish"
+    ) in err
+    monkeypatch.setattr(demo, "_row", row)
+    assert demo.main([*argv, "--db", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(stored)} (from an earlier run)" in out
+    assert "database check: all 500 records stored exactly once" in out
+
+
+def test_an_interrupt_out_of_a_task_group_is_an_interrupt() -> None:
+    """A KeyboardInterrupt wrapped in exception groups counts; one next to
+    another error does not (that error is not hidden)."""
+    interrupt = KeyboardInterrupt()
+    assert demo._is_interrupt(interrupt)
+    assert demo._is_interrupt(BaseExceptionGroup("", [BaseExceptionGroup("", [interrupt])]))
+    assert not demo._is_interrupt(BaseExceptionGroup("", [interrupt, ValueError()]))
+    assert not demo._is_interrupt(ValueError())

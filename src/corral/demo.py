@@ -16,6 +16,21 @@ not exist (404, not retried), and the server rejects any request over its own
 rate limit. At the end the demo checks the database: every record must be
 there exactly once, and it exits with status 1 if not.
 
+It is resumable. Each batch of rows is one transaction, so an interrupted run
+(Ctrl-C, or killed outright) leaves the batches it committed and nothing
+else; run again with the same ``--db`` (and ``--records`` and ``--seed``) and
+it calls the API only for the records not stored yet (among them those whose
+outcome had come but whose batch was not committed), then checks that all of
+them are stored exactly once. Ctrl-C ends a run with status 130 and says how
+far it got. A stored row is a record's final outcome, whether ``ok`` or
+``failed``: a record that failed (a 404, or a retryable error that outlasted
+its retries) is not called again either, as a finished run would not call it
+again. To try the failures once more, delete their rows (``DELETE FROM
+corral_demo_results WHERE status = 'failed'``) and run again. The file
+remembers the ``--records`` and ``--seed`` it was made with; a file made with
+others, or one that is not the demo's, is refused (status 2), never mixed
+into. Delete the file, or give another ``--db``, to start over.
+
 With ``--adaptive`` the API has no rate limit but a concurrency capacity that
 the client is not told: it serves ``--capacity`` calls at once (default 32),
 lets a quarter as many more wait in its queue, and answers a 503
@@ -31,21 +46,25 @@ of the run, while every worker had a record) next to the hidden capacity, and
 how many 503s it caused.
 
 Options: ``--records N``, ``--rate PER_SECOND``, ``--backend
-asyncio|uvloop|trio``, ``--db PATH`` (default: a temporary file), ``--seed``,
-``--adaptive`` and ``--capacity N`` (1 to 100; only with ``--adaptive``,
-which does not take ``--rate``). With tqdm installed (``pip install
-'corral[progress]'``) it draws a progress bar; otherwise it prints a status
-line every second.
+asyncio|uvloop|trio``, ``--db PATH`` (default: a temporary file, which cannot
+be resumed; an existing file from an interrupted run is finished),
+``--seed``, ``--adaptive`` and ``--capacity N`` (1 to 100; only with
+``--adaptive``, which does not take ``--rate``). ``--rate``, ``--backend``
+and ``--adaptive`` may differ between a run and its resumption. With tqdm
+installed (``pip install 'corral[progress]'``) it draws a progress bar;
+otherwise it prints a status line every second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import math
 import pathlib
 import random
+import shlex
 import sqlite3
 import statistics
 import sys
@@ -67,9 +86,10 @@ from ._outcome import Outcome
 from ._pool import PoolStats
 from ._retry import Retry
 
-__all__ = ["main", "run", "run_adaptive"]
+__all__ = ["DemoDatabaseError", "main", "run", "run_adaptive"]
 
 TABLE = "corral_demo_results"
+RUN_TABLE = "corral_demo_run"  # one row: the --records and --seed the file is for
 
 
 # ---------------------------------------------------------------- the fake API
@@ -237,16 +257,91 @@ class TimedLimiter:
 # ------------------------------------------------------------------ the database
 
 
-def open_database(path: pathlib.Path) -> sqlite3.Connection:
-    """A fresh results table. No UNIQUE constraint, so that a duplicate would be
-    stored and found by :func:`verify` rather than hidden by an error."""
-    connection = sqlite3.connect(path, check_same_thread=False)
-    connection.execute(f"DROP TABLE IF EXISTS {TABLE}")
-    connection.execute(
-        f"CREATE TABLE {TABLE} (record_id INTEGER, status TEXT, detail TEXT, attempts INTEGER)"
-    )
-    connection.commit()
+class DemoDatabaseError(Exception):
+    """The ``--db`` file cannot be used: it is not a SQLite file, not the demo's,
+    or the demo's for another ``--records`` or ``--seed``."""
+
+
+def open_database(path: pathlib.Path, records: int, seed: int) -> sqlite3.Connection:
+    """The results table in ``path``: a new one in a new (or empty) file, or the
+    one an earlier run of ``records`` records with ``seed`` left there, to be
+    finished. No UNIQUE constraint, so that a duplicate would be stored and
+    found by :func:`verify` rather than hidden by an error.
+
+    Raises :class:`DemoDatabaseError` for any other file, which it leaves as
+    it was."""
+    try:
+        connection = sqlite3.connect(path, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise DemoDatabaseError(f"cannot open {path}: {error}") from None
+    try:
+        _adopt(connection, path, records, seed)
+    except BaseException:
+        connection.close()
+        raise
     return connection
+
+
+def _adopt(connection: sqlite3.Connection, path: pathlib.Path, records: int, seed: int) -> None:
+    """Create the demo's tables in an empty database, or check that they are
+    there, for ``records`` and ``seed``, and hold no other records."""
+    try:
+        tables = {
+            name
+            for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    except sqlite3.Error as error:
+        raise DemoDatabaseError(f"{path} is not a SQLite database ({error})") from None
+    if not tables:
+        connection.execute("BEGIN")  # both tables or neither, even if killed here
+        connection.execute(
+            f"CREATE TABLE {TABLE} (record_id INTEGER, status TEXT, detail TEXT, attempts INTEGER)"
+        )
+        connection.execute(f"CREATE TABLE {RUN_TABLE} (records INTEGER, seed INTEGER)")
+        connection.execute(f"INSERT INTO {RUN_TABLE} VALUES (?, ?)", (records, seed))
+        connection.commit()
+        return
+    made_for = (
+        connection.execute(f"SELECT records, seed FROM {RUN_TABLE}").fetchall()
+        if tables == {TABLE, RUN_TABLE}
+        else []
+    )
+    if len(made_for) != 1:
+        names = ", ".join(sorted(tables))
+        raise DemoDatabaseError(
+            f"{path} is not a corral demo database (it has the tables {names}); give another --db"
+        )
+    ((made_records, made_seed),) = made_for
+    if (made_records, made_seed) != (records, seed):
+        raise DemoDatabaseError(
+            f"{path} holds a run of --records {made_records} --seed {made_seed}, "
+            f"not --records {records} --seed {seed}: run again with those to finish it, "
+            "or give another --db"
+        )
+    (outside,) = connection.execute(
+        f"SELECT COUNT(*) FROM {TABLE} WHERE record_id NOT BETWEEN 0 AND ?", (records - 1,)
+    ).fetchone()
+    if outside:
+        raise DemoDatabaseError(
+            f"{path} holds {outside} records outside 0..{records - 1}; give another --db"
+        )
+
+
+def stored_records(connection: sqlite3.Connection) -> set[int]:
+    """The records that have a row, ``ok`` or ``failed``: done, not to be called again."""
+    return {record for (record,) in connection.execute(f"SELECT record_id FROM {TABLE}")}
+
+
+def count_stored(path: pathlib.Path) -> int | None:
+    """How many distinct records ``path`` has rows for; None if it cannot say."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            (count,) = connection.execute(
+                f"SELECT COUNT(DISTINCT record_id) FROM {TABLE}"
+            ).fetchone()
+    except sqlite3.Error:
+        return None
+    return int(count)
 
 
 def verify(path: pathlib.Path, records: int) -> list[str]:
@@ -272,6 +367,8 @@ def verify(path: pathlib.Path, records: int) -> list[str]:
 
 # ------------------------------------------------------------------- the job
 
+RECORDS = 3000  # --records, by default
+SEED = 1  # --seed, by default
 WORKERS = 64
 ADAPTIVE_WORKERS = 200  # --adaptive: far more than the server can take at once
 CAPACITY = 32  # --adaptive: calls the simulated API serves at once, by default
@@ -301,6 +398,7 @@ class Report:
     """What one run did, for the final table."""
 
     records: int
+    already: int = 0  # stored by an earlier run: not called again
     succeeded: int = 0
     failures: dict[str, int] = attrs.Factory(dict)  # exception name -> count
     retries: int = 0
@@ -327,20 +425,18 @@ class Report:
 
 
 class LimitTrace:
-    """The adaptive limit, read at every outcome while more records remained
-    than there are workers: every worker had a record, so the limiter, not
-    the input, set the pace."""
+    """The adaptive limit, read at every outcome while at least as many records
+    remained as there are workers: every worker had a record, so the limiter,
+    not the input, set the pace."""
 
-    def __init__(self, limiter: AdaptiveLimiter, loaded_until: int) -> None:
+    def __init__(self, limiter: AdaptiveLimiter, workers: int) -> None:
         self.limiter: AdaptiveLimiter = limiter
-        self.loaded_until: int = loaded_until  # outcomes
-        self.outcomes: int = 0
+        self.workers: int = workers
         self.readings: list[tuple[float, int]] = []  # (time, limit)
 
-    def __call__(self) -> None:
-        """One more outcome came."""
-        self.outcomes += 1
-        if self.outcomes <= self.loaded_until:
+    def __call__(self, remaining: int) -> None:
+        """One more outcome came; ``remaining`` records have none yet."""
+        if remaining >= self.workers:
             self.readings.append((anyio.current_time(), self.limiter.limit))
 
     def settled(self) -> tuple[int, int, int]:
@@ -371,10 +467,12 @@ def _print_status(stats: PoolStats) -> None:
 
 async def run(records: int, rate: int, db: pathlib.Path, seed: int = 1) -> Report:
     """Enrich ``records`` records through the fake API at ``rate`` calls per
-    second and store one row per record in the SQLite file ``db``."""
+    second and store one row per record in the SQLite file ``db``; if ``db``
+    holds an unfinished run of the same ``records`` and ``seed``, only the
+    records it has no row for (see :func:`open_database`)."""
     api = FakeAPI(rate, seed=seed)
     limiter = TimedLimiter(SlidingWindow(rate, per=1.0))
-    report = await _pipeline(api, records, db, workers=WORKERS, rate_limit=limiter)
+    report = await _pipeline(api, records, db, seed, workers=WORKERS, rate_limit=limiter)
     report.limiter_wait = limiter.waited
     return report
 
@@ -394,9 +492,9 @@ async def run_adaptive(
     backlog = max(2, capacity // 4)
     api = FakeAPI(None, seed=seed, capacity=capacity, backlog=backlog)
     limiter = AdaptiveLimiter(min=1, max=ADAPTIVE_WORKERS, on=Overloaded, algorithm=algorithm)
-    trace = LimitTrace(limiter, loaded_until=records - ADAPTIVE_WORKERS)
+    trace = LimitTrace(limiter, workers=ADAPTIVE_WORKERS)
     report = await _pipeline(
-        api, records, db, workers=ADAPTIVE_WORKERS, watch=trace, limiter=limiter
+        api, records, db, seed, workers=ADAPTIVE_WORKERS, watch=trace, limiter=limiter
     )
     settled, low, high = trace.settled()
     report.limit = LimitReport(capacity, backlog, settled, low, high, limiter.statistics())
@@ -407,14 +505,16 @@ async def _pipeline(
     api: FakeAPI,
     records: int,
     db: pathlib.Path,
+    seed: int,
     *,
     workers: int,
-    watch: Callable[[], None] | None = None,
+    watch: Callable[[int], None] | None = None,
     **limits: Any,
 ) -> Report:
-    """Records through ``api`` (with the ``limits`` passed on to
-    ``apply_to_each``) into ``db``; ``watch`` is called after every outcome."""
-    connection = open_database(db)
+    """The records ``db`` has no row for through ``api`` (with the ``limits``
+    passed on to ``apply_to_each``) into ``db``; ``watch`` is called after
+    every outcome, with the number of records still without one."""
+    connection = open_database(db, records, seed)
     # one writer at a time; held by a write that cancellation abandoned (its
     # thread runs on), so that the connection is not closed under it
     writing = threading.Lock()
@@ -429,14 +529,17 @@ async def _pipeline(
             connection.close()
 
     show_bar = _has_tqdm()
-    report = Report(records)
     start = anyio.current_time()
     try:
+        stored = stored_records(connection)
+        todo = [record for record in range(records) if record not in stored]
+        report = Report(records, already=len(stored))
+        remaining = len(todo)
         async with (
             Batcher(write_rows, max_size=250, max_wait=0.2, name="sqlite") as batcher,
             apply_to_each(
                 api.enrich,
-                range(records),
+                todo,
                 workers=workers,
                 retry=RETRY,
                 timeout=0.5,
@@ -449,8 +552,9 @@ async def _pipeline(
             async for outcome in outcomes:
                 await batcher.add(_row(outcome))
                 report.count(outcome)
+                remaining -= 1
                 if watch is not None:
-                    watch()
+                    watch(remaining)
     finally:
         with anyio.CancelScope(shield=True):  # bounded: at most one batch's write
             await anyio.to_thread.run_sync(close)
@@ -467,10 +571,13 @@ def format_report(report: Report, db: pathlib.Path) -> str:
     server = report.server
     honoured = server.throttled + server.over_limit
     mean_batch = report.rows / max(report.batches, 1)
+    per_second = (report.records - report.already) / max(report.seconds, 1e-6)  # this run's
     kinds = ", ".join(f"{count} {name}" for name, count in sorted(report.failures.items()))
     kinds = f" ({kinds})" if kinds else ""
-    lines = [
-        ("records", f"{report.records}"),
+    lines = [("records", f"{report.records}")]
+    if report.already:
+        lines.append(("already stored", f"{report.already} (from an earlier run)"))
+    lines += [
         ("succeeded / failed", f"{report.succeeded} / {report.failed}{kinds}"),
         ("API calls", f"{report.server.requests} ({report.retries} retries)"),
         ("  503s retried", f"{server.unavailable}"),
@@ -486,7 +593,7 @@ def format_report(report: Report, db: pathlib.Path) -> str:
             "batches written",
             f"{report.batches} (mean {mean_batch:.0f} rows)",
         ),
-        ("items per second", f"{report.records / report.seconds:.0f}"),
+        ("items per second", f"{per_second:.0f}"),
     ]
     if report.limit is None:
         lines.append(
@@ -544,11 +651,18 @@ def _parser() -> argparse.ArgumentParser:
             "shows the limit it settled on next to the capacity."
         ),
     )
-    parser.add_argument("--records", type=int, default=3000, help="how many (default 3000)")
+    parser.add_argument(
+        "--records", type=int, default=RECORDS, help=f"how many (default {RECORDS})"
+    )
     parser.add_argument("--rate", type=int, help="API calls/s (default 500; not with --adaptive)")
     parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio")
-    parser.add_argument("--db", type=pathlib.Path, help="SQLite file (default: a temporary one)")
-    parser.add_argument("--seed", type=int, default=1, help="for the simulated API's dice")
+    parser.add_argument(
+        "--db",
+        type=pathlib.Path,
+        help="SQLite file (default: a temporary one); run again with the same file to "
+        "finish an interrupted run",
+    )
+    parser.add_argument("--seed", type=int, default=SEED, help="for the simulated API's dice")
     parser.add_argument(
         "--adaptive",
         action="store_true",
@@ -580,8 +694,34 @@ def _check_options(parser: argparse.ArgumentParser, options: argparse.Namespace)
         parser.error(f"--backend {options.backend} needs {module}: pip install 'corral[{module}]'")
 
 
+def _is_interrupt(error: BaseException) -> bool:
+    """Whether ``error`` is a KeyboardInterrupt, or a group of nothing else
+    (the form it can take when it comes out of a task group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.split(KeyboardInterrupt)[1] is None
+    return isinstance(error, KeyboardInterrupt)
+
+
+def _interrupted(options: argparse.Namespace, db: pathlib.Path) -> str:
+    """What an interrupted run says: how far it got, and how to finish."""
+    stored = count_stored(db)
+    progress = "some" if stored is None else f"{stored} of {options.records}"
+    if options.db is None:
+        return (
+            f"interrupted: {progress} records were stored, in a temporary file that is "
+            "now deleted; give --db PATH to be able to resume"
+        )
+    again = f"--db {shlex.quote(str(db))}"
+    if options.records != RECORDS:
+        again += f" --records {options.records}"
+    if options.seed != SEED:
+        again += f" --seed {options.seed}"
+    return f"interrupted: {progress} records stored in {db}; run again with {again} to finish"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo from the command line; 0 if the database checks out, else 1."""
+    """Run the demo from the command line: 0 if the database checks out, 1 if
+    not, 2 for bad options or a ``--db`` it cannot use, 130 on Ctrl-C."""
     parser = _parser()
     options = parser.parse_args(argv)
     _check_options(parser, options)
@@ -592,6 +732,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     capacity = options.capacity or CAPACITY
     with tempfile.TemporaryDirectory() as scratch:
         db = options.db or pathlib.Path(scratch) / "corral-demo.sqlite3"
+        try:
+            with contextlib.closing(open_database(db, options.records, options.seed)) as opened:
+                already = len(stored_records(opened))
+        except DemoDatabaseError as error:
+            parser.exit(2, f"{parser.prog}: error: {error}\n")
         if options.adaptive:
             api = f"that serves {capacity} calls at once (the client is not told)"
             job = functools.partial(
@@ -605,10 +750,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"into {db}, on {options.backend}",
             flush=True,
         )
+        if already:
+            print(
+                f"resuming: {already} already stored, {options.records - already} to go",
+                flush=True,
+            )
         try:
             report = anyio.run(job, backend=backend, backend_options=backend_options)
-        except KeyboardInterrupt:
-            print("\ninterrupted: the rows written so far are in the database", file=sys.stderr)
+        except (KeyboardInterrupt, BaseExceptionGroup) as error:
+            if not _is_interrupt(error):
+                raise
+            print(f"\n{_interrupted(options, db)}", file=sys.stderr)
             return 130
         print(format_report(report, db if options.db else pathlib.Path("(temporary file)")))
     return 1 if report.problems else 0
