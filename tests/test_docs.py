@@ -176,8 +176,16 @@ def test_docs_have_an_http_recipe() -> None:
     "code",
     [b for b in DOC_BLOCKS if not needs_redis(b.values[0]) and not needs_api(b.values[0])],
 )
-def test_docs_block_runs(code: str, request: pytest.FixtureRequest) -> None:
-    """Each ```python block of docs/*.md runs without error (its own asserts included)."""
+def test_docs_block_runs(
+    code: str,
+    request: pytest.FixtureRequest,
+    tmp_path: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each ```python block of docs/*.md runs without error (its own asserts
+    included), in an empty folder of its own (where the durable-work page's
+    queue files go)."""
+    monkeypatch.chdir(tmp_path)
     exec(compile(code, request.node.callspec.id, "exec"), {"__name__": "docs"})
 
 
@@ -196,14 +204,15 @@ def test_docs_redis_block_runs(
 
 
 def test_api_reference_lists_every_public_name() -> None:
-    """docs/api.md documents exactly the names in ``corral.__all__`` and
-    ``corral.redis.__all__``, so a new public name cannot be left out of it."""
+    """docs/api.md documents exactly the names in ``corral.__all__``,
+    ``corral.redis.__all__`` and ``corral.sqlite.__all__``, so a new public name cannot be left out of it."""
     pytest.importorskip("coredis")
     import corral
     import corral.redis
+    import corral.sqlite
 
     text = (ROOT / "docs" / "api.md").read_text()
-    for module in (corral, corral.redis):
+    for module in (corral, corral.redis, corral.sqlite):
         directive = re.search(
             rf"^::: {re.escape(module.__name__)}\n(.*?)(?=^:::|\Z)", text, re.DOTALL | re.MULTILINE
         )
