@@ -77,8 +77,12 @@ def blocks_of(blocks: list[str], *, redis: bool) -> list[Any]:
 
 
 @pytest.mark.parametrize("code", blocks_of(BLOCKS, redis=False))
-def test_readme_block_runs(code: str) -> None:
-    """Each README block runs without error (its own asserts included)."""
+def test_readme_block_runs(
+    code: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each README block runs without error (its own asserts included), in an
+    empty folder of its own (where a queue file goes)."""
+    monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
 
 
