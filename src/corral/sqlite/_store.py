@@ -207,6 +207,15 @@ class Store:
         ``max_deliveries``-th delivery is dead-lettered instead. Returns the
         entries and how many were dead-lettered."""
         at = now()
+        with self._errors("take entries from"):
+            # a read first: an idle consumer's poll takes no write lock
+            (due,) = self._connection.execute(
+                "SELECT EXISTS (SELECT 1 FROM corral_entries WHERE queue = ? "
+                "AND state IN ('queued', 'leased') AND due <= ?)",
+                (queue, at),
+            ).fetchone()
+        if not due:
+            return [], 0
         with self._errors("take entries from"), _transaction(self._connection):
             execute = self._connection.execute
             buried = execute(
