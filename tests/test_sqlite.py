@@ -280,6 +280,37 @@ async def test_entries_taken_but_not_handed_out_get_their_delivery_back(
     assert (await counts(path)).queued == 30
 
 
+async def test_a_settle_in_a_cancelled_scope_still_counts(path: pathlib.Path) -> None:
+    """A success settled by a caller that is being cancelled is recorded all
+    the same: the entry is done, not left leased to come back later."""
+    await fill(path, 1)
+    async with QueueSource(path) as source:
+        delivery = await source.__anext__()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await source.settle(done(delivery))
+    assert await counts(path) == QueueCounts(
+        queued=0, in_progress=0, done=1, dead=0, oldest_age=None
+    )
+
+
+async def test_many_openers_of_a_new_file_all_succeed(path: pathlib.Path) -> None:
+    """Sinks and sources that open a new file at the same moment (workers
+    started together) all get in: switching it to WAL mode waits its turn."""
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            if n % 2:
+                tg.start_soon(fill, path, 1)
+            else:
+
+                async def open_source() -> None:
+                    async with QueueSource(path):
+                        pass
+
+                tg.start_soon(open_source)
+    assert (await counts(path)).queued == 1
+
+
 async def test_a_named_consumer_takes_back_its_own_leases(path: pathlib.Path) -> None:
     """A consumer restarted under the same name gets back at once the
     entries its earlier run left leased, without waiting for the lease."""
@@ -415,8 +446,11 @@ async def test_iterating_outside_the_block_and_twice_at_once(path: pathlib.Path)
     ("make", "message"),
     [
         (lambda: QueueSource(42), "path must be a str"),  # type: ignore[arg-type]
-        (lambda: QueueSource("q", queue=""), "queue must be a non-empty str"),
-        (lambda: QueueSource("q", consumer=""), "consumer must be"),
+        (lambda: QueueSource("q", queue=""), "queue must not be empty"),
+        (lambda: QueueSource("q", queue=3), "queue must be a str"),  # type: ignore[arg-type]
+        (lambda: QueueSource("q", consumer=""), "consumer must not be empty"),
+        (lambda: QueueSink(":memory:"), "path must name a file"),
+        (lambda: QueueSource("file::memory:?cache=shared"), "path must name a file"),
         (lambda: QueueSource("q", max_in_flight=0), "max_in_flight"),
         (lambda: QueueSource("q", lease=0), "lease"),
         (lambda: QueueSource("q", max_deliveries=0), "max_deliveries"),
@@ -556,6 +590,29 @@ async def test_a_full_disk_fails_the_write_and_loses_nothing_written(
     stored = {str(i) for (i,) in rows(path, "SELECT id FROM corral_entries")}
     assert set(written) <= stored
     assert len(stored) == len(written) + 1
+
+
+async def test_a_full_disk_does_not_leave_add_waiting(
+    path: pathlib.Path, pragma: Callable[[pathlib.Path, str], None]
+) -> None:
+    """add only queues, so a write that keeps failing must not leave the
+    producer waiting for room forever: after a few failures in a row the sink
+    gives up, and the block raises FlushError with every entry not written."""
+    await fill(path, 1)
+    (pages,) = rows(path, "PRAGMA page_count")[0]
+    pragma(path, f"PRAGMA max_page_count = {pages}")
+    added = 0
+    with anyio.fail_after(60), pytest.raises(corral.FlushError) as caught:
+        async with QueueSink(path, max_size=10, max_pending=20) as sink:
+            for n in range(1000):
+                await sink.add({"n": str(n), "pad": "x" * 500})
+                added += 1
+    assert isinstance(caught.value.__cause__, QueueError)
+    stored = rows(path, "SELECT fields FROM corral_entries ORDER BY id")[1:]
+    written = [json.loads(fields)["n"] for (fields,) in stored]
+    unwritten = [fields["n"] for fields, _ in caught.value.items]
+    assert written + unwritten == [str(n) for n in range(added)]  # each one, once, in order
+    assert unwritten
 
 
 # --- python -m corral.sqlite

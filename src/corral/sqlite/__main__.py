@@ -2,8 +2,9 @@
 
 Prints each queue's counts (queued, in progress, done, dead) and how long its
 oldest waiting entry has waited; ``--dead`` lists the dead letters with their
-errors. It only reads the file (never creates or changes one), so it is safe
-to run while workers use it. Exit status 2 if the file cannot be read.
+errors. It opens the file read-only and never creates one (SQLite may add
+the ``-wal`` and ``-shm`` files every reader of a WAL database uses), so it is
+safe to run while workers use it. Exit status 2 if the file cannot be read.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(argv)
     if not os.path.exists(options.path):
         print(f"{options.path}: no such file", file=sys.stderr)
+        return 2
+    if os.path.isdir(options.path):
+        print(f"{options.path} is a folder, not a queue file", file=sys.stderr)
         return 2
     try:
         store = Store(options.path, timeout=5.0, read_only=True)

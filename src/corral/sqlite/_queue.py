@@ -35,11 +35,11 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 import attrs
-from anyio.lowlevel import checkpoint
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint
 
 from .._batcher import Batcher, BatcherStats
 from .._delivery import Delivery
-from .._errors import FlushError, PoolClosed
+from .._errors import FlushError, PoolClosed, QueueFull
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, check_on, matches
 from .._validate import check_bool, check_int, check_number
@@ -53,10 +53,19 @@ T = TypeVar("T")
 _log = logging.getLogger("corral.sqlite")
 
 _SETTLE_WAIT = 0.01  # seconds a settlement may wait for others to share its transaction
+# failed writes in a row (about 1.5 s of backoff) before a batcher gives up: a
+# read-only or full file does not mend itself, and adds must not wait forever
+_GIVE_UP_AFTER = 5
 
-# The sources of this process, by (file, queue): a sink that has written wakes
-# those of its own thread at once, instead of their next poll.
-_sources: dict[tuple[str, str], weakref.WeakSet[QueueSource]] = {}
+# The sources of each thread, by (file, queue): a sink that has written wakes
+# those of its own thread (its event loop) at once, instead of their next poll.
+_threads = threading.local()
+
+
+def _sources() -> dict[tuple[str, str], weakref.WeakSet[QueueSource]]:
+    sources: dict[tuple[str, str], weakref.WeakSet[QueueSource]]
+    sources = _threads.__dict__.setdefault("sources", {})
+    return sources
 
 
 class _QueueFile:
@@ -67,10 +76,15 @@ class _QueueFile:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a str or a path, got {path!r}")
         self.path: str = os.fspath(path)
-        if not self.path:
-            raise ValueError("path must not be empty")
-        if not isinstance(queue, str) or not queue:
-            raise TypeError(f"queue must be a non-empty str, got {queue!r}")
+        if not self.path or self.path == ":memory:" or self.path.startswith("file:"):
+            raise ValueError(
+                f"path must name a file, got {self.path!r}: each connection to an in-memory "
+                "database has its own, so the queue would be lost"
+            )
+        if not isinstance(queue, str):
+            raise TypeError(f"queue must be a str, got {queue!r}")
+        if not queue:
+            raise ValueError("queue must not be empty")
         self.queue: str = queue
         self.timeout: float = check_number("timeout", timeout, positive=True)
         self._where = (os.path.realpath(self.path), queue)  # the file and queue, for nudges
@@ -98,6 +112,11 @@ class _QueueFile:
             raise PoolClosed(f"{self!r} is not running: use it inside its `async with` block")
         return await anyio.to_thread.run_sync(functools.partial(method, *args), limiter=self._one)
 
+    async def _live_store(self) -> Store:
+        """The open store, after a checkpoint (also when there is none)."""
+        await checkpoint()
+        return self._live()
+
     def _live(self) -> Store:
         if self._store is None:
             raise PoolClosed(f"{self!r} is not running: use it inside its `async with` block")
@@ -110,7 +129,7 @@ class _QueueFile:
         :raises PoolClosed: the block is not running.
         :raises QueueError: the file cannot be read.
         """
-        store = self._live()
+        store = await self._live_store()
         return await self._run(store.counts, self.queue)
 
     async def prune(self, *, older_than: float, dead: bool = False) -> int:
@@ -126,7 +145,7 @@ class _QueueFile:
         :raises ValueError: ``older_than`` is negative.
         """
         seconds = check_number("older_than", older_than)
-        store = self._live()
+        store = await self._live_store()
         return await self._run(store.prune, self.queue, seconds, check_bool("dead", dead))
 
 
@@ -160,6 +179,11 @@ class QueueSink(_QueueFile):
         None (the default) for natural batching.
     :param max_pending: how many queued entries make :meth:`add` wait.
     :param retry: a :class:`~corral.Retry` policy per batch.
+    :param max_consecutive_failures: failed writes in a row (each after
+        ``retry``, with a growing backoff) before the sink gives up: the
+        block is cancelled and raises :class:`~corral.FlushError` with the
+        entries not written, so that a read-only or full file never leaves
+        :meth:`add` waiting forever. None: keep trying while the block runs.
     :param timeout: seconds to wait for another process's write lock before
         :class:`QueueError`.
     """
@@ -173,13 +197,14 @@ class QueueSink(_QueueFile):
         max_wait: float | None = None,
         max_pending: int | None = None,
         retry: Retry | None = None,
+        max_consecutive_failures: int | None = _GIVE_UP_AFTER,
         timeout: float = 10.0,
     ) -> None:
         super().__init__(path, queue, timeout)
         self._what = f"QueueSink({self.path!r}, queue={queue!r})"
         self._batcher: Batcher[tuple[dict[str, str], str | None], str] = Batcher(
             self._write, max_size=max_size, max_wait=max_wait, max_pending=max_pending,
-            retry=retry, name=self._what,
+            retry=retry, max_consecutive_failures=max_consecutive_failures, name=self._what,
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -245,7 +270,7 @@ class QueueSink(_QueueFile):
 
     async def _write(self, batch: list[tuple[dict[str, str], str | None]]) -> list[str]:
         ids = await self._run(self._live().add, self.queue, batch)
-        for source in list(_sources.get(self._where, ())):
+        for source in list(_sources().get(self._where, ())):
             source._nudge()
         return [str(entry_id) for entry_id in ids]
 
@@ -290,11 +315,16 @@ class QueueSource(_QueueFile):
       ``lease`` seconds, and the lease is renewed (every ``lease / 3``
       seconds) while it is in flight, so a long handler is never delivered
       twice while its process lives. When a process dies, its entries come
-      back once their lease runs out. Several processes may share the file;
+      back once their lease runs out. The renewal is a task of the event
+      loop: a handler that blocks the loop for longer than ``lease`` (rather
+      than running in a thread, as a plain handler does) stalls it, and its
+      entries may be handed out again. Several processes may share the file;
       each entry goes to one of them at a time.
     * **Backpressure reaches the file.** It takes at most as many entries as
       it has room for: ``max_in_flight`` minus those handed out and not yet
-      settled.
+      settled. With several processes, set ``max_in_flight`` near the
+      pool's ``workers``, so that one process does not hold entries its
+      workers cannot start while another's are idle.
     * **Done after success, only.** :meth:`settle` records a success as done
       (batched: one transaction per 10 ms). A failure goes back to the
       queue, handed out again after ``redeliver_after`` seconds; on its
@@ -358,8 +388,10 @@ class QueueSource(_QueueFile):
         timeout: float = 10.0,
     ) -> None:
         super().__init__(path, queue, timeout)
-        if consumer is not None and (not isinstance(consumer, str) or not consumer):
-            raise TypeError(f"consumer must be a non-empty str or None, got {consumer!r}")
+        if consumer is not None and not isinstance(consumer, str):
+            raise TypeError(f"consumer must be a str or None, got {consumer!r}")
+        if consumer == "":
+            raise ValueError("consumer must not be empty")
         self._named = consumer is not None
         self.consumer: str = consumer or (
             f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -388,6 +420,7 @@ class QueueSource(_QueueFile):
         self._tasks: anyio.abc.TaskGroup | None = None  # the lease renewals
         self._counts = _Counts()
         self._settles: Batcher[int | Failure, None] = self._settle_batcher()
+        self._late: list[int | Failure] = []  # settlements the batcher would not take
 
     def __repr__(self) -> str:
         return self._what
@@ -397,8 +430,9 @@ class QueueSource(_QueueFile):
         only widens the window in which a crash makes an entry run twice."""
         size = max(100, self.max_in_flight)
         return Batcher(
-            self._settle_batch, max_size=size, max_wait=_SETTLE_WAIT, name=f"settle {self._what}"
-        )
+            self._settle_batch, max_size=size, max_wait=_SETTLE_WAIT,
+            max_consecutive_failures=_GIVE_UP_AFTER, name=f"settle {self._what}",
+        )  # fmt: skip
 
     @property
     def stats(self) -> QueueStats:
@@ -431,7 +465,7 @@ class QueueSource(_QueueFile):
             raise
         self._tasks, self._stopping = tasks, False
         self._thread = threading.get_ident()
-        _sources.setdefault(self._where, weakref.WeakSet()).add(self)
+        _sources().setdefault(self._where, weakref.WeakSet()).add(self)
         tasks.start_soon(self._renew_leases)
         return self
 
@@ -470,7 +504,8 @@ class QueueSource(_QueueFile):
         the entries taken and not settled, stop the renewals and close the
         file. Whatever fails here comes back after its lease (at least once,
         still). Returns how many successes could not be recorded."""
-        settles = self._settles.unflushed
+        settles = self._settles.unflushed + self._late
+        self._late = []
         unsettled = sum(1 for settle in settles if isinstance(settle, int))
         tasks, self._tasks = self._tasks, None
         try:
@@ -487,6 +522,7 @@ class QueueSource(_QueueFile):
             if tasks is not None:
                 tasks.cancel_scope.cancel()
                 await tasks.__aexit__(None, None, None)
+            self._forget()
             await self._close()
         return unsettled
 
@@ -511,6 +547,15 @@ class QueueSource(_QueueFile):
                     self._what, len(ids) - renewed, len(ids),
                 )  # fmt: skip
 
+    def _forget(self) -> None:
+        """Leave this thread's registry of sources (dropping an empty entry)."""
+        sources = _sources()
+        same = sources.get(self._where)
+        if same is not None:
+            same.discard(self)
+            if not same:
+                del sources[self._where]
+
     def _nudge(self) -> None:
         """Entries were added (by a sink of this process): look now."""
         if threading.get_ident() == self._thread:
@@ -533,6 +578,7 @@ class QueueSource(_QueueFile):
 
     async def __anext__(self) -> Delivery[str]:
         if self._tasks is None:
+            await checkpoint()
             raise PoolClosed(f"{self!r} is not running: iterate it inside `async with source:`")
         if self._reading:
             raise anyio.BusyResourceError("reading from")
@@ -610,6 +656,7 @@ class QueueSource(_QueueFile):
             settled yet.
         """
         if self._tasks is None:
+            await checkpoint()
             raise PoolClosed(
                 f"{self!r} is not running: settle outcomes inside its block "
                 "(enter the pool inside `async with source:`)"
@@ -628,12 +675,30 @@ class QueueSource(_QueueFile):
         self._wake_up()
         error = outcome.error
         if error is None:
-            await self._settles.add(int(delivery.id))
+            await self._queue_settlement(int(delivery.id))
             return
         dead = delivery.deliveries >= self.max_deliveries or (
             self.dead_letter_on is not None and matches(self.dead_letter_on, error)
         )
-        await self._settles.add(Failure(int(delivery.id), repr(error), dead, self.redeliver_after))
+        await self._queue_settlement(
+            Failure(int(delivery.id), repr(error), dead, self.redeliver_after)
+        )
+
+    async def _queue_settlement(self, settlement: int | Failure) -> None:
+        """Queue a settlement for the batched write. One that cannot be queued
+        (the caller was cancelled while settlements backed up, or the writes
+        failed for good) is kept for the last try at exit, not dropped."""
+        try:
+            self._settles.add_nowait(settlement)
+        except QueueFull:
+            try:
+                await self._settles.add(settlement)
+            except BaseException:
+                self._late.append(settlement)
+                raise
+        except PoolClosed:
+            self._late.append(settlement)
+        await cancel_shielded_checkpoint()
 
     async def _settle_batch(self, batch: list[int | Failure]) -> list[None]:
         done = [entry for entry in batch if isinstance(entry, int)]

@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS corral_entries (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS corral_entries_key
     ON corral_entries (queue, key) WHERE key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS corral_entries_state ON corral_entries (queue, state, id);
+CREATE INDEX IF NOT EXISTS corral_entries_due ON corral_entries (queue, state, due);
 """
 
 _NEVER_SETTLED = "never settled: its consumers died or stalled"
@@ -120,20 +120,22 @@ class Store:
                 )
         try:
             with self._errors("open"):
-                self._check(connection)
+                self._check(connection, read_only)
                 if not read_only:
-                    self._create(connection)
+                    self._create(connection, timeout)
         except BaseException:
             connection.close()
             raise
         return connection
 
-    def _check(self, connection: sqlite3.Connection) -> None:
+    def _check(self, connection: sqlite3.Connection, read_only: bool) -> None:
         tables = {
             name
             for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             if not name.startswith("sqlite_")
         }
+        if read_only and "corral_meta" not in tables:
+            raise QueueError(f"{self.path} is not a corral queue file (it has no queue tables)")
         if tables and "corral_meta" not in tables:
             raise QueueError(
                 f"{self.path} is a SQLite database that corral did not make "
@@ -150,8 +152,8 @@ class Store:
                     f"reads version {SCHEMA_VERSION}"
                 )
 
-    def _create(self, connection: sqlite3.Connection) -> None:
-        connection.execute("PRAGMA journal_mode = WAL")  # readers never wait for the writer
+    def _create(self, connection: sqlite3.Connection, timeout: float) -> None:
+        self._use_wal(connection, timeout)
         connection.execute("PRAGMA synchronous = NORMAL")  # durable across a process crash
         with _transaction(connection):
             for statement in _SCHEMA.split(";"):
@@ -159,6 +161,27 @@ class Store:
                     connection.execute(statement)
             connection.execute(
                 "INSERT OR IGNORE INTO corral_meta VALUES ('schema', ?)", (SCHEMA_VERSION,)
+            )
+
+    def _use_wal(self, connection: sqlite3.Connection, timeout: float) -> None:
+        """WAL mode (readers never wait for the writer). Switching to it takes
+        the file's lock without waiting for the busy timeout, so processes
+        opening a new file together try again until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            try:
+                (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+                break
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # in a worker thread
+                delay = min(delay * 2, 0.1)
+        if mode.lower() != "wal":
+            raise QueueError(
+                f"{self.path}: the queue file cannot use WAL mode (its journal mode is {mode!r}): "
+                "give it a file on a local disk"
             )
 
     @contextlib.contextmanager
@@ -211,8 +234,9 @@ class Store:
             # a read first: an idle consumer's poll takes no write lock
             (due,) = self._connection.execute(
                 "SELECT EXISTS (SELECT 1 FROM corral_entries WHERE queue = ? "
-                "AND state IN ('queued', 'leased') AND due <= ?)",
-                (queue, at),
+                "AND state = 'queued' AND due <= ?) OR EXISTS (SELECT 1 FROM corral_entries "
+                "WHERE queue = ? AND state = 'leased' AND due <= ?)",
+                (queue, at, queue, at),
             ).fetchone()
         if not due:
             return [], 0
@@ -225,13 +249,13 @@ class Store:
             ).rowcount
             rows = execute(
                 "SELECT id, fields, deliveries, 1 FROM corral_entries "
-                "WHERE queue = ? AND state = 'leased' AND due <= ? ORDER BY id LIMIT ?",
+                "WHERE queue = ? AND state = 'leased' AND due <= ? ORDER BY due, id LIMIT ?",
                 (queue, at, count),
             ).fetchall()
             if len(rows) < count:
                 rows += execute(
                     "SELECT id, fields, deliveries, 0 FROM corral_entries "
-                    "WHERE queue = ? AND state = 'queued' AND due <= ? ORDER BY id LIMIT ?",
+                    "WHERE queue = ? AND state = 'queued' AND due <= ? ORDER BY due, id LIMIT ?",
                     (queue, at, count - len(rows)),
                 ).fetchall()
             self._connection.executemany(
@@ -330,7 +354,7 @@ class Store:
         return row is None
 
     def counts(self, queue: str) -> QueueCounts:
-        with self._errors("read"):
+        with self._errors("read"), _reading(self._connection):
             states = dict(
                 self._connection.execute(
                     "SELECT state, count(*) FROM corral_entries WHERE queue = ? GROUP BY state",
@@ -404,6 +428,16 @@ class Failure:
     error: str
     dead: bool
     delay: float = 0.0
+
+
+@contextlib.contextmanager
+def _reading(connection: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction: every SELECT in it sees the same moment."""
+    connection.execute("BEGIN")
+    try:
+        yield
+    finally:
+        connection.execute("COMMIT")
 
 
 @contextlib.contextmanager
