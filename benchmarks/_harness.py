@@ -41,6 +41,7 @@ PEERS = [
     "ace-concurrency",
     "adaptive-concurrency",
     "aioadaptive",
+    "persist-queue",
     "purgatory",
     "aiobreaker",
     "tenacity",

@@ -52,6 +52,7 @@ TINY = {
     "bench_redis.py": ["--acquires", "100", "--entries", "500", "--repeat", "1"],
     "bench_resilience.py": ["--items", "300", "--calls", "300", "--repeat", "1"],
     "bench_scheduling.py": ["--items", "300", "--batch", "50", "--repeat", "1"],
+    "bench_sqlite.py": ["--entries", "300", "--repeat", "1", "--handler", "sleep0"],
     "bench_threads.py": ["--items", "200", "--workers", "4", "--repeat", "1"],
 }
 
