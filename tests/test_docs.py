@@ -209,7 +209,8 @@ def test_docs_redis_block_runs(
 
 def test_api_reference_lists_every_public_name() -> None:
     """docs/api.md documents exactly the names in ``corral.__all__``,
-    ``corral.redis.__all__`` and ``corral.sqlite.__all__``, so a new public name cannot be left out of it."""
+    ``corral.redis.__all__`` and ``corral.sqlite.__all__``, so a new public
+    name cannot be left out of it."""
     pytest.importorskip("coredis")
     import corral
     import corral.redis
