@@ -7,6 +7,7 @@ sink's batched writes. Multi-process runs are in test_redis_processes.py.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import anyio
@@ -41,9 +42,9 @@ async def drain(source: StreamSource[Any], handler: Any, **options: Any) -> list
     return outcomes
 
 
-def source(client: coredis.Redis[Any], **options: Any) -> StreamSource[Any]:
+def source(client: coredis.Redis[Any], consumer: str = "c1", **options: Any) -> StreamSource[Any]:
     defaults: dict[str, Any] = {"block": 0.05, "stop_when_drained": True}
-    return StreamSource(client, "jobs", "workers", "c1", **{**defaults, **options})
+    return StreamSource(client, "jobs", "workers", consumer, **{**defaults, **options})
 
 
 @pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
@@ -665,3 +666,177 @@ async def test_the_end_of_the_iteration_is_a_checkpoint(redis: coredis.Redis[str
         assert scope.cancelled_caught
         with pytest.raises(StopAsyncIteration):
             await src.__anext__()
+
+
+@pytest.mark.untraced  # real-time expiry: min_idle=0.2 s against a 0.6 s handler
+async def test_a_long_handler_keeps_its_entry_while_its_consumer_lives(
+    redis: coredis.Redis[str],
+) -> None:
+    """A handler that runs three times min_idle, with a second consumer of the
+    group claiming all along: the claim is renewed, so the entry is handled
+    once, on its first delivery, and the other consumer never gets it."""
+    ids = await fill(redis, "jobs", 1)
+    handled: list[tuple[str, str, int]] = []
+
+    def handler(consumer: str) -> Any:
+        async def handle(delivery: Delivery[str]) -> None:
+            handled.append((consumer, delivery.id, delivery.deliveries))
+            await anyio.sleep(0.6)
+
+        return handle
+
+    sources = [source(redis, consumer=name, min_idle=0.2) for name in ("c1", "c2")]
+    with anyio.fail_after(10):
+        async with sources[0] as first, sources[1] as second, anyio.create_task_group() as tg:
+            tg.start_soon(drain, first, handler("c1"))
+            tg.start_soon(drain, second, handler("c2"))
+    [(_, entry_id, deliveries)] = handled
+    assert (entry_id, deliveries) == (ids[0], 1)
+    assert first.stats.claimed == second.stats.claimed == 0
+    assert first.stats.acked + second.stats.acked == 1
+    assert not await redis.xpending("jobs", "workers", "-", "+", 10)
+
+
+@pytest.mark.untraced  # real-time expiry: min_idle=0.3 s
+async def test_the_entries_of_a_consumer_that_left_are_claimed_after_min_idle(
+    redis: coredis.Redis[str],
+) -> None:
+    """A consumer whose block ended without settling what it handed out stops
+    renewing: the next consumer claims that entry once it has been idle
+    min_idle, not before, as its second delivery."""
+    ids = await fill(redis, "jobs", 3)
+    async with source(redis, consumer="gone", stop_when_drained=False, min_idle=0.3) as gone:
+        abandoned = await gone.__anext__()  # handed out, never settled
+        await anyio.sleep(0.45)  # longer than min_idle: renewed meanwhile (every 0.1 s)
+        [pending] = await redis.xpending("jobs", "workers", abandoned.id, abandoned.id, 1)
+        idle, seen_at = pending.idle / 1000, time.monotonic()
+        assert idle < 0.3
+        gone.stop()
+    seen: dict[str, tuple[int, float]] = {}
+
+    async def handler(delivery: Delivery[str]) -> None:
+        seen[delivery.id] = (delivery.deliveries, time.monotonic() - seen_at)
+
+    async with source(redis, consumer="next", min_idle=0.3) as nxt:
+        with anyio.fail_after(10):
+            await drain(nxt, handler)
+    assert sorted(seen) == ids
+    deliveries, after = seen[abandoned.id]
+    assert deliveries == 2
+    # claimed once idle min_idle, not before (its last renewal: idle before the exit)
+    assert 0.3 - idle - 0.02 <= after < 0.3 + 1.0
+    # the two read ahead were handed back at the exit, claimable at once, their
+    # delivery undone: claimed too, as first deliveries
+    assert nxt.stats.claimed == 3
+    assert [seen[i][0] for i in ids if i != abandoned.id] == [1, 1]
+
+
+@pytest.mark.untraced  # real-time expiry: min_idle=0.2 s
+async def test_a_consumer_that_cannot_renew_loses_its_entry_and_goes_on(
+    redis: coredis.Redis[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renewal is what keeps an entry: a consumer whose renewals fail (Redis
+    out of its reach) logs a WARNING, goes on, and another consumer claims
+    its entry after min_idle."""
+    ids = await fill(redis, "jobs", 1)
+
+    def unreachable(**_: Any) -> Any:
+        async def fail() -> None:
+            raise coredis.exceptions.ConnectionError("connection reset")
+
+        return fail()
+
+    with anyio.fail_after(10):
+        async with source(redis, consumer="cut-off", stop_when_drained=False, min_idle=0.2) as cut:
+            cut._renew_script = unreachable  # type: ignore[assignment]
+            mine = await cut.__anext__()
+            async with source(redis, consumer="other", min_idle=0.2) as other:
+                claimed = await other.__anext__()
+                [outcome] = await corral.apply_to_all(lambda d: None, [claimed])
+                await other.settle(outcome)
+            # the first one is still running and settles too (at least once)
+            [outcome] = await corral.apply_to_all(lambda d: None, [mine])
+            await cut.settle(outcome)
+            cut.stop()
+    assert (mine.id, mine.deliveries) == (ids[0], 1)
+    assert (claimed.id, claimed.deliveries) == (ids[0], 2)
+    warnings = [r for r in caplog.records if r.name == "corral.redis" and r.levelname == "WARNING"]
+    assert warnings
+    assert "could not renew its claims" in warnings[0].getMessage()
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+@pytest.mark.untraced  # a delivery is claimed again after min_idle=0.05 s
+async def test_delete_acked_leaves_a_drained_stream_empty(redis: coredis.Redis[str]) -> None:
+    """With delete_acked, successes and dead-lettered entries (on failure, and
+    on claim) leave the stream in the step that acknowledges them."""
+    ids = await fill(redis, "jobs", 50)
+    await redis.xgroup_create("jobs", "workers", "0")
+    await redis.xreadgroup("workers", "dead", {"jobs": ">"}, count=1)  # ids[0]: never settled
+    await redis.xclaim("jobs", "workers", "dead", 0, [ids[0]])  # ... delivered twice
+
+    async def handler(delivery: Delivery[str]) -> None:
+        if delivery.fields["n"] == "7":
+            raise ValueError("poison")
+
+    async with source(redis, min_idle=0.05, max_deliveries=2, delete_acked=True) as src:
+        await drain(src, handler, workers=4)
+    assert await redis.xlen("jobs") == 0
+    dead = {e.field_values["corral:id"]: e.field_values for e in await redis.xrange("jobs:dead")}
+    assert sorted(dead) == [ids[0], ids[7]]
+    assert dead[ids[0]]["n"] == "0"  # the copy has the fields, taken before the deletion
+    assert src.stats.acked == 48
+    assert src.stats.dead_lettered == 2
+    assert (await group_info(redis, "jobs", "workers"))["pending"] == 0
+
+
+async def test_sink_trims_what_a_group_acknowledged(redis: coredis.Redis[str]) -> None:
+    """trim_acked_by: each batch trims the entries below the group's oldest
+    pending entry and its last delivered one; pending and undelivered entries
+    stay, and without the group nothing is trimmed."""
+    async with StreamSink(redis, "jobs", trim_acked_by="workers") as sink:
+        ids = [await sink.submit({"n": str(i)}) for i in range(20)]
+        assert await redis.xlen("jobs") == 20  # no such group yet: nothing trimmed
+        await redis.xgroup_create("jobs", "workers", "0")
+        ids.append(await sink.submit({"n": "20"}))
+        assert await redis.xlen("jobs") == 21  # nothing delivered yet: nothing trimmed
+        await redis.xreadgroup("workers", "c", {"jobs": ">"}, count=10)
+        await redis.xack("jobs", "workers", [ids[0], ids[1], ids[3], ids[4]])
+        ids.append(await sink.submit({"n": "21"}))
+        # ids[2] is the oldest pending: only ids[0] and ids[1] go
+        assert [e.identifier for e in await redis.xrange("jobs")] == ids[2:]
+        await redis.xack("jobs", "workers", [ids[2], *ids[5:10]])
+        await redis.script_flush()  # the script is loaded again, and trims all the same
+        ids.append(await sink.submit({"n": "22"}))
+        # all ten delivered are acknowledged: the undelivered ones stay
+        assert [e.identifier for e in await redis.xrange("jobs")] == ids[10:]
+    assert sink.stats.flushed == 23
+
+
+async def test_sink_trimming_keeps_writes_at_one_round_trip(redis: coredis.Redis[str]) -> None:
+    """The trim goes in the batch's pipeline: a batch is still one round trip
+    (EVALSHA, no SCRIPT EXISTS), and a trim that fails does not fail (nor
+    repeat) the batch."""
+    await redis.xgroup_create("out", "readers", "$", mkstream=True)
+    async with StreamSink(redis, "out", trim_acked_by="readers") as sink:
+        await sink.submit({"warm": "up"})  # loads the script
+        await redis.config_resetstat()
+        for i in range(5):
+            await sink.submit({"i": str(i)})
+        stats = await redis.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 5
+        assert "cmdstat_script|exists" not in stats
+        await redis.delete(["out"])
+        await redis.set("out", "not a stream")  # XADD fails: the batch fails as before
+        with pytest.raises(coredis.exceptions.ResponseError):
+            await sink.submit({"i": "x"})
+    await redis.delete(["out"])
+
+
+async def test_bad_trim_and_delete_arguments_name_the_parameter(redis: coredis.Redis[str]) -> None:
+    with pytest.raises(ValueError, match="trim_acked_by"):
+        StreamSink(redis, "s", trim_acked_by="")
+    with pytest.raises(TypeError, match="trim_acked_by"):
+        StreamSink(redis, "s", trim_acked_by=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="delete_acked"):
+        StreamSource(redis, "s", "g", "c", delete_acked=1)  # type: ignore[arg-type]

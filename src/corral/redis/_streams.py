@@ -12,27 +12,34 @@ The source's life of an entry::
                                                            └──► dead-letter + XACK
 
 An entry leaves the group's pending list only by XACK: after a success, or in
-the same atomic step that copies it to the dead-letter stream. Everything else
-(a crash, a cancellation, a failure with deliveries left) leaves it pending,
-and any consumer of the group claims it once it has been idle ``min_idle``
-seconds. That is at-least-once delivery: an entry may be handled twice (its
-consumer died after handling it, before the acknowledgement), never lost.
+the same atomic step that copies it to the dead-letter stream (with
+``delete_acked``, the same step also deletes it from the stream). Everything
+else (a crash, a cancellation, a failure with deliveries left) leaves it
+pending, and any consumer of the group claims it once it has been idle
+``min_idle`` seconds. While its consumer lives, the source's renewal task
+resets the idle time of every entry it holds (read, or handed out and not
+settled) every ``min_idle / 3`` seconds, so only a dead (or cut off)
+consumer's entries go idle. That is at-least-once delivery: an entry may be
+handled twice (its consumer died after handling it, before the
+acknowledgement), never lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from types import TracebackType
 from typing import Any, AnyStr, Generic, TypeVar
 
 import anyio
+import anyio.abc
 import attrs
 import coredis
 from anyio.lowlevel import checkpoint
 from coredis.commands.script import Script
-from coredis.exceptions import StreamDuplicateConsumerGroupError
+from coredis.exceptions import NoScriptError, StreamDuplicateConsumerGroupError
 
 from .._batcher import Batcher, BatcherStats
 from .._delivery import Delivery
@@ -46,13 +53,16 @@ __all__ = ["Delivery", "StreamSink", "StreamSource", "StreamStats"]
 
 R = TypeVar("R")
 
+_log = logging.getLogger("corral.redis")
+
 _ACK_WAIT = 0.01  # seconds a success's XACK may wait for others to share it
+_RENEW_CHUNK = 1000  # the most entries one renewal script touches (a longer list takes more)
 
 # Lua shared by the scripts: copy an entry to the dead-letter stream with
-# where it came from and why, and acknowledge it (in the calling script's one
-# atomic step).
+# where it came from and why, and acknowledge it (and, if delete is '1',
+# delete it from the stream), in the calling script's one atomic step.
 _BURY_FUNCTION = """
-local function bury(stream, dead, group, consumer, id, fields, deliveries, reason)
+local function bury(stream, dead, group, consumer, id, fields, deliveries, reason, delete)
   local copy = {}
   for _, value in ipairs(fields) do table.insert(copy, value) end
   for _, value in ipairs({'corral:stream', stream, 'corral:id', id, 'corral:group', group,
@@ -62,11 +72,24 @@ local function bury(stream, dead, group, consumer, id, fields, deliveries, reaso
   end
   redis.call('XADD', dead, '*', unpack(copy))
   redis.call('XACK', stream, group, id)
+  if delete == '1' then redis.call('XDEL', stream, id) end
+end
+"""
+
+# Lua shared by the scripts: is the entry still pending to this consumer (no
+# other consumer claimed it meanwhile, nobody acknowledged it) and still in the
+# stream? XCLAIM of an entry deleted from the stream would drop it from the
+# pending list, where a claim dead-letters it by its ID instead.
+_MINE_FUNCTION = """
+local function mine(stream, group, consumer, id)
+  local pending = redis.call('XPENDING', stream, group, id, id, 1)
+  return #pending > 0 and pending[1][2] == consumer
+         and #redis.call('XRANGE', stream, id, id) > 0
 end
 """
 
 # KEYS: stream, dead-letter stream.
-# ARGV: group, consumer, min_idle_ms, cursor, count, max_deliveries.
+# ARGV: group, consumer, min_idle_ms, cursor, count, max_deliveries, delete ('1' or '0').
 # Claims up to count entries idle for min_idle_ms from any consumer, scanning
 # the pending list from cursor (XAUTOCLAIM scans 10 * COUNT entries a call: up
 # to 16 calls here, so a long list of busy entries does not hide an idle one
@@ -80,6 +103,7 @@ _CLAIM = (
     + """
 local stream, dead, group, consumer = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local cursor, count, max_deliveries = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local delete = ARGV[7]
 local out, buried = {}, 0
 for _ = 1, 16 do
   local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], cursor,
@@ -91,7 +115,7 @@ for _ = 1, 16 do
       local deliveries = redis.call('XPENDING', stream, group, id, id, 1)[1][4]
       if deliveries > max_deliveries then
         bury(stream, dead, group, consumer, id, fields, deliveries,
-             'never settled: its consumers died or stalled')
+             'never settled: its consumers died or stalled', delete)
         buried = buried + 1
       else
         table.insert(out, {id, fields, deliveries})
@@ -100,7 +124,7 @@ for _ = 1, 16 do
   end
   for _, id in ipairs(claimed[3] or {}) do
     bury(stream, dead, group, consumer, id, {}, 'unknown',
-         'deleted from the stream while pending')
+         'deleted from the stream while pending', delete)
     buried = buried + 1
   end
   if #out >= count or cursor == '0-0' then break end
@@ -116,14 +140,14 @@ return {cursor, out, buried}
 # it once idle for min_idle. Used for a failure to come back after
 # redeliver_after, and at exit for entries read but never handed out (which
 # get their delivery back). Returns how many were handed back.
-_RELEASE = """
+_RELEASE = (
+    _MINE_FUNCTION
+    + """
 local stream, group, consumer, idle = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local released = 0
 for i = 4, #ARGV, 2 do
   local id = ARGV[i]
-  local pending = redis.call('XPENDING', stream, group, id, id, 1)
-  if #pending > 0 and pending[1][2] == consumer
-     and #redis.call('XRANGE', stream, id, id) > 0 then
+  if mine(stream, group, consumer, id) then
     redis.call('XCLAIM', stream, group, consumer, 0, id, 'IDLE', idle,
                'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
     released = released + 1
@@ -131,8 +155,78 @@ for i = 4, #ARGV, 2 do
 end
 return released
 """
+)
 
-# KEYS: stream, dead-letter stream. ARGV: group, consumer, id, deliveries, error.
+# KEYS: stream. ARGV: group, consumer, then ids.
+# Renews this consumer's claim on entries it still works on: each one still
+# pending to it (and still in the stream) gets its idle time reset to 0
+# (XCLAIM ... JUSTID, which leaves the delivery count as it is), so that no
+# other consumer claims it after min_idle. An entry acknowledged or claimed by
+# another consumer meanwhile is left alone. Returns how many were renewed.
+_RENEW = (
+    _MINE_FUNCTION
+    + """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local renewed = 0
+for i = 3, #ARGV do
+  if mine(stream, group, consumer, ARGV[i]) then
+    redis.call('XCLAIM', stream, group, consumer, 0, ARGV[i], 'JUSTID')
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+)
+
+# KEYS: stream. ARGV: group, then ids.
+# Acknowledges the entries and deletes them from the stream, in one atomic
+# step (delete_acked). Returns how many were acknowledged.
+_ACK_DELETE = """
+local stream, group = KEYS[1], ARGV[1]
+local acked = 0
+for i = 2, #ARGV do
+  acked = acked + redis.call('XACK', stream, group, ARGV[i])
+  redis.call('XDEL', stream, ARGV[i])
+end
+return acked
+"""
+
+# KEYS: stream. ARGV: group.
+# Trims from the stream the entries the group is done with: every entry below
+# both its oldest pending entry and the entry after its last-delivered ID
+# (XTRIM MINID), so that no pending or undelivered entry goes. Nothing if the
+# stream or the group does not exist. Returns how many entries were trimmed.
+_TRIM_ACKED = """
+local stream, group = KEYS[1], ARGV[1]
+if redis.call('EXISTS', stream) == 0 then return 0 end
+local last, pending
+for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #fields, 2 do info[fields[i]] = fields[i + 1] end
+  if info['name'] == group then last, pending = info['last-delivered-id'], info['pending'] end
+end
+if not last then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+-- the ID after the last delivered one: every entry below it was delivered (a
+-- sequence number beyond 2^53, where Lua's numbers end, keeps the last one)
+local ms, seq = parse(last)
+local below = last
+if seq < 9007199254740991 then
+  seq = seq + 1
+  below = string.match(last, '^%d+') .. '-' .. string.format('%d', seq)
+end
+if pending > 0 then
+  local oldest = redis.call('XPENDING', stream, group, '-', '+', 1)[1][1]
+  local oldest_ms, oldest_seq = parse(oldest)
+  if oldest_ms < ms or (oldest_ms == ms and oldest_seq < seq) then below = oldest end
+end
+return redis.call('XTRIM', stream, 'MINID', below)
+"""
+
+# KEYS: stream, dead-letter stream. ARGV: group, consumer, id, deliveries, error, delete.
 # Copies the entry to the dead-letter stream and acknowledges it, atomically,
 # if it is still pending to this consumer (else another consumer claimed it
 # meanwhile and owns it now). Returns 1 if it was moved.
@@ -145,7 +239,7 @@ if #pending == 0 or pending[1][2] ~= consumer then return 0 end
 local entry = redis.call('XRANGE', stream, id, id)
 local fields = {}
 if #entry > 0 then fields = entry[1][2] end
-bury(stream, dead, group, consumer, id, fields, ARGV[4], ARGV[5])
+bury(stream, dead, group, consumer, id, fields, ARGV[4], ARGV[5], ARGV[6])
 return 1
 """
 )
@@ -199,9 +293,25 @@ class StreamSource(Generic[AnyStr]):
       ``corral:consumer`` (the consumer that moved it), ``corral:deliveries``
       and ``corral:error`` added. An entry deleted from the stream (``XDEL``,
       trimming) while pending is dead-lettered by its ID alone when claimed.
-    * **Dead consumers.** Entries pending to a consumer that died are claimed
-      once idle ``min_idle`` seconds, so set it above your longest handling
-      time (retries included), or a slow success is delivered twice. An entry
+      With ``delete_acked=True``, the step that acknowledges an entry (a
+      success, or a failure it dead-letters) also deletes it from the stream
+      (``XACK`` and ``XDEL`` in one script), so a drained stream holds nothing:
+      use it only when this group is the stream's only reader.
+    * **Claims renewed while handled.** Every ``min_idle / 3`` seconds a task
+      of the source's block resets the idle time of the entries the source
+      holds (read and not handed out yet, or handed out and not settled), in
+      one round trip that touches only those still pending to this consumer
+      (``XCLAIM ... JUSTID``: the delivery count stays). So a handler may run
+      for longer than ``min_idle`` without another consumer claiming its
+      entry. A renewal that fails (Redis unreachable) is logged at WARNING on
+      the ``corral.redis`` logger and tried again at the next interval.
+    * **Dead consumers.** Entries pending to a consumer that died (its
+      process, or its block, ended without settling them) are no longer
+      renewed: any consumer of the group claims them once idle ``min_idle``
+      seconds. So ``min_idle`` bounds how long a dead consumer's entries
+      wait, not how long a handler may take; but a consumer that cannot
+      renew for ``min_idle`` seconds (Redis out of its reach, a blocked event
+      loop) loses its entries to the others, and they may run twice. An entry
       delivered more than ``max_deliveries`` times without ever being settled
       (it crashed every consumer it reached) goes to the dead-letter stream
       when it is claimed, without being handed out again.
@@ -252,14 +362,17 @@ class StreamSource(Generic[AnyStr]):
         its deliveries: an exception type, a tuple of them, or a predicate
         (as ``Retry(on=...)``); None: only ``max_deliveries`` does.
     :param dead_letter: the dead-letter stream's key; default ``stream + ":dead"``.
-    :param min_idle: seconds an entry must be pending untouched before another
-        consumer may claim it: how long a dead consumer's entries wait.
+    :param min_idle: seconds an entry must be pending untouched (not renewed)
+        before another consumer may claim it: how long a dead consumer's
+        entries wait. Claims are renewed every ``min_idle / 3`` seconds.
     :param redeliver_after: seconds before a failed entry may be delivered
         again, at most ``min_idle`` (the default). Claims are tried every
         ``min(min_idle, redeliver_after) / 2`` seconds.
     :param block: the longest one ``XREADGROUP`` waits for new entries, in seconds.
     :param group_start: the entry ID a new group starts after.
     :param stop_when_drained: end iteration once the group has no work left.
+    :param delete_acked: also delete from the stream every entry this source
+        acknowledges (or dead-letters), in the same atomic step.
     :param timeout: seconds a round trip may take, beyond ``block``, before
         :class:`~corral.redis.RedisUnavailable`.
     """
@@ -280,6 +393,7 @@ class StreamSource(Generic[AnyStr]):
         block: float = 1.0,
         group_start: str = "0",
         stop_when_drained: bool = False,
+        delete_acked: bool = False,
         timeout: float = 10.0,
     ) -> None:
         if not isinstance(client, coredis.Redis):
@@ -301,11 +415,16 @@ class StreamSource(Generic[AnyStr]):
         self.block: float = check_number("block", block, positive=True)
         self.group_start: str = check_name("group_start", group_start)
         self.stop_when_drained: bool = check_bool("stop_when_drained", stop_when_drained)
+        self.delete_acked: bool = check_bool("delete_acked", delete_acked)
         self.timeout: float = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
         self._claim_script: Script[AnyStr] = client.register_script(_CLAIM)
         self._settle_failure_script: Script[AnyStr] = client.register_script(_SETTLE_FAILURE)
         self._release_script: Script[AnyStr] = client.register_script(_RELEASE)
+        self._renew_script: Script[AnyStr] = client.register_script(_RENEW)
+        self._ack_delete_script: Script[AnyStr] = client.register_script(_ACK_DELETE)
+        self._renewal_lock = anyio.Lock()  # see _renew_claims
+        self._renewals: anyio.abc.TaskGroup | None = None  # the renewal task's, per block
         self._what = f"StreamSource(stream={stream!r}, group={group!r}, consumer={consumer!r})"
         self._buffer: deque[Delivery[AnyStr]] = deque()
         self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
@@ -354,6 +473,11 @@ class StreamSource(Generic[AnyStr]):
                 what=self._what,
             )
         await self._acks.__aenter__()
+        # the renewal task lives in a task group of this block, entered last
+        # (no checkpoint after it) and left first
+        renewals = self._renewals = anyio.create_task_group()
+        await renewals.__aenter__()
+        renewals.start_soon(self._renew_claims, name=f"claim renewal of {self._what}")
         self._running, self._stopping = True, False
         self._next_claim = -float("inf")
         return self
@@ -370,6 +494,7 @@ class StreamSource(Generic[AnyStr]):
         self._in_flight_count = 0
         failed: FlushError | None = None
         try:
+            await self._stop_renewing()
             suppress = await self._acks.__aexit__(exc_type, exc, tb)
         except FlushError as error:
             # _clean_up tries these acknowledgements once more; whether or not
@@ -384,6 +509,48 @@ class StreamSource(Generic[AnyStr]):
                 f"again after min_idle"
             ) from failed
         return suppress
+
+    async def _stop_renewing(self) -> None:
+        """Cancel the renewal task and leave its task group (before the
+        entries read ahead are handed back: a renewal must not come after).
+        The group's scope is shielded first, so that a cancellation of the
+        block does not cut this short: the task ends at once, and the rest
+        of the exit runs as it would without the group."""
+        renewals, self._renewals = self._renewals, None
+        if renewals is not None:
+            renewals.cancel_scope.shield = True
+            renewals.cancel_scope.cancel()
+            await renewals.__aexit__(None, None, None)
+
+    async def _renew_claims(self) -> None:
+        """The renewal task: every ``min_idle / 3`` seconds, reset the idle
+        time of the entries this source holds. A failure is logged and
+        tried again at the next interval. A renewal and the release of a
+        failure (redeliver_after) never cross in Redis, or the renewal could
+        undo the release's idle time: both take ``_renewal_lock``."""
+        while True:
+            await anyio.sleep(self.min_idle / 3)
+            if not self._in_flight and not self._buffer:
+                continue
+            try:
+                async with self._renewal_lock:
+                    # taken under the lock: a failure's release waits for it
+                    held = [*self._in_flight, *(delivery.id for delivery in self._buffer)]
+                    for start in range(0, len(held), _RENEW_CHUNK):
+                        await self._renew(held[start : start + _RENEW_CHUNK])
+            except RedisUnavailable as error:
+                _log.warning("%s could not renew its claims, trying again: %s", self._what, error)
+            except Exception:  # noqa: BLE001 - logged; the source goes on, renewing next time
+                _log.warning(
+                    "%s could not renew its claims, trying again", self._what, exc_info=True
+                )
+
+    async def _renew(self, ids: list[str]) -> None:
+        await round_trip(
+            self._renew_script(keys=[self.stream], args=[self.group, self.consumer, *ids]),
+            within=self.timeout,
+            what=self._what,
+        )
 
     async def _clean_up(self) -> int:
         """Once, shielded, within ``timeout``: acknowledge the successes the
@@ -501,6 +668,7 @@ class StreamSource(Generic[AnyStr]):
                     self._claim_cursor,
                     count,
                     self.max_deliveries,
+                    "1" if self.delete_acked else "0",
                 ],
             ),
             within=self.timeout,
@@ -590,6 +758,7 @@ class StreamSource(Generic[AnyStr]):
                             delivery.id,
                             delivery.deliveries,
                             repr(error),
+                            "1" if self.delete_acked else "0",
                         ],
                     ),
                     within=self.timeout,
@@ -599,17 +768,22 @@ class StreamSource(Generic[AnyStr]):
                     self._buried += 1
                     return
             elif self.redeliver_after < self.min_idle:
-                await self._release(
-                    [(delivery.id, delivery.deliveries)], idle=self.min_idle - self.redeliver_after
-                )
+                async with self._renewal_lock:  # not undone by a renewal already under way
+                    await self._release(
+                        [(delivery.id, delivery.deliveries)],
+                        idle=self.min_idle - self.redeliver_after,
+                    )
         self._failed += 1
         await checkpoint()  # also when it left the failure pending without a round trip
 
     async def _ack(self, ids: list[str]) -> None:
-        acked = await round_trip(
-            self._client.xack(self.stream, self.group, ids), within=self.timeout, what=self._what
+        request: Awaitable[Any] = (
+            self._ack_delete_script(keys=[self.stream], args=[self.group, *ids])
+            if self.delete_acked
+            else self._client.xack(self.stream, self.group, ids)
         )
-        self._acked += acked
+        acked = await round_trip(request, within=self.timeout, what=self._what)
+        self._acked += int(acked)
 
 
 class StreamSink(Generic[AnyStr]):
@@ -633,6 +807,17 @@ class StreamSink(Generic[AnyStr]):
     part way is written again whole, so an entry can appear twice. Readers of
     the stream should tolerate that (key on a field of the entry).
 
+    **Trimming what a group has done.** With ``trim_acked_by="billing"``, each
+    batch's round trip also trims the stream (``XTRIM MINID``, in a script)
+    of the entries that consumer group is done with: every entry below both
+    the group's oldest pending entry and the entry after its last-delivered
+    ID, so an entry still pending or not yet delivered to the group is never
+    dropped. A drained stream then stays short without a ``maxlen`` guess.
+    If the group does not exist (yet), nothing is trimmed. Other groups
+    reading the stream are not consulted: name the slowest one, or the only
+    one. A trim that fails is logged (``corral.redis``, WARNING) and does not
+    fail the batch: its entries are written.
+
     :param client: an entered ``coredis.Redis`` client.
     :param stream: the stream's key.
     :param max_size: the most entries in one round trip.
@@ -641,6 +826,8 @@ class StreamSink(Generic[AnyStr]):
     :param max_pending: how many queued entries make :meth:`add` wait; at
         least ``max_size``; default ``2 * max_size``.
     :param maxlen: trim the stream to about this many entries (``MAXLEN ~``).
+    :param trim_acked_by: a consumer group's name: after each batch, trim the
+        entries it has acknowledged (see above); None: no such trimming.
     :param retry: a :class:`~corral.Retry` policy per batch.
     :param timeout: seconds one round trip may take before
         :class:`~corral.redis.RedisUnavailable`.
@@ -655,6 +842,7 @@ class StreamSink(Generic[AnyStr]):
         max_wait: float | None = None,
         max_pending: int | None = None,
         maxlen: int | None = None,
+        trim_acked_by: str | None = None,
         retry: Retry | None = None,
         timeout: float = 10.0,
     ) -> None:
@@ -662,8 +850,12 @@ class StreamSink(Generic[AnyStr]):
             raise TypeError(f"client must be a coredis.Redis client, got {client!r}")
         self.stream: str = check_name("stream", stream)
         self.maxlen: int | None = None if maxlen is None else check_int("maxlen", maxlen, minimum=1)
+        self.trim_acked_by: str | None = (
+            None if trim_acked_by is None else check_name("trim_acked_by", trim_acked_by)
+        )
         self.timeout: float = check_timeout(timeout)
         self._client: coredis.Redis[AnyStr] = client
+        self._trim_acked_script: Script[AnyStr] = client.register_script(_TRIM_ACKED)
         self._trim: dict[str, Any] = {}  # XADD's options, the same for every entry
         if self.maxlen is not None:
             self._trim = {
@@ -755,13 +947,46 @@ class StreamSink(Generic[AnyStr]):
         return await self._batcher.submit(self._check(fields))
 
     async def _write(self, batch: list[Mapping[Any, Any]]) -> list[str]:
+        group = self.trim_acked_by
+        trim_again = False  # the trim script was not loaded: run it once more, loading it
+
         async def write() -> list[str]:
-            async with self._client.pipeline(transaction=False) as pipe:
+            nonlocal trim_again
+            # errors come back per command (raise_on_error=False): a trim that
+            # fails must not fail the batch, or its entries would be written twice
+            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
                 requests = [pipe.xadd(self.stream, fields, **self._trim) for fields in batch]
+                # EVALSHA itself, not the Script: a pipeline that runs a Script
+                # first asks Redis whether it is loaded, a round trip more
+                trim = None if group is None else pipe.evalsha(
+                    self._trim_acked_script.sha, keys=[self.stream], args=[group]
+                )  # fmt: skip
             ids: list[Any] = [await request for request in requests]
+            if trim is not None:
+                try:
+                    await trim
+                except NoScriptError:  # the first time, or after a SCRIPT FLUSH
+                    trim_again = True
+                except Exception:  # noqa: BLE001 - logged; the batch is written all the same
+                    _log.warning("%s could not trim the stream", self._what, exc_info=True)
             return [_text(entry_id) for entry_id in ids]
 
-        return await round_trip(write(), within=self.timeout, what=self._what)
+        ids = await round_trip(write(), within=self.timeout, what=self._what)
+        if trim_again and group is not None:
+            await self._trim_acked(group)
+        return ids
+
+    async def _trim_acked(self, group: str) -> None:
+        """Trim with the script, loading it (the batch is written: a failure
+        here is only logged)."""
+        try:
+            await round_trip(
+                self._trim_acked_script(keys=[self.stream], args=[group]),
+                within=self.timeout,
+                what=self._what,
+            )
+        except Exception:  # noqa: BLE001 - logged; the batch was written all the same
+            _log.warning("%s could not trim the stream", self._what, exc_info=True)
 
 
 def _check_dead_letter(stream: str, dead_letter: str | None) -> str:
