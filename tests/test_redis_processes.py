@@ -1,7 +1,9 @@
 """Real OS processes sharing one redis-server: four processes share one
 RedisRateLimiter and together never exceed it; three consumers drain 10,000
 entries while one of them is killed with SIGKILL, and no entry is lost; poison
-entries land in the dead-letter stream after max_deliveries deliveries.
+entries land in the dead-letter stream after max_deliveries deliveries; three
+processes share one RedisCapacityLimiter and never hold more than its slots,
+and the slots of one killed with SIGKILL come free after their lease.
 
 The worker processes (redis_worker.py) run on the backend of the test.
 """
@@ -14,6 +16,7 @@ import pathlib
 import signal
 import sys
 import tempfile
+import time
 from typing import Any
 
 import anyio
@@ -125,3 +128,83 @@ async def test_three_consumers_one_killed_lose_nothing(
             assert d["corral:error"] == "ValueError('poison')"
         else:  # its third delivery died with c0, unsettled: buried when claimed
             assert "never settled" in d["corral:error"]
+
+
+def most_at_once(held: list[tuple[float, float]]) -> int:
+    """The most holdings that overlap at any instant (an end before a start
+    at the same instant)."""
+    events = sorted([(start, 1) for start, _ in held] + [(end, -1) for _, end in held])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.timeout(120)
+async def test_three_processes_share_one_capacity(
+    redis: coredis.Redis[str], redis_port: int, anyio_backend: str
+) -> None:
+    """Three processes, four tasks each, hold slots of one cap of 3: never
+    more than 3 at once, measured inside the holdings (a holding is
+    measured after admission and before the slot is given back), and every
+    process gets its share."""
+    total, tasks, rounds, hold = 3, 4, 10, 0.01
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = [pathlib.Path(folder, f"capacity{i}.out") for i in range(3)]
+        processes = [
+            await start(["capacity", redis_port, "shared-cap", total, 5.0, tasks, rounds, hold,
+                         anyio_backend], out)
+            for out in outputs
+        ]  # fmt: skip
+        with anyio.fail_after(60):
+            codes = [await process.wait() for process in processes]
+        texts = [out.read_text() for out in outputs]
+    assert codes == [0, 0, 0], texts
+    per_process = [json.loads(text) for text in texts]
+    assert [len(held) for held in per_process] == [tasks * rounds] * 3
+    everything = [tuple(h) for held in per_process for h in held]
+    assert most_at_once(everything) <= total
+    print(f"most at once: {most_at_once(everything)} of {total}")
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_holders_slots_come_free_after_their_lease(
+    redis: coredis.Redis[str], redis_port: int, anyio_backend: str
+) -> None:
+    """A process holds both slots of a cap and is killed with SIGKILL while
+    two other processes wait: they get the slots once the dead process's
+    leases end (not before: it renewed them every lease / 3 while alive),
+    and never hold more than the cap between them."""
+    total, lease = 2, 1.0
+    with tempfile.TemporaryDirectory() as folder:
+        outputs = [pathlib.Path(folder, f"capacity{i}.out") for i in range(3)]
+        hog = await start(
+            ["capacity", redis_port, "killed-cap", total, lease, total, 1, "inf", anyio_backend],
+            outputs[0],
+        )
+        with anyio.fail_after(30):  # another process's progress, visible only in Redis
+            while await redis.zcard("killed-cap") < total:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        waiters = [
+            await start(["capacity", redis_port, "killed-cap", total, lease, 2, 5, 0.01,
+                         anyio_backend], out)
+            for out in outputs[1:]
+        ]  # fmt: skip
+        with anyio.fail_after(30):  # both wait in line
+            while await redis.zcard("killed-cap:waiting") < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        await anyio.sleep(2 * lease)  # the hog renews its slots meanwhile
+        assert await redis.zcard("killed-cap") == total
+        hog.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        with anyio.fail_after(60):
+            codes = [await process.wait() for process in [hog, *waiters]]
+        texts = [out.read_text() for out in outputs]
+    assert codes == [-signal.SIGKILL, 0, 0], texts
+    held = [tuple(h) for text in texts[1:] for h in json.loads(text)]
+    assert len(held) == 2 * 2 * 5
+    first = min(start for start, _ in held) - killed_at
+    # the last renewal came about lease / 3 before the kill, at most
+    assert lease / 2 <= first < lease + 1.0, first
+    assert most_at_once(held) <= total

@@ -521,6 +521,9 @@ def _with_limiter(
 ) -> Call:
     if isinstance(limiter, AdaptiveLimiter):
         return limiter._layer(call_next, clock, threaded)
+    own_layer = getattr(limiter, "_layer", None)
+    if own_layer is not None:  # a layer of its own: corral.redis.RedisCapacityLimiter
+        return cast("Call", own_layer(call_next, clock, threaded))
     if threaded and isinstance(limiter, anyio.CapacityLimiter):
         return _with_limiter_for_thread(call_next, limiter)
     if not isinstance(limiter, anyio.CapacityLimiter):

@@ -1,10 +1,14 @@
-"""corral on Redis: a rate limit and a work queue shared by many processes.
+"""corral on Redis: a rate limit, a concurrency cap and a work queue shared by
+many processes.
 
 Needs the extra ``corral[redis]`` (it installs ``coredis``, an anyio-based
 Redis client, so everything here runs on asyncio, uvloop and trio).
 
 * :class:`RedisRateLimiter` -- one limit for every process on every machine:
   GCRA in one atomic Lua script, usable wherever corral takes a limiter.
+* :class:`RedisCapacityLimiter` -- one concurrency cap for every process
+  (``limiter=``, or ``async with``): slots under a renewed lease, which come
+  free when their holder dies, handed out first come, first served.
 * :class:`StreamSource` -- a Redis Streams consumer group as the input of a
   :class:`~corral.Pool` or :func:`~corral.apply_to_each`: at-least-once
   delivery, acknowledgement after success, reclaim of entries from dead
@@ -27,6 +31,8 @@ except ImportError as _error:  # pragma: no cover - depends on the environment
         "corral.redis needs coredis: install the extra with `pip install 'corral[redis]'`"
     ) from _error
 
+from ._capacity import RedisCapacityLimiter as RedisCapacityLimiter
+from ._capacity import RedisCapacityStatistics as RedisCapacityStatistics
 from ._common import RedisUnavailable as RedisUnavailable
 from ._connect import connect as connect
 from ._limiter import RedisRateLimiter as RedisRateLimiter
@@ -37,6 +43,8 @@ from ._streams import StreamStats as StreamStats
 
 __all__ = [
     "Delivery",
+    "RedisCapacityLimiter",
+    "RedisCapacityStatistics",
     "RedisRateLimiter",
     "RedisUnavailable",
     "StreamSink",
