@@ -217,6 +217,40 @@ async def check_redis() -> None:
         assert_type(StreamSource(raw, "s", "g", "c"), StreamSource[bytes])
 
 
+async def check_sqlite() -> None:
+    from corral.sqlite import Delivery, QueueCounts, QueueSink, QueueSource, QueueStats
+
+    async def charge(delivery: Delivery[str]) -> int:
+        return len(delivery.fields["order"])
+
+    async with QueueSink("work.sqlite3") as sink:
+        assert_type(await sink.submit({"order": "1"}, key="1"), str)
+        assert_type(await sink.counts(), QueueCounts)
+    async with QueueSource("work.sqlite3", stop_when_drained=True) as source:
+        assert_type(source, QueueSource)
+        assert_type(source.stats, QueueStats)
+        async with corral.apply_to_each(charge, source, on_outcome=source.settle) as outcomes:
+            async for outcome in outcomes:
+                assert_type(outcome, corral.Outcome[Delivery[str], int])
+        assert_type(await source.prune(older_than=86400.0), int)
+
+
+async def check_concurrency_limiters() -> None:
+    import coredis
+
+    from corral.redis import RedisCapacityLimiter
+
+    async with coredis.Redis(decode_responses=True) as client:
+        cap = RedisCapacityLimiter(client, "db", 10)
+        outcomes = await corral.apply_to_all(len, ["a", "bb"], limiter=cap)
+        assert_type(outcomes, list[corral.Outcome[str, int]])
+    adaptive = corral.AdaptiveLimiter(min=1, max=50)
+    async with corral.Pool(len, limiter=adaptive) as pool:
+        pool.submit_nowait("abc")
+    async with corral.Batcher(lambda batch: None, limiter=adaptive) as batcher:
+        await batcher.add(1)
+
+
 async def check_redis_connect() -> None:
     import coredis
 

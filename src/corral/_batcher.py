@@ -39,6 +39,7 @@ import numbers
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
@@ -241,7 +242,7 @@ def _configure(
     retry: Retry | None,
     rate_limit: RateLimiter | None,
     cost: Callable[[list[Any]], int] | None,
-    limiter: anyio.CapacityLimiter | None,
+    limiter: AbstractAsyncContextManager[object] | None,
     breaker: CircuitBreaker | None,
     hedge: Hedge | None,
     timeout: float | Timeout | None,
@@ -579,7 +580,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -605,7 +606,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -631,7 +632,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -657,7 +658,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -682,7 +683,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
         cost: Callable[[list[T]], int] | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,

@@ -23,6 +23,7 @@ import contextvars
 import numbers
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, NoReturn, TypeAlias, TypeVar, cast, overload
 
 import anyio
@@ -293,7 +294,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         max_pending: int | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -317,7 +318,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         max_pending: int | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
@@ -340,7 +341,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         max_pending: int | None = None,
         retry: Retry | None = None,
         rate_limit: RateLimiter | None = None,
-        limiter: anyio.CapacityLimiter | None = None,
+        limiter: AbstractAsyncContextManager[object] | None = None,
         breaker: CircuitBreaker | None = None,
         hedge: Hedge | None = None,
         timeout: float | Timeout | None = None,
