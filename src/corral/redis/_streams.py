@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Awaitable, Mapping
 from types import TracebackType
 from typing import Any, AnyStr, Generic, TypeVar
@@ -42,8 +41,8 @@ from coredis.commands.script import Script
 from coredis.exceptions import NoScriptError, StreamDuplicateConsumerGroupError
 
 from .._batcher import Batcher, BatcherStats
-from .._delivery import Delivery
-from .._errors import FlushError, PoolClosed
+from .._delivery import Deliveries, Delivery
+from .._errors import FlushError
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, check_on, matches
 from .._validate import check_bool, check_int, check_number
@@ -261,7 +260,7 @@ class StreamStats:
     in_flight: int  #: handed out and not yet settled
 
 
-class StreamSource(Generic[AnyStr]):
+class StreamSource(Deliveries[AnyStr]):
     """A Redis Streams consumer group as corral's input: an async iterable of
     :class:`Delivery`, with at-least-once delivery.
 
@@ -426,17 +425,12 @@ class StreamSource(Generic[AnyStr]):
         self._renewal_lock = anyio.Lock()  # see _renew_claims
         self._renewals: anyio.abc.TaskGroup | None = None  # the renewal task's, per block
         self._what = f"StreamSource(stream={stream!r}, group={group!r}, consumer={consumer!r})"
-        self._buffer: deque[Delivery[AnyStr]] = deque()
-        self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
-        self._in_flight_count = 0
-        self._room: anyio.Event | None = None  # set when settle frees room
-        self._stopping = False
+        self._init_deliveries(self.stream)
         self._running = False
-        self._reading = False  # one task iterates at a time
         self._claim_cursor: str = "0-0"
         self._next_claim = -float("inf")
         self._acks: Batcher[str, None] = self._ack_batcher()
-        self._delivered = self._claimed = self._acked = self._failed = self._buried = 0
+        self._claimed = self._acked = self._failed = self._buried = 0
 
     def __repr__(self) -> str:
         return self._what
@@ -490,8 +484,6 @@ class StreamSource(Generic[AnyStr]):
     ) -> bool | None:
         self._running = False
         self._stopping = True
-        self._in_flight.clear()
-        self._in_flight_count = 0
         failed: FlushError | None = None
         try:
             await self._stop_renewing()
@@ -560,8 +552,7 @@ class StreamSource(Generic[AnyStr]):
         runs again elsewhere after ``min_idle``: at least once, still. Returns
         how many acknowledgements could not be sent."""
         acks = self._acks.unflushed
-        unread = [(delivery.id, delivery.deliveries - 1) for delivery in self._buffer]
-        self._buffer.clear()
+        unread = [(delivery.id, delivery.deliveries - 1) for delivery in self._forget_deliveries()]
         unacked = len(acks)
         if not acks and not unread:
             return unacked
@@ -587,58 +578,24 @@ class StreamSource(Generic[AnyStr]):
             what=self._what,
         )
 
-    def stop(self) -> None:
-        """End the iteration: the next ``__anext__`` (or the one waiting now,
-        within ``block`` seconds) raises ``StopAsyncIteration``. Deliveries
-        already handed out can still be settled until the block ends. Never
-        waits."""
-        self._stopping = True
-        if self._room is not None:
-            self._room.set()
+    def _is_open(self) -> bool:
+        return self._running
 
-    def __aiter__(self) -> StreamSource[AnyStr]:
-        return self
-
-    async def __anext__(self) -> Delivery[AnyStr]:
-        if not self._running:
-            raise PoolClosed(f"{self!r} is not running: iterate it inside `async with source:`")
-        if self._reading:
-            raise anyio.BusyResourceError("reading from")
-        self._reading = True
-        try:
-            return await self._next()
-        finally:
-            self._reading = False
-
-    async def _next(self) -> Delivery[AnyStr]:
-        while True:
-            if self._stopping:
-                await checkpoint()  # the last step is a checkpoint too
-                raise StopAsyncIteration
-            if self._buffer:
-                await checkpoint()  # a checkpoint on the fast path too, before taking it
-                if self._stopping or not self._buffer:
-                    continue
-                delivery = self._buffer.popleft()
-                self._in_flight[delivery.id] = self._in_flight.get(delivery.id, 0) + 1
-                self._in_flight_count += 1
-                self._delivered += 1
-                return delivery
-            room = self.max_in_flight - self._in_flight_count
-            if room <= 0:
-                self._room = anyio.Event()
-                await self._room.wait()
-                continue
-            now = anyio.current_time()
-            if now >= self._next_claim:
-                if await self._claim(room):
-                    continue
-                # scanned to the end of the pending list: rest before the next scan
-                self._next_claim = (now + self._claim_every) if self._claim_cursor == "0-0" else now
-            if await self._read(room, min(self.block, self._next_claim - now)):
-                continue
-            if self.stop_when_drained and self._in_flight_count == 0 and await self._drained():
-                self._stopping = True
+    async def _fetch(self) -> None:
+        room = self._room()
+        if room <= 0:
+            await self._wait(None)
+            return
+        now = anyio.current_time()
+        if now >= self._next_claim:
+            if await self._claim(room):
+                return
+            # scanned to the end of the pending list: rest before the next scan
+            self._next_claim = (now + self._claim_every) if self._claim_cursor == "0-0" else now
+        if await self._read(room, min(self.block, self._next_claim - now)):
+            return
+        if self.stop_when_drained and self._in_flight_count == 0 and await self._drained():
+            self._stopping = True
 
     async def _read(self, count: int, block: float) -> bool:
         block_ms = max(1, round(block * 1000))  # 0 would block forever
@@ -719,25 +676,7 @@ class StreamSource(Generic[AnyStr]):
         :raises ValueError: it is not one this source handed out and has not
             settled yet.
         """
-        if not self._running:
-            raise PoolClosed(
-                f"{self!r} is not running: settle outcomes inside its block "
-                "(enter the pool inside `async with source:`)"
-            )
-        delivery = outcome.item
-        if not isinstance(delivery, Delivery):
-            raise TypeError(f"settle takes the Outcome of a Delivery, got item {delivery!r}")
-        count = self._in_flight.get(delivery.id) if delivery.stream == self.stream else None
-        if not count:
-            raise ValueError(f"{delivery!r} was not handed out by {self!r}, or already settled")
-        if count == 1:
-            del self._in_flight[delivery.id]
-        else:
-            self._in_flight[delivery.id] = count - 1
-        self._in_flight_count -= 1
-        room, self._room = self._room, None
-        if room is not None:
-            room.set()
+        delivery = await self._settling(outcome)
         error = outcome.error
         if error is None:
             await self._acks.add(delivery.id)

@@ -27,7 +27,6 @@ import secrets
 import socket
 import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -38,7 +37,7 @@ import attrs
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint
 
 from .._batcher import Batcher, BatcherStats
-from .._delivery import Delivery
+from .._delivery import Deliveries, Delivery
 from .._errors import FlushError, PoolClosed, QueueFull
 from .._outcome import Outcome
 from .._retry import ExceptionFilter, Retry, check_on, matches
@@ -289,14 +288,13 @@ class QueueStats:
 
 @attrs.define
 class _Counts:
-    delivered: int = 0
     claimed: int = 0
     acked: int = 0
     failed: int = 0
     buried: int = 0
 
 
-class QueueSource(_QueueFile):
+class QueueSource(_QueueFile, Deliveries[str]):
     """A SQLite queue as corral's input: an async iterable of
     :class:`~corral.redis.Delivery`, with at-least-once delivery; the same
     shape and rules as :class:`corral.redis.StreamSource`, on one file.
@@ -410,12 +408,7 @@ class QueueSource(_QueueFile):
         self.stop_when_drained: bool = check_bool("stop_when_drained", stop_when_drained)
         self.poll: float = check_number("poll", poll, positive=True)
         self._what = f"QueueSource({self.path!r}, queue={queue!r}, consumer={self.consumer!r})"
-        self._buffer: deque[Delivery[str]] = deque()  # taken, not handed out yet
-        self._in_flight: dict[str, int] = {}  # id -> deliveries of it handed out, unsettled
-        self._in_flight_count = 0
-        self._wake: anyio.Event | None = None  # set by settle (room), a sink (entries), stop
-        self._woken = False  # one of those happened since the last _wait: do not wait
-        self._stopping = self._reading = False
+        self._init_deliveries(queue)
         self._thread = 0  # the thread of the loop the block runs in
         self._tasks: anyio.abc.TaskGroup | None = None  # the lease renewals
         self._counts = _Counts()
@@ -439,7 +432,7 @@ class QueueSource(_QueueFile):
         """A snapshot of this source's counters (:class:`QueueStats`)."""
         counts = self._counts
         return QueueStats(
-            delivered=counts.delivered,
+            delivered=self._delivered,
             claimed=counts.claimed,
             acked=counts.acked,
             failed=counts.failed,
@@ -486,9 +479,7 @@ class QueueSource(_QueueFile):
             # block's own exception goes on, not one about them
             failed, suppress = error, None
         finally:
-            self._in_flight.clear()
-            self._in_flight_count = 0
-            self._buffer.clear()
+            self._forget_deliveries()
             unsettled = await self._clean_up(handed + unread)
         if failed is not None and exc is None and unsettled:
             raise QueueError(
@@ -561,72 +552,22 @@ class QueueSource(_QueueFile):
         if threading.get_ident() == self._thread:
             self._wake_up()
 
-    def _wake_up(self) -> None:
-        self._woken = True
-        if self._wake is not None:
-            self._wake.set()
+    def _is_open(self) -> bool:
+        return self._tasks is not None
 
-    def stop(self) -> None:
-        """End the iteration: the next ``__anext__`` (or the one waiting now)
-        raises ``StopAsyncIteration``. Deliveries already handed out can still
-        be settled until the block ends. Never waits."""
-        self._stopping = True
-        self._wake_up()
-
-    def __aiter__(self) -> QueueSource:
-        return self
-
-    async def __anext__(self) -> Delivery[str]:
-        if self._tasks is None:
-            await checkpoint()
-            raise PoolClosed(f"{self!r} is not running: iterate it inside `async with source:`")
-        if self._reading:
-            raise anyio.BusyResourceError("reading from")
-        self._reading = True
-        try:
-            return await self._next()
-        finally:
-            self._reading = False
-
-    async def _next(self) -> Delivery[str]:
-        while True:
-            if self._stopping:
-                await checkpoint()  # the last step is a checkpoint too
-                raise StopAsyncIteration
-            if self._buffer:
-                await checkpoint()  # a checkpoint on the fast path too, before taking it
-                if self._stopping or not self._buffer:
-                    continue
-                delivery = self._buffer.popleft()
-                self._in_flight[delivery.id] = self._in_flight.get(delivery.id, 0) + 1
-                self._in_flight_count += 1
-                self._counts.delivered += 1
-                return delivery
-            room = self.max_in_flight - self._in_flight_count
-            if room > 0 and await self._take(room):
-                continue
-            if (
-                room > 0
-                and self.stop_when_drained
-                and self._in_flight_count == 0
-                and await self._run(self._live().drained, self.queue)
-            ):
-                self._stopping = True
-                continue
-            await self._wait(None if room <= 0 else self.poll)
-
-    async def _wait(self, seconds: float | None) -> None:
-        """Until settle frees room, a sink adds entries, stop() is called, or
-        ``seconds`` pass (None: no limit)."""
-        if self._woken:
-            self._woken = False
+    async def _fetch(self) -> None:
+        room = self._room()
+        if room > 0 and await self._take(room):
             return
-        self._wake = anyio.Event()
-        try:
-            with anyio.move_on_after(float("inf") if seconds is None else seconds):
-                await self._wake.wait()
-        finally:
-            self._wake = None
+        if (
+            room > 0
+            and self.stop_when_drained
+            and self._in_flight_count == 0
+            and await self._run(self._live().drained, self.queue)
+        ):
+            self._stopping = True
+            return
+        await self._wait(None if room <= 0 else self.poll)
 
     async def _take(self, count: int) -> bool:
         taken, buried = await self._run(
@@ -655,24 +596,7 @@ class QueueSource(_QueueFile):
         :raises ValueError: it is not one this source handed out and has not
             settled yet.
         """
-        if self._tasks is None:
-            await checkpoint()
-            raise PoolClosed(
-                f"{self!r} is not running: settle outcomes inside its block "
-                "(enter the pool inside `async with source:`)"
-            )
-        delivery = outcome.item
-        if not isinstance(delivery, Delivery):
-            raise TypeError(f"settle takes the Outcome of a Delivery, got item {delivery!r}")
-        count = self._in_flight.get(delivery.id) if delivery.stream == self.queue else None
-        if not count:
-            raise ValueError(f"{delivery!r} was not handed out by {self!r}, or already settled")
-        if count == 1:
-            del self._in_flight[delivery.id]
-        else:
-            self._in_flight[delivery.id] = count - 1
-        self._in_flight_count -= 1
-        self._wake_up()
+        delivery = await self._settling(outcome)
         error = outcome.error
         if error is None:
             await self._queue_settlement(int(delivery.id))
