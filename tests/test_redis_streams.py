@@ -813,6 +813,28 @@ async def test_sink_trims_what_a_group_acknowledged(redis: coredis.Redis[str]) -
     assert sink.stats.flushed == 23
 
 
+async def test_sink_trimming_spares_what_another_group_still_needs(
+    redis: coredis.Redis[str],
+) -> None:
+    """With two groups on the stream, trimming by one never drops an entry
+    the other still has pending or has not been handed yet."""
+    await redis.xgroup_create("jobs", "a", "0", mkstream=True)
+    await redis.xgroup_create("jobs", "b", "0", mkstream=True)
+    ids = [await redis.xadd("jobs", {"n": str(i)}) for i in range(6)]
+    await redis.xreadgroup("a", "a1", {"jobs": ">"}, count=6)
+    await redis.xack("jobs", "a", ids)  # a is done with everything
+    await redis.xreadgroup("b", "b1", {"jobs": ">"}, count=4)
+    await redis.xack("jobs", "b", ids[1:4])  # b: ids[0] pending, ids[4:] not delivered
+    async with StreamSink(redis, "jobs", trim_acked_by="a") as sink:
+        new = await sink.submit({"n": "6"})
+    assert [e.identifier for e in await redis.xrange("jobs")] == [*ids, new]
+    await redis.xack("jobs", "b", [ids[0]])
+    async with StreamSink(redis, "jobs", trim_acked_by="a") as sink:
+        newer = await sink.submit({"n": "7"})
+    # b is done with ids[:4]; ids[4:] and what follows are still to be delivered to it
+    assert [e.identifier for e in await redis.xrange("jobs")] == [*ids[4:], new, newer]
+
+
 async def test_sink_trimming_keeps_writes_at_one_round_trip(redis: coredis.Redis[str]) -> None:
     """The trim goes in the batch's pipeline: a batch is still one round trip
     (EVALSHA, no SCRIPT EXISTS), and a trim that fails does not fail (nor

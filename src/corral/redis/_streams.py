@@ -191,37 +191,43 @@ return acked
 """
 
 # KEYS: stream. ARGV: group.
-# Trims from the stream the entries the group is done with: every entry below
-# both its oldest pending entry and the entry after its last-delivered ID
-# (XTRIM MINID), so that no pending or undelivered entry goes. Nothing if the
-# stream or the group does not exist. Returns how many entries were trimmed.
+# Trims from the stream the entries every consumer group is done with: every
+# entry below, for each group, both its oldest pending entry and the entry
+# after its last-delivered ID (XTRIM MINID), so that no entry pending in, or
+# not yet delivered to, any group goes. Nothing if the stream or the named
+# group does not exist. Returns how many entries were trimmed.
 _TRIM_ACKED = """
 local stream, group = KEYS[1], ARGV[1]
 if redis.call('EXISTS', stream) == 0 then return 0 end
-local last, pending
-for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-  local info = {}
-  for i = 1, #fields, 2 do info[fields[i]] = fields[i + 1] end
-  if info['name'] == group then last, pending = info['last-delivered-id'], info['pending'] end
-end
-if not last then return 0 end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
--- the ID after the last delivered one: every entry below it was delivered (a
--- sequence number beyond 2^53, where Lua's numbers end, keeps the last one)
-local ms, seq = parse(last)
-local below = last
-if seq < 9007199254740991 then
-  seq = seq + 1
-  below = string.match(last, '^%d+') .. '-' .. string.format('%d', seq)
+local function less(a, b)
+  local a_ms, a_seq = parse(a)
+  local b_ms, b_seq = parse(b)
+  return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
 end
-if pending > 0 then
-  local oldest = redis.call('XPENDING', stream, group, '-', '+', 1)[1][1]
-  local oldest_ms, oldest_seq = parse(oldest)
-  if oldest_ms < ms or (oldest_ms == ms and oldest_seq < seq) then below = oldest end
+-- the ID after this one: every entry below it was delivered (a sequence
+-- number beyond 2^53, where Lua's numbers end, keeps the ID itself)
+local function after(id)
+  local _, seq = parse(id)
+  if seq >= 9007199254740991 then return id end
+  return string.match(id, '^%d+') .. '-' .. string.format('%d', seq + 1)
 end
+local below, named = nil, false
+for _, fields in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  local info = {}
+  for i = 1, #fields, 2 do info[fields[i]] = fields[i + 1] end
+  if info['name'] == group then named = true end
+  local limit = after(info['last-delivered-id'])
+  if info['pending'] > 0 then
+    local oldest = redis.call('XPENDING', stream, info['name'], '-', '+', 1)[1][1]
+    if less(oldest, limit) then limit = oldest end
+  end
+  if below == nil or less(limit, below) then below = limit end
+end
+if not named then return 0 end
 return redis.call('XTRIM', stream, 'MINID', below)
 """
 
@@ -746,15 +752,15 @@ class StreamSink(Generic[AnyStr]):
     part way is written again whole, so an entry can appear twice. Readers of
     the stream should tolerate that (key on a field of the entry).
 
-    **Trimming what a group has done.** With ``trim_acked_by="billing"``, each
-    batch's round trip also trims the stream (``XTRIM MINID``, in a script)
-    of the entries that consumer group is done with: every entry below both
-    the group's oldest pending entry and the entry after its last-delivered
-    ID, so an entry still pending or not yet delivered to the group is never
-    dropped. A drained stream then stays short without a ``maxlen`` guess.
-    If the group does not exist (yet), nothing is trimmed. Other groups
-    reading the stream are not consulted: name the slowest one, or the only
-    one. A trim that fails is logged (``corral.redis``, WARNING) and does not
+    **Trimming what the groups have done.** With ``trim_acked_by="billing"``,
+    each batch's round trip also trims the stream (``XTRIM MINID``, in a
+    script) of the entries every consumer group of the stream is done with:
+    every entry below, for each group, both its oldest pending entry and the
+    entry after its last-delivered ID, so an entry still pending in, or not
+    yet delivered to, any group is never dropped. A drained stream then stays
+    short without a ``maxlen`` guess. Nothing is trimmed until the named
+    group exists (so that entries written before their readers' group was
+    made stay). A trim that fails is logged (``corral.redis``, WARNING) and does not
     fail the batch: its entries are written.
 
     :param client: an entered ``coredis.Redis`` client.
@@ -766,7 +772,8 @@ class StreamSink(Generic[AnyStr]):
         least ``max_size``; default ``2 * max_size``.
     :param maxlen: trim the stream to about this many entries (``MAXLEN ~``).
     :param trim_acked_by: a consumer group's name: after each batch, trim the
-        entries it has acknowledged (see above); None: no such trimming.
+        entries every group is done with, once this group exists (see above);
+        None: no such trimming.
     :param retry: a :class:`~corral.Retry` policy per batch.
     :param timeout: seconds one round trip may take before
         :class:`~corral.redis.RedisUnavailable`.
