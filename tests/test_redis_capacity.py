@@ -11,6 +11,7 @@ Redis's clock is real time, so these run in real time on every backend.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from typing import Any
 
@@ -293,6 +294,54 @@ async def test_one_slot_per_task_through_async_with(redis: coredis.Redis[str]) -
     with pytest.raises(KeyError, match="as itself"):
         async with limiter:
             raise KeyError("as itself")
+    assert (await limiter.statistics()).holders == 0
+
+
+async def test_a_handler_using_its_pools_limiter_is_an_error_not_a_hang(
+    redis: coredis.Redis[str],
+) -> None:
+    """A handler that enters the limiter its own pool holds a slot of would
+    wait for a second slot while holding one (with total=1, forever): it gets
+    RuntimeError instead, as anyio.CapacityLimiter gives."""
+    limiter = RedisCapacityLimiter(redis, "reentered", 1)
+
+    async def handler(item: int) -> int:
+        async with limiter:
+            return item
+
+    with anyio.fail_after(10):
+        outcomes = await corral.apply_to_all(handler, range(2), workers=2, limiter=limiter)
+    assert all(isinstance(outcome.error, RuntimeError) for outcome in outcomes)
+    assert (await limiter.statistics()).holders == 0
+
+
+async def test_an_abandoned_thread_keeps_its_slot_until_it_ends(
+    redis: coredis.Redis[str],
+) -> None:
+    """A plain handler's thread that a timeout abandons still holds its slot
+    while it runs, so threads running at once never exceed total (the next
+    attempt gets the slot when the thread ends); once the pool has ended,
+    every slot is back."""
+    limiter = RedisCapacityLimiter(redis, "threads", 1)
+    lock, gauge = threading.Lock(), Gauge()
+
+    def handler(item: int) -> int:
+        with lock:
+            gauge.enter()
+        time.sleep(0.2)  # a slow call that the timeout gives up on
+        with lock:
+            gauge.leave()
+        return item
+
+    with anyio.fail_after(20):
+        outcomes = await corral.apply_to_all(
+            handler, range(3), workers=3, limiter=limiter, timeout=0.02
+        )
+    assert [type(outcome.error) for outcome in outcomes] == [TimeoutError] * 3
+    assert gauge.most == 1
+    with anyio.fail_after(10):
+        async with limiter:
+            assert (await limiter.statistics()).holders == 1
     assert (await limiter.statistics()).holders == 0
 
 

@@ -42,6 +42,7 @@ import attrs
 import coredis
 from coredis.commands.script import Script
 
+from .._threads import Holds, holds_of_attempt
 from .._validate import check_int, check_number
 from ._common import RedisUnavailable, check_name, check_timeout, round_trip
 
@@ -305,8 +306,12 @@ class RedisCapacityLimiter:
 
     One task holds at most one slot of a limiter through ``async with`` at a
     time (a second ``async with`` raises ``RuntimeError``, as
-    :class:`anyio.CapacityLimiter` does). A plain handler's slot is held for
-    its attempt: a thread a timeout abandoned runs on without it. The state
+    :class:`anyio.CapacityLimiter` does; so does an ``async with`` in a
+    handler of a pool whose ``limiter=`` it is, which would wait for a slot
+    while holding one). A plain handler's slot stays held while its thread
+    runs, also when a timeout abandons the thread: it is given back at this
+    limiter's next acquisition after the thread ends, and no longer renewed
+    meanwhile (a thread that outlives ``lease`` loses it). The state
     lives in the keys ``key``, ``key:waiting`` and ``key:deadlines``, which
     expire once unused; against a Redis Cluster, give ``key`` a hash tag
     (``"{reports-api}"``) so that they share a slot. If Redis loses them (a
@@ -356,6 +361,9 @@ class RedisCapacityLimiter:
         self._held = 0  # slots this object holds
         # ``async with`` blocks, per task: the token, its renewal and its task group
         self._blocks: dict[int, tuple[str, _Renewal, anyio.abc.TaskGroup]] = {}
+        self._attempts: dict[int, int] = {}  # tasks holding a slot for a pool's attempt
+        # slots of threads a timeout abandoned, given back once the thread ends
+        self._abandoned: dict[str, anyio.Event] = {}
 
     def __repr__(self) -> str:
         return f"RedisCapacityLimiter(key={self.key!r}, total={self.total}, lease={self.lease})"
@@ -391,7 +399,8 @@ class RedisCapacityLimiter:
             did not answer within ``timeout``.
         """
         task = anyio.get_current_task().id
-        if task in self._blocks:
+        if task in self._blocks or task in self._attempts:
+            # it would wait for a slot while holding one: with total=1, forever
             raise RuntimeError(f"this task already holds a slot of {self!r}")
         token = await self._acquire()
         renewal = _Renewal(self, token)
@@ -422,40 +431,73 @@ class RedisCapacityLimiter:
             await self._release(token)
 
     def _layer(self, call_next: Call, clock: Callable[[], float], threaded: bool) -> Call:
-        """The pool's limiter layer: a slot per attempt, renewed while it runs."""
+        """The pool's limiter layer: a slot per attempt, renewed while it runs
+        (``threaded``: until the attempt's thread ends, if a timeout abandons
+        it)."""
         hold = self._hold
 
         async def redis_capacity_limited(item: Any) -> Any:
-            return await hold(call_next, item)
+            return await hold(call_next, item, threaded)
 
         return redis_capacity_limited
 
-    async def _hold(self, call_next: Call, item: Any) -> Any:
+    async def _hold(self, call_next: Call, item: Any, threaded: bool) -> Any:
         """``call_next(item)`` holding a slot, in a task group with its renewal
-        task. The call's error is raised after the group (not in a group)."""
+        task. The call's error is raised after the group (not in a group).
+        For a plain handler, the slot's :class:`Holds` goes with the call to
+        its thread: if the thread outlives the attempt, the slot stays held
+        (no longer renewed) until the thread ends."""
         token = await self._acquire()
+        task = anyio.get_current_task().id
+        self._attempts[task] = self._attempts.get(task, 0) + 1
+        holds, ended = Holds(), anyio.Event()
+        holds.releases.append(ended.set)
+        holds.releases.append(self._kick)  # a waiter's poll gives the slot back now
+        context = holds_of_attempt.set(holds) if threaded else None
         try:
-            renewal = _Renewal(self, token)
-            failure: Exception | None = None
-            async with anyio.create_task_group() as group:
-                group.start_soon(renewal.run, name=f"lease renewal of {self._what}")
-                try:
-                    result = await call_next(item)
-                except Exception as error:  # noqa: BLE001 - raised below, outside the group
-                    failure = error
-                finally:
-                    renewal.stop(group.cancel_scope)
-            if failure is not None:
-                raise failure
-            return result
+            return await self._call_renewed(token, call_next, item)
         finally:
-            await self._release(token)
+            if context is not None:
+                holds_of_attempt.reset(context)
+            if not holds.taken:
+                holds.release()
+            self._attempts[task] -= 1
+            if not self._attempts[task]:
+                del self._attempts[task]
+            if ended.is_set():
+                await self._release(token)
+            else:  # its thread runs on; the next _acquire gives the slot back after it
+                self._abandoned[token] = ended
+
+    async def _call_renewed(self, token: str, call_next: Call, item: Any) -> Any:
+        renewal = _Renewal(self, token)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(renewal.run, name=f"lease renewal of {self._what}")
+            try:
+                result = await call_next(item)
+            except Exception as error:  # noqa: BLE001 - raised below, outside the group
+                failure = error
+            finally:
+                renewal.stop(group.cancel_scope)
+        if failure is not None:
+            raise failure
+        return result
+
+    async def _release_abandoned(self) -> None:
+        """Give back the slots of abandoned threads that have ended since."""
+        for token, ended in list(self._abandoned.items()):
+            if ended.is_set():
+                del self._abandoned[token]
+                await self._release(token)
 
     # -- waiting in line -----------------------------------------------------
 
     async def _acquire(self) -> str:
         """Wait in line until admitted; the slot's token. If it raises, nothing
         is held: whatever Redis may have granted is given back."""
+        if self._abandoned:
+            await self._release_abandoned()
         waiter = _Waiter(secrets.token_hex(8))
         self._waiting[waiter.ticket] = waiter
         try:
@@ -485,6 +527,8 @@ class RedisCapacityLimiter:
         try:
             while True:
                 kicked = self._kicked = anyio.Event()
+                if self._abandoned:  # a slot an ended thread held frees a place
+                    await self._release_abandoned()
                 counts = await self._poll(waiter)
                 if waiter.admitted:
                     return
