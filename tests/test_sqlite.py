@@ -92,6 +92,8 @@ async def test_submit_returns_the_id_and_a_key_is_added_once(path: pathlib.Path)
         assert first == again != other
         queued = await sink.counts()
         assert queued.queued == 2
+        assert sink.stats.flushed == 3
+        assert sink.unflushed == []
         assert queued.oldest_age is not None
         assert queued.oldest_age >= 0
     async with QueueSource(path, stop_when_drained=True) as source:
@@ -449,6 +451,7 @@ async def test_iterating_outside_the_block_and_twice_at_once(path: pathlib.Path)
         (lambda: QueueSource("q", queue=""), "queue must not be empty"),
         (lambda: QueueSource("q", queue=3), "queue must be a str"),  # type: ignore[arg-type]
         (lambda: QueueSource("q", consumer=""), "consumer must not be empty"),
+        (lambda: QueueSource("q", consumer=3), "consumer must be a str"),  # type: ignore[arg-type]
         (lambda: QueueSink(":memory:"), "path must name a file"),
         (lambda: QueueSource("file::memory:?cache=shared"), "path must name a file"),
         (lambda: QueueSource("q", max_in_flight=0), "max_in_flight"),
@@ -670,3 +673,71 @@ async def test_the_command_refuses_what_it_cannot_read(tmp_path: pathlib.Path) -
     result = run_cli(str(text))
     assert result.returncode == 2
     assert "not a SQLite database" in result.stderr
+
+
+async def test_the_command_in_process(
+    path: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main() prints the counts and dead letters, says when a file holds no
+    entries, and refuses a folder or a SQLite file without a queue (status 2)."""
+    from corral.sqlite.__main__ import main
+
+    async with QueueSink(path):
+        pass
+    assert main([str(path)]) == 0
+    assert "(no entries)" in capsys.readouterr().out
+    await fill(path, 2)
+    async with QueueSource(path, max_deliveries=1, stop_when_drained=True) as source:
+
+        async def handle(delivery: Delivery[str]) -> None:
+            raise ValueError(delivery.fields["n"])
+
+        await drain(source, handle)
+    assert main([str(path), "--dead", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("error:  ValueError(") == 1  # --limit 1
+    assert main([str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    empty = tmp_path / "empty.sqlite3"
+    await anyio.Path(empty).write_bytes(b"")
+    assert main([str(empty)]) == 2
+    assert "not a corral queue file" in capsys.readouterr().err
+
+
+async def test_a_file_that_turns_read_only_mid_run_loses_nothing(path: pathlib.Path) -> None:
+    """If the file stops taking writes while a source runs, its iteration
+    ends with QueueError, the block says the successes it could not record,
+    and every entry is still in the file to run again."""
+    await fill(path, 5)
+    handled: list[str] = []
+
+    async def handle(delivery: Delivery[str]) -> None:
+        handled.append(delivery.id)
+        if len(handled) == 2:  # the disk goes read-only under the running source
+            source._live()._connection.execute("PRAGMA query_only = ON")
+
+    source = QueueSource(path, max_in_flight=1)
+    with anyio.fail_after(30), pytest.raises(QueueError, match="read-only"):
+        async with source:
+            await drain(source, handle, workers=1)
+    left = await counts(path)
+    assert left.done + left.queued + left.in_progress == 5
+    assert left.done <= 1
+
+
+async def test_a_lease_lost_while_handled_is_reported(
+    path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If a delivery's lease was taken over while its handler ran (the
+    process stalled past the lease), the renewal says so at WARNING, naming
+    the risk: the entry may be handled twice."""
+    await fill(path, 1)
+    async with QueueSource(path, lease=0.3) as source:
+        delivery = await source.__anext__()
+        with sqlite3.connect(path) as connection:  # another consumer took it over
+            connection.execute("UPDATE corral_entries SET consumer = 'another'")
+        with anyio.fail_after(10):
+            while "leases had run out" not in caplog.text:  # noqa: ASYNC110 - the renewal's timer
+                await anyio.sleep(0.02)
+        assert "handled twice" in caplog.text
+        await source.settle(done(delivery))
