@@ -4,13 +4,14 @@ test_sqlite_processes.py."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -23,6 +24,35 @@ from corral import Outcome, PoolClosed
 from corral.sqlite import Delivery, QueueCounts, QueueError, QueueSink, QueueSource, _store
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def files_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every SQLite connection opened during a test (corral's, in its worker
+    threads, and the test's own) is closed when it ends: a sink or source
+    closes its file when its block ends, also when the block is cancelled."""
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def tracked(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", tracked)
+    yield
+    left_open = [connection for connection in opened if is_open(connection)]
+    for connection in left_open:
+        connection.close()
+    assert not left_open, f"{len(left_open)} SQLite connection(s) left open"
+
+
+def is_open(connection: sqlite3.Connection) -> bool:
+    try:
+        connection.total_changes  # noqa: B018 (raises once the connection is closed)
+    except sqlite3.ProgrammingError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -57,8 +87,21 @@ def done(item: Any) -> Outcome[Any, None]:
     return Outcome(item=item, index=0, id=0, result=None)
 
 
+@contextlib.contextmanager
+def writing(path: pathlib.Path) -> Iterator[sqlite3.Connection]:
+    """A connection of the test's own, in one transaction, closed after it
+    (``with connection:`` alone ends the transaction, not the connection, and
+    Python 3.13 warns of a connection left to the garbage collector)."""
+    connection = sqlite3.connect(path)
+    try:
+        with connection:
+            yield connection
+    finally:
+        connection.close()
+
+
 def rows(path: pathlib.Path, sql: str, *args: Any) -> list[Any]:
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         return connection.execute(sql, args).fetchall()
 
 
@@ -178,7 +221,7 @@ async def test_an_expired_lease_is_claimed(path: pathlib.Path) -> None:
     is taken over by another consumer, its delivery counted; one that had
     used up its deliveries goes to the dead letters without being handed out."""
     await fill(path, 2)
-    with sqlite3.connect(path) as connection:  # what a SIGKILLed consumer leaves behind
+    with writing(path) as connection:  # what a SIGKILLed consumer leaves behind
         connection.execute(
             "UPDATE corral_entries SET state = 'leased', consumer = 'gone', due = 0, "
             "deliveries = CASE key WHEN '0' THEN 1 ELSE 5 END"
@@ -201,7 +244,7 @@ async def test_a_live_lease_is_not_claimed(path: pathlib.Path) -> None:
     """An entry leased to another live consumer (its lease in the future) is
     not handed out, and the queue does not count as drained while it is."""
     await fill(path, 1)
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         connection.execute(
             "UPDATE corral_entries SET state = 'leased', consumer = 'busy', due = ?",
             (_store.now() + 3600,),
@@ -317,7 +360,7 @@ async def test_a_named_consumer_takes_back_its_own_leases(path: pathlib.Path) ->
     """A consumer restarted under the same name gets back at once the
     entries its earlier run left leased, without waiting for the lease."""
     await fill(path, 3)
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         connection.execute(
             "UPDATE corral_entries SET state = 'leased', consumer = 'worker-1', due = ?, "
             "deliveries = 1",
@@ -504,7 +547,7 @@ async def test_a_file_that_is_not_a_database_is_refused(path: pathlib.Path) -> N
 
 async def test_another_programs_database_is_refused(path: pathlib.Path) -> None:
     """A SQLite file with tables corral did not make is refused, naming them."""
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         connection.execute("CREATE TABLE users (id INTEGER)")
     with pytest.raises(QueueError, match=r"did not make.*users"):
         async with QueueSink(path):
@@ -514,7 +557,7 @@ async def test_another_programs_database_is_refused(path: pathlib.Path) -> None:
 async def test_another_schema_version_is_refused(path: pathlib.Path) -> None:
     """A queue file of another schema version is refused, naming both versions."""
     await fill(path, 1)
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         connection.execute("UPDATE corral_meta SET value = '99' WHERE name = 'schema'")
     with pytest.raises(QueueError, match="version 99"):
         async with QueueSource(path):
@@ -525,7 +568,7 @@ async def test_a_corrupt_file_is_refused(path: pathlib.Path) -> None:
     """A queue file whose pages were overwritten gives a clear error, not a
     crash or a silent empty queue."""
     await fill(path, 2000)
-    with sqlite3.connect(path) as connection:
+    with writing(path) as connection:
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(await anyio.Path(path).read_bytes())
     for offset in range(4096, len(data), 4096):  # every page but the first
@@ -734,7 +777,7 @@ async def test_a_lease_lost_while_handled_is_reported(
     await fill(path, 1)
     async with QueueSource(path, lease=0.3) as source:
         delivery = await source.__anext__()
-        with sqlite3.connect(path) as connection:  # another consumer took it over
+        with writing(path) as connection:  # another consumer took it over
             connection.execute("UPDATE corral_entries SET consumer = 'another'")
         with anyio.fail_after(10):
             while "leases had run out" not in caplog.text:  # noqa: ASYNC110 - the renewal's timer

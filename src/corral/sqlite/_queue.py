@@ -510,11 +510,16 @@ class QueueSource(_QueueFile, Deliveries[str]):
                     if entries:
                         await self._run(self._live().release, self.consumer, entries)
         finally:
-            if tasks is not None:
-                tasks.cancel_scope.cancel()
-                await tasks.__aexit__(None, None, None)
-            self._forget()
-            await self._close()
+            try:
+                if tasks is not None:
+                    # shielded, so that a cancellation of the block does not
+                    # make leaving the group raise before the file is closed
+                    tasks.cancel_scope.shield = True
+                    tasks.cancel_scope.cancel()
+                    await tasks.__aexit__(None, None, None)
+            finally:
+                self._forget()
+                await self._close()
         return unsettled
 
     async def _renew_leases(self) -> None:
