@@ -33,7 +33,6 @@ import attrs
 
 from ._adaptive import AdaptiveRate
 from ._breaker import CircuitBreaker
-from ._concurrency import AdaptiveLimiter
 from ._errors import attempt_timed_out
 from ._handlers import check_callable, is_async_callable
 from ._hedge import Hedge
@@ -519,10 +518,8 @@ def _with_adaptive_rate(
 def _with_limiter(
     call_next: Call, limiter: Any, threaded: bool, clock: Callable[[], float]
 ) -> Call:
-    if isinstance(limiter, AdaptiveLimiter):
-        return limiter._layer(call_next, clock, threaded)
     own_layer = getattr(limiter, "_layer", None)
-    if own_layer is not None:  # a layer of its own: corral.redis.RedisCapacityLimiter
+    if own_layer is not None:  # a layer of its own: AdaptiveLimiter, RedisCapacityLimiter
         return cast("Call", own_layer(call_next, clock, threaded))
     if threaded and isinstance(limiter, anyio.CapacityLimiter):
         return _with_limiter_for_thread(call_next, limiter)

@@ -30,7 +30,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import attrs
 
@@ -488,7 +487,7 @@ def check_fields(fields: object) -> dict[str, str]:
     return checked
 
 
-def check_key(key: object) -> Any:
+def check_key(key: object) -> str | None:
     if key is not None and (not isinstance(key, str) or not key):
         raise TypeError(f"key must be a non-empty str or None, got {key!r}")
     return key
