@@ -807,3 +807,50 @@ async def test_on_demand_workers_still_reach_the_bound() -> None:
         assert _corral_tasks("corral worker") == 8
         gate.open.set()
     assert pool.stats.succeeded == 20
+
+
+async def test_pool_inside_the_producers_task_group_exits_first_and_says_what_to_do() -> None:
+    """A pool whose block ends before the producers (started in a task group
+    outside it) run exits at once, being idle; their submit raises a PoolClosed
+    that says where the task group goes."""
+    errors: list[PoolClosed] = []
+
+    async def producer(pool: Pool[int, int]) -> None:
+        await pool.submit(1)
+
+    try:
+        async with anyio.create_task_group() as tg, Pool(double) as pool:  # the wrong order
+            tg.start_soon(producer, pool)
+    except* PoolClosed as group:
+        errors.extend(error for error in group.exceptions if isinstance(error, PoolClosed))
+    assert len(errors) == 1
+    message = str(errors[0])
+    assert "has exited" in message
+    assert "waits only for the items already submitted" in message
+    assert "task group opened inside the pool's `async with` block" in message
+    assert "Pools in task groups and nurseries" in message
+    assert pool.stats.submitted == 0
+
+
+async def test_task_group_inside_the_pool_block_gives_every_item_an_outcome() -> None:
+    """The pool around the producers: its task group waits for the producers,
+    then the pool for their items, each of which gets one outcome."""
+    outcomes: list[Outcome[int, int]] = []
+
+    async def producer(pool: Pool[int, int], start: int) -> None:
+        for n in range(start, start + 10):
+            await pool.submit(n)
+            if n % 3 == 0:
+                await anyio.sleep(0.001)  # the pool goes idle between items
+
+    async with (
+        Pool(double, workers=2, max_pending=2, on_outcome=outcomes.append) as pool,
+        anyio.create_task_group() as tg,
+    ):
+        for start in (0, 100, 200):
+            tg.start_soon(producer, pool, start)
+    expected = [n for start in (0, 100, 200) for n in range(start, start + 10)]
+    assert sorted(outcome.item for outcome in outcomes) == expected
+    assert all(outcome.result == 2 * outcome.item for outcome in outcomes)
+    assert pool.stats.succeeded == 30
+    assert pool.unfinished == []
