@@ -565,6 +565,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         block runs.
     """
 
+    _kind = "batcher"
+
     @overload
     def __init__(
         self: Batcher[T, None],
@@ -774,9 +776,16 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
 
     def _started(self, run: _BatcherRun[T]) -> None:
         config = self._config
+        probe = run.probe
         run.chain = config.layers.chain(
-            config.flush, threads=run.threads, clock=run.clock, log=self._log
+            config.flush,
+            threads=run.threads,
+            clock=run.clock,
+            log=self._log,
+            attempt=None if probe is None else probe.attempt,
         )
+        if probe is not None:
+            run.chain = probe.flush(run.chain)
         run.stopped = anyio.Event()
         self._start_flusher(run)  # more start as batches are cut (see _cut)
 
@@ -820,6 +829,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         for waiter in waiters:
             waiter.error = self._not_flushed_error()
             waiter.event.set()
+        if run.probe is not None:
+            run.probe.ended(len(entries))
 
     def _stop(self, run: _BatcherRun[T]) -> None:
         """Stop everything (unflushed items stay unflushed)."""
@@ -1468,6 +1479,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             run.failures += 1
         self._schedule_backoff(run, error)
         kept = self._hand_back(run, batch, error)
+        if run.probe is not None:
+            run.probe.failed(len(batch) - len(kept), error)
         self._requeue(run, kept)
         give_up_after = self._config.give_up_after
         give_up = give_up_after is not None and run.failures >= give_up_after

@@ -27,6 +27,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from ._observe import Observer
+from ._telemetry import Probe, probe_for
 from ._threads import Threads
 
 __all__ = ["CLOSED", "NEW", "RUNNING", "STOPPING", "Block", "Run", "stray_cancellation", "weakly"]
@@ -48,6 +49,7 @@ class Run:
         # why the block stopped itself: an exception that broke one of its
         # tasks (a callback raised, KeyboardInterrupt, ...), or fail_fast's
         self.stop_reason: BaseException | None = None
+        self.probe: Probe | None = None  # an instrumentation's (see _telemetry)
 
     def start_soon(
         self, task: Callable[..., Coroutine[Any, Any, Any]], *args: Any, name: str
@@ -65,6 +67,7 @@ class Block(Generic[RunT]):
     """The base of Pool and Batcher: ``async with`` and the state it moves through."""
 
     name: str | None
+    _kind: str  # what an instrumentation calls it: pool, batcher
     _observer: Observer[Any]
     _log: logging.Logger
     _state: str
@@ -115,6 +118,7 @@ class Block(Generic[RunT]):
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         run = self._new_run()
         run.clock = _loop_clock()
+        run.probe = probe_for(self, self._kind, run.clock)
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
         tg = anyio.create_task_group()

@@ -268,10 +268,12 @@ class Layers:
         clock: Callable[[], float],
         on_start: Callable[[], None] | None = None,
         log: logging.Logger | None = None,
+        attempt: Callable[[Call], Call] | None = None,
     ) -> Call:
         """``fn`` (run in ``threads`` if given) wrapped in the layers;
         ``on_start`` is called as each call of ``fn`` starts; ``log`` is the
-        block's logger (where a retry says so)."""
+        block's logger (where a retry says so); ``attempt`` wraps each call of
+        ``fn`` with its timeout (an instrumentation's layer)."""
         timeout = self.timeout
         if threads is not None:  # they keep the timeout, and know when a call starts
             seconds = None if timeout is None else timeout.seconds
@@ -294,6 +296,7 @@ class Layers:
             breaker=self.breaker,
             hedge=self.hedge,
             log=log,
+            attempt=attempt,
         )
 
 
@@ -319,6 +322,7 @@ def build_chain(
     breaker: CircuitBreaker | None = None,
     hedge: Hedge | None = None,
     log: logging.Logger | None = None,
+    attempt: Callable[[Call], Call] | None = None,
 ) -> Call:
     """Wrap ``call`` in the configured layers, innermost first; ``call`` itself
     when nothing is configured. ``clock`` is the running loop's clock (what
@@ -332,10 +336,15 @@ def build_chain(
     ``rate_limit`` for (None: 1).
 
     ``log``: where a retry logs (None: ``corral.retry``).
+
+    ``attempt``: a layer around each attempt with its timeout, inside the
+    limiters (an instrumentation times what the handler took, not the waits).
     """
     chain = call
     if timeout is not None:
         chain = _with_timeout(chain, timeout.seconds, clock)
+    if attempt is not None:
+        chain = attempt(chain)
     if rate_limit is not None:
         where = retry.retry_after if retry is not None and retry.retry_after else retry_after_of
         chain = _with_rate_limit(chain, rate_limit, clock, where, cost)

@@ -184,6 +184,8 @@ class _PoolRun(Run, Generic[T, R]):
         self.workers: list[_Worker] = []  # what each worker runs (for Job.cancel)
         self.doomed: set[int] = set()  # cancelled while handed to a parked worker
         self.unpaused: anyio.Event | None = None  # set by resume(); workers wait on it
+        # a traced pool's submitters' contexts, by index (see _telemetry)
+        self.carried: dict[int, object] | None = None
 
 
 class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
@@ -284,6 +286,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     Entering a pool that is already running raises ``RuntimeError``; it can be
     entered again after it exited (its stats accumulate).
     """
+
+    _kind = "pool"
 
     @overload
     def __init__(
@@ -460,6 +464,10 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         self._unfinished = []
         return self._make_run(threads)
 
+    def _started(self, run: _PoolRun[T, R]) -> None:
+        if run.probe is not None and run.probe.traced:
+            run.carried = {}
+
     def _make_run(self, threads: Threads | None) -> _PoolRun[T, R]:
         run: _PoolRun[T, R] = _PoolRun(threads, self._max_pending, weakly(self._give_back))
         if self._key is not None:
@@ -490,6 +498,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             if entry[3] is not None:
                 entry[3]._abandon()
         run.watch.release_all()
+        if run.probe is not None:
+            run.probe.ended(len(self._unfinished))
 
     def _stop(self, run: _PoolRun[T, R]) -> None:
         """Cancel the workers and the block's own code; take no new items.
@@ -522,7 +532,13 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             return PoolClosed(f"{self!r} is not running yet: submit inside `async with pool:`")
         if self._state is STOPPING:
             return PoolClosed(f"{self!r} is stopping and takes no new items")
-        return PoolClosed(f"{self!r} has exited and takes no new items")
+        return PoolClosed(
+            f"{self!r} has exited and takes no new items. A block that ends well"
+            " waits only for the items already submitted, not for tasks that submit"
+            " later: start those tasks in a task group opened inside the pool's"
+            " `async with` block, or keep the block open until they finish (docs:"
+            ' "Pools in task groups and nurseries")'
+        )
 
     async def _raise_closed(self) -> NoReturn:
         # If the pool is being cancelled (fail_fast, an exception, an early exit
@@ -614,6 +630,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         self._counters.submitted = index + 1
         job: Job[T, R] = Job(item, index, index if id is None else id, self)
         run.live[index] = entry = (index, item, job.id, job)
+        if run.carried is not None:  # a span per item: where it was submitted
+            run.carried[index] = run.probe.submitted()  # type: ignore[union-attr]
         if priority or self._key is not None:
             self._schedule(run, entry, priority)
         else:
@@ -803,13 +821,19 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
     ) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
         """What a new worker calls per item: the handler, or a chain of its own
         around a counter of handler calls (the counter's list: calls, start)."""
-        layers, clock, threads = self._layers, run.clock, run.threads
-        if not layers.configured:
+        layers, clock, threads, probe = self._layers, run.clock, run.threads, run.probe
+        if not layers.configured and probe is None:
             return layers.chain(self._handler, threads=threads, clock=clock), None
         attempts: list[float] = [0, 0.0]
         on_start = _counter(attempts, clock)
+        attempt = None if probe is None else probe.attempt
         return layers.chain(
-            self._handler, threads=threads, clock=clock, on_start=on_start, log=self._log
+            self._handler,
+            threads=threads,
+            clock=clock,
+            on_start=on_start,
+            log=self._log,
+            attempt=attempt,
         ), attempts
 
     # ----------------------------------------------------- resize, pause, cancel
@@ -1042,6 +1066,8 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         # columns) what no entry has, so that one test says both
         jobless = None if kept is not None else _NO_JOB
         cancelled = anyio.get_cancelled_exc_class()
+        traced = run.probe is not None and run.probe.traced
+        call_layered = self._call_traced if traced else self._call_layered
         # the first entry comes from _next_entry (the bound, pause), with no checkpoint
         streak = _MAX_STREAK + 1
         while True:
@@ -1059,7 +1085,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
                 slots.used -= 1
             start = clock()
             if attempts is not None:
-                outcome = await self._call_layered(record, call, attempts, start, entry, worker)
+                outcome = await call_layered(record, call, attempts, start, entry, worker)
             else:
                 result: R | None = None
                 error: Exception | None = None
@@ -1164,6 +1190,25 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             return record.record(entry, None, error, calls, elapsed)
         return record.succeeded(entry, result, elapsed, calls)
 
+    async def _call_traced(
+        self,
+        record: _Recorder[T, R],
+        chain: Callable[[T], Awaitable[R]],
+        attempts: list[float],
+        start: float,
+        entry: _Entry[T, R],
+        worker: _Worker,
+    ) -> Outcome[T, R] | None:
+        """:meth:`_call_layered` in the item's span (an instrumentation's)."""
+        run = self._run
+        assert run.probe is not None
+        assert run.carried is not None
+        carried = run.carried.pop(entry[0], None)
+        with run.probe.item_span(carried) as finish:
+            outcome = await self._call_layered(record, chain, attempts, start, entry, worker)
+            finish(outcome)
+        return outcome
+
     def _log_failure(self, outcome: Outcome[T, R]) -> None:
         """A final failure, at WARNING, with its traceback."""
         self._log.warning(
@@ -1259,8 +1304,12 @@ class _Recorder(Generic[T, R]):
         )
         # a keyed pool's first sink lets the next item of the key start
         keys = () if pool._key is None else (pool._release_key,)
+        probe = () if run.probe is None else (run.probe.outcome,)
         self.sinks: tuple[Callable[[Outcome[T, R]], Any], ...] = (
-            keys + tuple(pool._sinks) + (() if on_outcome is None or is_async else (on_outcome,))
+            keys
+            + probe
+            + tuple(pool._sinks)
+            + (() if on_outcome is None or is_async else (on_outcome,))
         )
         self.after: Callable[[Outcome[T, R]], Awaitable[Any]] | None = (
             on_outcome if is_async else None

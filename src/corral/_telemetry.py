@@ -1,0 +1,82 @@
+"""The seam where an instrumentation watches pools and batchers.
+
+``corral.otel`` installs an :class:`Instrumentation` here; the engine asks it
+for a :class:`Probe` once per entry into a block (``Block.__aenter__``) and
+calls the probe only at places that exist for it: a layer around each attempt,
+the record step's sinks, a failed flush, the end of the block. With nothing
+installed, a block's probe is None and the per-item path is the same code as
+without this module (nothing is checked per item).
+
+This module imports nothing of OpenTelemetry: the engine stays on anyio and
+attrs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+__all__ = ["Instrumentation", "Probe", "install", "installed", "probe_for"]
+
+Call = Callable[[Any], Awaitable[Any]]
+
+
+class Probe(Protocol):
+    """One entry into one block, as an instrumentation sees it."""
+
+    # a span per item (a pool) or per flush (a batcher): then a pool keeps each
+    # submitter's context (``submitted``) and runs each item in ``item_span``
+    traced: bool
+
+    def attempt(self, call_next: Call) -> Call:
+        """The innermost layer of the chain: one call of the handler or flush."""
+        ...
+
+    def flush(self, call_next: Call) -> Call:
+        """A batcher's layer around each flush (with its retries)."""
+        ...
+
+    def submitted(self) -> object:
+        """What ``item_span`` needs of the submitter (called in its task)."""
+        ...
+
+    def item_span(self, carried: object | None) -> AbstractContextManager[Callable[[Any], None]]:
+        """Around one item's calls in a worker; the callback gets its Outcome."""
+        ...
+
+    def outcome(self, outcome: Any) -> None:
+        """A pool's record step: an item's Outcome."""
+        ...
+
+    def failed(self, count: int, error: Exception) -> None:
+        """A batcher's failed flush handed ``count`` items back with ``error``."""
+        ...
+
+    def ended(self, unfinished: int) -> None:
+        """The block's tasks ended; ``unfinished`` items got no outcome."""
+        ...
+
+
+class Instrumentation(Protocol):
+    def probe(self, block: Any, kind: str, clock: Callable[[], float]) -> Probe:
+        """The probe of one entry into ``block`` (``kind``: pool or batcher;
+        ``clock``: the running loop's, which times attempts)."""
+        ...
+
+
+_installed: list[Instrumentation] = []  # at most one
+
+
+def install(instrumentation: Instrumentation | None) -> None:
+    """Make ``instrumentation`` watch every block entered from now on (None: stop)."""
+    _installed[:] = [] if instrumentation is None else [instrumentation]
+
+
+def installed() -> Instrumentation | None:
+    return _installed[0] if _installed else None
+
+
+def probe_for(block: Any, kind: str, clock: Callable[[], float]) -> Probe | None:
+    """The probe of a block being entered, if an instrumentation is installed."""
+    return _installed[0].probe(block, kind, clock) if _installed else None

@@ -1,0 +1,379 @@
+"""corral.otel: the metrics and spans an instrumented Pool, Batcher and helper
+report, read back through the OpenTelemetry SDK's in-memory reader and exporter."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import corral
+from corral import _telemetry
+
+pytest.importorskip("opentelemetry.sdk")
+
+import anyio.lowlevel
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+    InMemorySpanExporter,
+)
+
+from corral.otel import CorralInstrumentor
+
+
+class Telemetry:
+    """An SDK meter and tracer provider, with what they recorded."""
+
+    def __init__(self) -> None:
+        self.reader = InMemoryMetricReader()
+        self.meters = MeterProvider(metric_readers=[self.reader])
+        self.exporter = InMemorySpanExporter()
+        self.tracers = TracerProvider()
+        self.tracers.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    def points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """(attributes, value) of each data point of metric ``name``: a sum's
+        value, or a histogram's (count, sum)."""
+        found = []
+        data = self.reader.get_metrics_data()
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name != name:
+                        continue
+                    for point in metric.data.data_points:
+                        value = getattr(point, "value", None)
+                        if value is None:
+                            value = (point.count, point.sum)
+                        found.append((dict(point.attributes), value))
+        return found
+
+    def value(self, name: str, **attributes: str) -> Any:
+        """The value of the one point of ``name`` whose attributes include these."""
+        wanted = {key.replace("_", "."): value for key, value in attributes.items()}
+        matching = [
+            value
+            for found, value in self.points(name)
+            if all(found.get(key) == value for key, value in wanted.items())
+        ]
+        assert len(matching) == 1, (name, wanted, self.points(name))
+        return matching[0]
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+
+@pytest.fixture
+def telemetry() -> Iterator[Telemetry]:
+    recorded = Telemetry()
+    CorralInstrumentor().instrument(
+        meter_provider=recorded.meters, tracer_provider=recorded.tracers, trace_items=True
+    )
+    try:
+        yield recorded
+    finally:
+        CorralInstrumentor().uninstrument()
+
+
+@pytest.fixture
+def metrics_only() -> Iterator[Telemetry]:
+    recorded = Telemetry()
+    CorralInstrumentor().instrument(meter_provider=recorded.meters)
+    try:
+        yield recorded
+    finally:
+        CorralInstrumentor().uninstrument()
+
+
+async def flaky(x: int) -> int:
+    """Fails once for x % 5 == 1, always for x % 5 == 3."""
+    await anyio.lowlevel.checkpoint()
+    if x % 5 == 3 or (x % 5 == 1 and x not in flaky.seen):  # type: ignore[attr-defined]
+        flaky.seen.add(x)  # type: ignore[attr-defined]
+        raise ValueError(x)
+    return x
+
+
+@pytest.fixture(autouse=True)
+def _fresh_flaky() -> None:
+    flaky.seen = set()  # type: ignore[attr-defined]
+
+
+RETRY = corral.Retry(attempts=2, on=ValueError, wait_initial=0, wait_max=0, wait_jitter=False)
+
+
+# ------------------------------------------------------------------- metrics
+
+
+@pytest.mark.anyio
+async def test_a_helper_reports_items_by_outcome_retries_and_attempts(
+    metrics_only: Telemetry,
+) -> None:
+    outcomes = await corral.apply_to_all(flaky, range(20), workers=4, retry=RETRY, name="fetch")
+    failed = sum(1 for outcome in outcomes if not outcome.ok)
+    attempts = sum(outcome.attempts for outcome in outcomes)
+    assert (failed, attempts) == (4, 28)  # 4 fail twice; 4 succeed at the second attempt
+    pool = {"corral_kind": "pool", "corral_name": "fetch"}
+    assert metrics_only.value("corral.items", corral_outcome="ok", **pool) == 16
+    assert (
+        metrics_only.value("corral.items", corral_outcome="failed", error_type="ValueError", **pool)
+        == 4
+    )
+    assert metrics_only.value("corral.retries", **pool) == 8
+    durations = {
+        found.get("error.type"): value[0]
+        for found, value in metrics_only.points("corral.attempt.duration")
+    }
+    assert durations == {None: 16, "ValueError": 12}  # every call of the handler
+
+
+@pytest.mark.anyio
+async def test_an_unnamed_pool_and_its_unfinished_items(metrics_only: Telemetry) -> None:
+    started = anyio.Event()
+
+    async def stuck(x: int) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    with anyio.CancelScope() as scope:
+        async with corral.Pool(stuck, workers=2) as pool:
+            for item in range(5):
+                await pool.submit(item)
+            await started.wait()
+            scope.cancel()
+    assert len(pool.unfinished) == 5
+    assert metrics_only.points("corral.items") == [
+        ({"corral.kind": "pool", "corral.outcome": "unfinished"}, 5)
+    ]
+
+
+@pytest.mark.anyio
+async def test_queued_and_running_are_observed_while_the_pool_runs(
+    metrics_only: Telemetry,
+) -> None:
+    release, three_running = anyio.Event(), anyio.Event()
+    running = 0
+
+    async def held(x: int) -> None:
+        nonlocal running
+        running += 1
+        if running == 3:
+            three_running.set()
+        await release.wait()
+
+    async with corral.Pool(held, workers=3, max_pending=10, name="held") as pool:
+        for item in range(8):
+            await pool.submit(item)
+        await three_running.wait()
+        assert metrics_only.value("corral.items.queued", corral_name="held") == 5
+        assert metrics_only.value("corral.items.running", corral_name="held") == 3
+        release.set()
+    # an exited block is no longer observed
+    assert metrics_only.points("corral.items.queued") == []
+    assert metrics_only.value("corral.items", corral_outcome="ok") == 8
+
+
+@pytest.mark.anyio
+async def test_a_batcher_reports_flushes_batch_sizes_and_items(metrics_only: Telemetry) -> None:
+    attempts = 0
+
+    async def save(batch: list[int]) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 2:
+            raise OSError("disk hiccup")
+
+    async with corral.Batcher(
+        save,
+        max_size=4,
+        max_wait=None,
+        name="rows",
+        retry=corral.Retry(attempts=2, on=OSError, wait_initial=0, wait_max=0, wait_jitter=False),
+    ) as batcher:
+        await batcher.add_many(range(10))
+    assert batcher.stats.flushed == 10
+    rows = {"corral_kind": "batcher", "corral_name": "rows"}
+    assert metrics_only.value("corral.items", corral_outcome="ok", **rows) == 10
+    assert (
+        metrics_only.value("corral.flushes", corral_outcome="ok", **rows) == batcher.stats.flushes
+    )
+    count, total = metrics_only.value("corral.batch.size", **rows)
+    assert (count, total) == (batcher.stats.flushes, 10)
+    assert metrics_only.value("corral.retries", **rows) == 1
+    assert metrics_only.value("corral.attempt.duration", error_type="OSError", **rows)[0] == 1
+
+
+@pytest.mark.anyio
+async def test_a_batcher_failed_and_unflushed_items(metrics_only: Telemetry) -> None:
+    async def refuse(batch: list[int]) -> None:
+        raise PermissionError("read-only")
+
+    async def submit(batcher: corral.Batcher[int, Any], item: int) -> None:
+        with pytest.raises(PermissionError):
+            await batcher.submit(item)
+
+    batcher = corral.Batcher(
+        refuse, max_size=10, max_wait=0.01, max_consecutive_failures=2, name="ro"
+    )
+    with pytest.raises(corral.FlushError):
+        async with batcher, anyio.create_task_group() as tg:
+            tg.start_soon(submit, batcher, 1)
+            tg.start_soon(submit, batcher, 2)
+            tg.start_soon(batcher.add, 3)
+    assert (batcher.stats.failed, batcher.unflushed) == (2, [3])
+    ro = {"corral_name": "ro"}
+    failed = metrics_only.value(
+        "corral.items", corral_outcome="failed", error_type="PermissionError", **ro
+    )
+    assert failed == 2
+    assert metrics_only.value("corral.items", corral_outcome="unfinished", **ro) == 1
+    assert metrics_only.value("corral.flushes", corral_outcome="failed", **ro) == 2
+
+
+# --------------------------------------------------------------------- spans
+
+
+def by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+    return [span for span in spans if span.name == name]
+
+
+@pytest.mark.anyio
+async def test_an_item_span_is_a_child_of_its_submitter_with_attempts_under_it(
+    telemetry: Telemetry,
+) -> None:
+    tracer = telemetry.tracers.get_tracer("test")
+    inner_parents = []
+
+    async def handle(x: int) -> int:
+        with tracer.start_as_current_span("handler work") as span:
+            inner_parents.append(span.parent)
+        return await flaky(x)
+
+    async with corral.Pool(handle, workers=2, retry=RETRY, name="api") as pool:
+        with tracer.start_as_current_span("submitter") as submitter:
+            jobs = [await pool.submit(item) for item in range(5)]
+    assert [job.outcome.ok for job in jobs if job.outcome] == [True, True, True, False, True]
+    spans = telemetry.spans()
+    items = by_name(spans, "corral item api")
+    attempts = by_name(spans, "corral attempt api")
+    assert (len(items), len(attempts)) == (5, 7)  # item 1 twice, item 3 twice
+    submitter_id = submitter.get_span_context().span_id
+    assert {span.parent.span_id for span in items if span.parent} == {submitter_id}
+    assert len({span.context.trace_id for span in spans}) == 1  # one trace
+    item_ids = {span.context.span_id for span in items}
+    assert {span.parent.span_id for span in attempts if span.parent} == item_ids
+    attempt_ids = {span.context.span_id for span in attempts}
+    assert {parent.span_id for parent in inner_parents} <= attempt_ids
+    for span in items:
+        assert span.events[0].name == "started"
+        assert span.start_time is not None
+        assert span.start_time <= span.events[0].timestamp  # it waited from its submit
+    failed = [span for span in items if span.attributes["corral.outcome"] == "failed"]
+    assert len(failed) == 1
+    assert failed[0].status.status_code == trace.StatusCode.ERROR
+    assert failed[0].attributes["error.type"] == "ValueError"
+    assert failed[0].attributes["corral.attempts"] == 2
+
+
+@pytest.mark.anyio
+async def test_helpers_items_are_children_of_the_callers_span(telemetry: Telemetry) -> None:
+    tracer = telemetry.tracers.get_tracer("test")
+    with tracer.start_as_current_span("job") as job:
+        await corral.apply_to_all(flaky, [0, 2, 4], workers=2)
+    items = by_name(telemetry.spans(), "corral item")
+    assert len(items) == 3
+    assert {span.parent.span_id for span in items if span.parent} == {
+        job.get_span_context().span_id
+    }
+
+
+@pytest.mark.anyio
+async def test_a_batcher_traces_each_flush(telemetry: Telemetry) -> None:
+    async with corral.Batcher(
+        lambda batch: anyio.lowlevel.checkpoint(), max_size=3, name="w"
+    ) as batcher:
+        await batcher.add_many(range(7))
+    flushes = by_name(telemetry.spans(), "corral flush w")
+    assert sorted(span.attributes["corral.batch.size"] for span in flushes) == [1, 3, 3]
+
+
+@pytest.mark.anyio
+async def test_an_unfinished_item_span_says_so(telemetry: Telemetry) -> None:
+    async def stuck(x: int) -> None:
+        await anyio.sleep_forever()
+
+    with anyio.move_on_after(0.05):
+        async with corral.Pool(stuck) as pool:
+            await pool.submit(1)
+    assert pool.unfinished == [1]
+    (item,) = by_name(telemetry.spans(), "corral item")
+    assert item.attributes["corral.outcome"] == "unfinished"
+
+
+# ----------------------------------------------------- instrument, uninstrument
+
+
+@pytest.mark.anyio
+async def test_uninstrumented_blocks_report_nothing_and_get_no_probe() -> None:
+    recorded = Telemetry()
+    instrumentor = CorralInstrumentor()
+    instrumentor.instrument(meter_provider=recorded.meters)
+    instrumentor.uninstrument()
+    assert not instrumentor.is_instrumented_by_opentelemetry
+    assert _telemetry.installed() is None
+    async with corral.Pool(flaky) as pool:
+        await pool.submit(0)
+        assert pool._run.probe is None
+    await corral.apply_to_all(flaky, range(5))
+    async with corral.Batcher(lambda batch: anyio.lowlevel.checkpoint()) as batcher:
+        await batcher.add(1)
+        assert batcher._run.probe is None
+    assert recorded.points("corral.items") == []
+
+
+@pytest.mark.anyio
+async def test_a_block_running_at_uninstrument_reports_until_it_exits(
+    metrics_only: Telemetry,
+) -> None:
+    async with corral.Pool(flaky, name="late") as pool:
+        CorralInstrumentor().uninstrument()
+        await pool.submit(0)
+    assert metrics_only.value("corral.items", corral_name="late") == 1
+
+
+def test_the_instrumentor_is_one_per_process_and_warns_when_instrumented_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert CorralInstrumentor() is CorralInstrumentor()
+    recorded = Telemetry()
+    instrumentor = CorralInstrumentor()
+    try:
+        instrumentor.instrument(meter_provider=recorded.meters)
+        assert instrumentor.is_instrumented_by_opentelemetry
+        with caplog.at_level(logging.WARNING, logger="corral.otel"):
+            instrumentor.instrument(meter_provider=Telemetry().meters)
+        assert "already instrumented" in caplog.text
+    finally:
+        instrumentor.uninstrument()
+    instrumentor.uninstrument()  # not instrumented: nothing to do
+    assert list(instrumentor.instrumentation_dependencies()) == []
+
+
+def test_trace_items_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="trace_items"):
+        CorralInstrumentor().instrument(trace_items="yes")  # type: ignore[arg-type]
+    assert not CorralInstrumentor().is_instrumented_by_opentelemetry
+
+
+def test_the_auto_instrumentation_finds_the_instrumentor() -> None:
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="opentelemetry_instrumentor", name="corral")
+    assert [entry.load() for entry in found] == [CorralInstrumentor]
