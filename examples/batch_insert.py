@@ -8,19 +8,21 @@ corral runs it in a worker thread, off the event loop; one transaction per
 batch. Leaving the `async with` block flushes what is left. Then SQL checks
 that every event is in the table exactly once.
 
-Run it with `python examples/batch_insert.py [asyncio|trio] [--db PATH]`: both
-backends by default, on a database in a temporary directory unless `--db`
+Run it with `python examples/batch_insert.py [asyncio|uvloop|trio] [--db PATH]`:
+asyncio and trio by default, on a database in a temporary directory unless `--db`
 names a file (its `events` table is replaced).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import pathlib
 import random
 import sqlite3
 import tempfile
 import threading
+from typing import Any
 
 import anyio
 
@@ -115,23 +117,34 @@ async def run(path: pathlib.Path) -> None:
         store.close()
 
 
+# A name on the command line -> anyio.run's backend and backend_options.
+BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Batched inserts into a SQLite file.")
-    parser.add_argument("backend", nargs="?", choices=["asyncio", "trio"], help="default: both")
+    parser.add_argument("backend", nargs="?", choices=list(BACKENDS), help="default: asyncio, trio")
     parser.add_argument("--db", type=pathlib.Path, help="SQLite file (default: a temporary one)")
     args = parser.parse_args()
-    backends = [args.backend] if args.backend else ["asyncio", "trio"]
     with tempfile.TemporaryDirectory() as tmp:
         path = args.db or pathlib.Path(tmp) / "events.db"
-        for backend in backends:
-            if backend == "trio":
-                try:
-                    import trio  # noqa: F401
-                except ImportError:
-                    print("(trio is not installed: pip install 'corral[trio]')")
-                    continue
-            print(f"--- {backend} ---")
-            anyio.run(run, path, backend=backend)
+        for name in [args.backend] if args.backend else ["asyncio", "trio"]:
+            if name != "asyncio" and importlib.util.find_spec(name) is None:
+                hint = (
+                    f"pip install 'corral[{name}]' "
+                    f"(in a checkout of corral: pip install -e '.[{name}]')"
+                )
+                if args.backend:  # asked for by name: an error
+                    parser.error(f"{name} is not installed: {hint}")
+                print(f"skipping {name}, which is not installed: {hint}")
+                continue
+            backend, options = BACKENDS[name]
+            print(f"--- {name} ---")
+            anyio.run(run, path, backend=backend, backend_options=options)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ At the end it checks, from the times the fake servers logged each request,
 that no host ever saw more than `PER_HOST` requests in any 1 s window, and
 fails loudly if it did.
 
-Run it with `python examples/crawler.py [asyncio|trio]` (both by default).
+Run it with `python examples/crawler.py [asyncio|uvloop|trio]` (both by default).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import random
-import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import anyio
@@ -215,14 +216,41 @@ async def main() -> None:
     print(f"politeness held: at most {worst} requests per host in any {PER:g} s window")
 
 
+# A name on the command line -> anyio.run's backend and backend_options.
+BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
+
+def backends() -> list[str]:
+    """The backends named on the command line, or asyncio and trio (if installed)."""
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument(
+        "backend", nargs="*", help="asyncio, uvloop or trio, in turn (default: asyncio, trio)"
+    )
+    named: list[str] = parser.parse_args().backend
+    for name in named:
+        if name not in BACKENDS:
+            parser.error(f"unknown backend {name!r} (choose from asyncio, uvloop, trio)")
+    chosen = []
+    for name in named or ["asyncio", "trio"]:
+        if name != "asyncio" and importlib.util.find_spec(name) is None:
+            hint = (
+                f"pip install 'corral[{name}]' "
+                f"(in a checkout of corral: pip install -e '.[{name}]')"
+            )
+            if named:  # asked for by name: an error
+                parser.error(f"{name} is not installed: {hint}")
+            print(f"skipping {name}, which is not installed: {hint}")
+        else:
+            chosen.append(name)
+    return chosen
+
+
 if __name__ == "__main__":
-    backends = sys.argv[1:] or ["asyncio", "trio"]
-    for backend in backends:
-        if backend == "trio":
-            try:
-                import trio  # noqa: F401
-            except ImportError:
-                print("(trio is not installed: pip install 'corral[trio]')")
-                continue
-        print(f"--- {backend} ---")
-        anyio.run(main, backend=backend)
+    for name in backends():
+        backend, options = BACKENDS[name]
+        print(f"--- {name} ---")
+        anyio.run(main, backend=backend, backend_options=options)

@@ -13,6 +13,7 @@ Run it with `python examples/crawler_trio.py` (trio only).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,10 @@ from urllib.parse import urljoin, urlsplit
 try:
     import trio
 except ImportError:
-    sys.exit("this example needs trio: pip install 'corral[trio]'")
+    sys.exit(
+        "this example needs trio: pip install 'corral[trio]' "
+        "(in a checkout of corral: pip install -e '.[trio]')"
+    )
 
 import corral
 
@@ -148,4 +152,14 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__.partition("\n")[0],
+        epilog="It takes no arguments: it is a trio program (crawler.py takes a backend).",
+    )
+    _, extra = parser.parse_known_args()
+    if extra:
+        parser.error(
+            f"unexpected arguments {' '.join(extra)!r}: this example runs on trio only "
+            "and takes none (examples/crawler.py takes asyncio, uvloop or trio)"
+        )
     trio.run(main)

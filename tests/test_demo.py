@@ -6,6 +6,7 @@ stored."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import signal
@@ -364,7 +365,11 @@ def test_demo_refuses_a_database_it_cannot_resume(
         (foreign, [], f"{foreign} is not a corral demo database (it has the tables customers)"),
         (made, ["--records", "40", "--seed", "3"], "holds a run of --records 50 --seed 3, not "),
         (made, ["--records", "50"], "holds a run of --records 50 --seed 3, not "),
-        (tmp_path / "no" / "such.sqlite3", [], "cannot open"),
+        (
+            tmp_path / "no" / "such.sqlite3",
+            [],
+            f"cannot create {tmp_path / 'no' / 'such.sqlite3'}: {tmp_path / 'no'} does not exist",
+        ),
     ):
         before = db.read_bytes() if db.exists() else None
         with pytest.raises(SystemExit) as exit_info:
@@ -395,6 +400,143 @@ def test_demo_refuses_another_runs_database_as_a_process(tmp_path: pathlib.Path)
     assert "holds a run of --records 30 --seed 1, not --records 60 --seed 1" in result.stderr
     assert result.stdout == ""
     assert _stored(db) == list(range(30))
+
+
+def _demo_error(result: subprocess.CompletedProcess[str], *, usage: bool = False) -> str:
+    """The one error line a refused command printed, without its prefix: status
+    2, no traceback, nothing on stdout, and nothing else on stderr but (with
+    ``usage``) argparse's usage lines before it."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    *before, line = result.stderr.splitlines()
+    if usage:
+        assert before[0].startswith("usage: python -m corral.demo "), result.stderr
+        assert all(more.startswith(" ") for more in before[1:]), result.stderr
+    else:
+        assert before == [], result.stderr
+    prefix = "python -m corral.demo: error: "
+    assert line.startswith(prefix), result.stderr
+    return line[len(prefix) :]
+
+
+def _run_demo(*options: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    """``python -m corral.demo OPTIONS``; with ``prelude``, run in the process first."""
+    command = [sys.executable, "-m", "corral.demo"]
+    if prelude:
+        main = "import sys\nfrom corral import demo\nsys.exit(demo.main(sys.argv[1:]))"
+        command = [sys.executable, "-c", f"{prelude}\n{main}"]
+    return subprocess.run([*command, *options], capture_output=True, text=True, timeout=60)
+
+
+def test_demo_refuses_a_db_path_it_cannot_create(tmp_path: pathlib.Path) -> None:
+    """A --db in a directory that does not exist, a --db that is a directory, and
+    one under a file: a one-line error saying which (status 2), and nothing made."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("notes\n")
+    missing = tmp_path / "no" / "such"
+    for db, message in (
+        (missing / "x.db", f"cannot create {missing / 'x.db'}: {missing} does not exist"),
+        (tmp_path, f"{tmp_path} is a directory: give the path of a file"),
+        (a_file / "x.db", f"cannot create {a_file / 'x.db'}: {a_file} is not a directory"),
+    ):
+        before = sorted(tmp_path.rglob("*"))
+        result = _run_demo("--records", "10", "--db", str(db))
+        assert _demo_error(result) == message
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def _half_done(db: pathlib.Path) -> bytes:
+    """A demo file of 40 records with 20 of them stored: a run to finish. Its bytes."""
+    assert demo.main(["--records", "40", "--rate", "5000", "--db", str(db)]) == 0
+    with sqlite3.connect(db) as connection:
+        connection.execute(f"DELETE FROM {demo.TABLE} WHERE record_id >= 20")
+    connection.close()
+    return db.read_bytes()
+
+
+def test_demo_refuses_a_read_only_database(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run to finish in a file SQLite can only read (here by its header, which
+    says the file is for a newer SQLite to write: read-only for every user, root
+    included, as a file on a read-only disk) is refused before any API call,
+    with a one-line error (status 2), and left as it was."""
+    db = tmp_path / "demo.sqlite3"
+    data = bytearray(_half_done(db))
+    data[18] = 3  # the header's "file format write version": 3 is read-only to SQLite 3
+    db.write_bytes(bytes(data))
+    capsys.readouterr()
+    result = _run_demo("--records", "40", "--rate", "5000", "--db", str(db))
+    assert _demo_error(result) == f"cannot write to {db}: attempt to write a readonly database"
+    assert db.read_bytes() == data
+
+
+def test_demo_refuses_a_new_file_it_cannot_write(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process: a new --db whose tables cannot be created (its connection is
+    made read-only, as a read-only disk would) is a usage error, not a traceback."""
+    db = tmp_path / "demo.sqlite3"
+    connect = sqlite3.connect
+
+    def read_only(database: object, *args: object, **kwargs: object) -> sqlite3.Connection:
+        connection = connect(database, *args, **kwargs)  # type: ignore[arg-type]
+        connection.execute("PRAGMA query_only = ON")
+        return connection
+
+    monkeypatch.setattr(demo.sqlite3, "connect", read_only)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--records", "10", "--db", str(db)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    prefix = "python -m corral.demo: error: "
+    assert err == f"{prefix}cannot write to {db}: attempt to write a readonly database\n"
+
+
+@pytest.mark.skipif(
+    sys.platform == "win32" or os.geteuid() == 0, reason="permissions do not stop root"
+)
+def test_demo_refuses_a_db_without_write_permission(tmp_path: pathlib.Path) -> None:
+    """A read-only --db file, and a new --db in a read-only directory (SQLite
+    also writes a journal next to the file): one-line errors, status 2."""
+    db = tmp_path / "demo.sqlite3"
+    data = _half_done(db)
+    db.chmod(0o444)
+    result = _run_demo("--records", "40", "--db", str(db))
+    assert _demo_error(result) == f"cannot write to {db}: the file is read-only"
+    assert db.read_bytes() == data
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = _run_demo("--records", "40", "--db", str(locked / "new.sqlite3"))
+    message = f"cannot write to {locked / 'new.sqlite3'}: the directory {locked} is read-only"
+    assert _demo_error(result) == message
+    assert list(locked.iterdir()) == []
+
+
+def test_demo_help_names_every_backend_and_the_seed_default() -> None:
+    """``--help`` says what --backend takes (and what uvloop and trio need) and
+    what --seed is when not given."""
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.demo", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help to the terminal
+    assert (
+        "the event loop: asyncio (default), uvloop (needs the extra corral[uvloop]) "
+        "or trio (needs the extra corral[trio])"
+    ) in text
+    assert f"--seed SEED seed of the simulated API's dice (default {demo.SEED})" in text
+
+
+@pytest.mark.parametrize("backend", ["uvloop", "trio"])
+def test_demo_says_how_to_install_a_missing_backend(backend: str) -> None:
+    """``--backend uvloop`` or ``trio`` without it installed: a usage error with
+    the command that installs it, from the index and from a checkout."""
+    result = _run_demo("--backend", backend, prelude=f"import sys; sys.modules[{backend!r}] = None")
+    assert _demo_error(result, usage=True) == (
+        f"--backend {backend} needs {backend}: pip install 'corral[{backend}]' "
+        f"(in a checkout of corral: pip install -e '.[{backend}]')"
+    )
 
 
 def test_open_database_refuses_records_outside_the_range(tmp_path: pathlib.Path) -> None:

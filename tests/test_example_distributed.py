@@ -1,8 +1,9 @@
 """examples/distributed/ runs as written: a producer and three worker processes
-against the session's redis-server settle every order, on asyncio and on trio."""
+against the session's redis-server settle every order, on asyncio, uvloop and trio."""
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import re
 import subprocess
@@ -21,7 +22,19 @@ async def flush(port: int) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "asyncio",
+        pytest.param(
+            "uvloop",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+            ),
+        ),
+        "trio",
+    ],
+)
 def test_distributed_example_settles_every_order(redis_port: int, backend: str) -> None:
     anyio.run(flush, redis_port)  # run.py wants a database without an earlier run's keys
     result = subprocess.run(

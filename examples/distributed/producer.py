@@ -5,14 +5,15 @@ the amount "-1", which the payment API always declines: those end up in the
 dead-letter stream "orders:dead".
 
 Run it against a redis-server of your own:
-`python examples/distributed/producer.py PORT [N] [asyncio|trio]`.
+`python examples/distributed/producer.py PORT [N] [asyncio|uvloop|trio]`.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import anyio
+from worker import BACKENDS, backend_options  # (this folder is on sys.path)
 
 from corral.redis import StreamSink, connect
 
@@ -34,7 +35,9 @@ async def main(port: int, count: int) -> None:
 
 
 if __name__ == "__main__":
-    port = int(sys.argv[1])
-    count = int(sys.argv[2]) if len(sys.argv) > 2 else 2_000
-    backend = sys.argv[3] if len(sys.argv) > 3 else "asyncio"
-    anyio.run(main, port, count, backend=backend)
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("port", type=int, help="the redis-server's port")
+    parser.add_argument("count", nargs="?", type=int, default=2_000, help="default: 2,000")
+    parser.add_argument("backend", nargs="?", choices=list(BACKENDS), default="asyncio")
+    args = parser.parse_args()
+    anyio.run(main, args.port, args.count, **backend_options(parser, args.backend))

@@ -6,7 +6,7 @@ settled, then checks that each one was: charged once with a receipt, or
 declined and dead-lettered, and none left pending.
 
     python examples/distributed/run.py [--port PORT] [--workers 3] [--orders 2000]
-                                       [--backend asyncio|trio]
+                                       [--backend asyncio|uvloop|trio]
 
 Without --port it starts a throwaway redis-server (no persistence) and stops
 it at the end; with --port it uses that server's database 0, which must not
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-from worker import RATE  # the payment API's quota (this folder is on sys.path)
+from worker import BACKENDS, RATE, backend_options  # (this folder is on sys.path)
 
 from corral.redis import connect
 
@@ -97,8 +97,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, help="use this redis-server (default: start one)")
     parser.add_argument("--workers", type=int, default=3, help="worker processes")
     parser.add_argument("--orders", type=int, default=2_000)
-    parser.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="asyncio",
+        help="for the producer and the workers (default: asyncio)",
+    )
     args = parser.parse_args()
+    backend_options(parser, args.backend)  # installed?
     with contextlib.ExitStack() as stack:
         port = args.port or stack.enter_context(redis_server())
         return run(port, args.workers, args.orders, args.backend)

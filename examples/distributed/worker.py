@@ -5,17 +5,27 @@ It consumes "orders" in the consumer group "billing" as consumer NAME until
 the group has nothing left, writes a receipt per charged order to the stream
 "receipts", and prints its counts. Start several at once, each with its own
 NAME; they share the work and the quota:
-`python examples/distributed/worker.py PORT NAME [asyncio|trio]`.
+`python examples/distributed/worker.py PORT NAME [asyncio|uvloop|trio]`.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import random
 import sys
 import uuid
+from typing import Any
+
+try:
+    import coredis
+except ImportError:  # (producer.py and run.py import this file before corral.redis)
+    sys.exit(
+        "this example needs coredis, the extra corral[redis]: pip install 'corral[redis]' "
+        "(in a checkout of corral: pip install -e '.[redis]')"
+    )
 
 import anyio
-import coredis
 
 import corral
 from corral.redis import Delivery, RedisRateLimiter, StreamSink, StreamSource, connect
@@ -109,12 +119,37 @@ async def main(port: int, name: str) -> None:
     )
 
 
+# A backend's name on the command line -> anyio.run's backend and backend_options.
+BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "asyncio": ("asyncio", {}),
+    "uvloop": ("asyncio", {"use_uvloop": True}),
+    "trio": ("trio", {}),
+}
+
+
+def backend_options(parser: argparse.ArgumentParser, name: str) -> dict[str, Any]:
+    """anyio.run's ``backend`` and ``backend_options`` for the backend ``name``;
+    a usage error (status 2) if it is not installed."""
+    if name != "asyncio" and importlib.util.find_spec(name) is None:
+        parser.error(
+            f"{name} is not installed: pip install 'corral[{name}]' "
+            f"(in a checkout of corral: pip install -e '.[{name}]')"
+        )
+    backend, options = BACKENDS[name]
+    return {"backend": backend, "backend_options": options}
+
+
 if __name__ == "__main__":
-    port, name = int(sys.argv[1]), sys.argv[2]
-    backend = sys.argv[3] if len(sys.argv) > 3 else "asyncio"
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    parser.add_argument("port", type=int, help="the redis-server's port")
+    parser.add_argument("name", help="this worker's consumer name in the group")
+    parser.add_argument("backend", nargs="?", choices=list(BACKENDS), default="asyncio")
+    args = parser.parse_args()
+    port, name = args.port, args.name
+    run_on = backend_options(parser, args.backend)
     interrupted = False
     try:
-        anyio.run(main, port, name, backend=backend)
+        anyio.run(main, port, name, **run_on)
     except* KeyboardInterrupt:  # Ctrl-C (in an exception group on trio)
         interrupted = True
     if interrupted:

@@ -29,7 +29,8 @@ again. To try the failures once more, delete their rows (``DELETE FROM
 corral_demo_results WHERE status = 'failed'``) and run again. The file
 remembers the ``--records`` and ``--seed`` it was made with; a file made with
 others, or one that is not the demo's, is refused (status 2), never mixed
-into. Delete the file, or give another ``--db``, to start over.
+into; so is a ``--db`` it cannot create or write. Delete the file, or give
+another ``--db``, to start over.
 
 With ``--adaptive`` the API has no rate limit but a concurrency capacity that
 the client is not told: it serves ``--capacity`` calls at once (default 32),
@@ -48,7 +49,7 @@ how many 503s it caused.
 Options: ``--records N``, ``--rate PER_SECOND``, ``--backend
 asyncio|uvloop|trio``, ``--db PATH`` (default: a temporary file, which cannot
 be resumed; an existing file from an interrupted run is finished),
-``--seed``, ``--adaptive`` and ``--capacity N`` (1 to 100; only with
+``--seed N`` (default 1), ``--adaptive`` and ``--capacity N`` (1 to 100; only with
 ``--adaptive``, which does not take ``--rate``). ``--rate``, ``--backend``
 and ``--adaptive`` may differ between a run and its resumption. With tqdm
 installed (``pip install 'corral[progress]'``) it draws a progress bar;
@@ -62,6 +63,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import os
 import pathlib
 import random
 import shlex
@@ -80,6 +82,7 @@ import attrs
 
 from ._batcher import Batcher
 from ._concurrency import AdaptiveLimiter, AdaptiveLimiterStatistics
+from ._extras import install_hint
 from ._helpers import apply_to_each
 from ._limits import SlidingWindow
 from ._outcome import Outcome
@@ -258,8 +261,9 @@ class TimedLimiter:
 
 
 class DemoDatabaseError(Exception):
-    """The ``--db`` file cannot be used: it is not a SQLite file, not the demo's,
-    or the demo's for another ``--records`` or ``--seed``."""
+    """The ``--db`` file cannot be used: it cannot be created or written, is not
+    a SQLite file, not the demo's, or the demo's for another ``--records`` or
+    ``--seed``."""
 
 
 def open_database(path: pathlib.Path, records: int, seed: int) -> sqlite3.Connection:
@@ -269,17 +273,52 @@ def open_database(path: pathlib.Path, records: int, seed: int) -> sqlite3.Connec
     found by :func:`verify` rather than hidden by an error.
 
     Raises :class:`DemoDatabaseError` for any other file, which it leaves as
-    it was."""
+    it was, and for a path where the demo cannot write."""
+    _check_path(path)
     try:
         connection = sqlite3.connect(path, check_same_thread=False)
     except sqlite3.Error as error:
         raise DemoDatabaseError(f"cannot open {path}: {error}") from None
     try:
         _adopt(connection, path, records, seed)
+        _check_writable(connection, path)
     except BaseException:
         connection.close()
         raise
     return connection
+
+
+def _check_path(path: pathlib.Path) -> None:
+    """Refuse a path that cannot be the demo's file, saying why (where SQLite
+    would say only "unable to open database file")."""
+    folder = path.parent
+    try:
+        if path.is_dir():
+            raise DemoDatabaseError(f"{path} is a directory: give the path of a file")
+        if not folder.is_dir():
+            why = "is not a directory" if folder.exists() else "does not exist"
+            raise DemoDatabaseError(f"cannot create {path}: {folder} {why}")
+        # SQLite writes a journal next to the file, so the directory must be writable too
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DemoDatabaseError(f"cannot write to {path}: the directory {folder} is read-only")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise DemoDatabaseError(f"cannot write to {path}: the file is read-only")
+        if path.exists() and not os.access(path, os.R_OK):
+            raise DemoDatabaseError(f"cannot read {path}: permission denied")
+    except OSError as error:
+        raise DemoDatabaseError(f"cannot open {path}: {error.strerror or error}") from None
+
+
+def _check_writable(connection: sqlite3.Connection, path: pathlib.Path) -> None:
+    """Refuse a file the demo could read but not write (read-only, or locked by
+    another run), before any API call: a write, rolled back."""
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute(f"UPDATE {RUN_TABLE} SET records = records")
+    except sqlite3.Error as error:
+        raise DemoDatabaseError(f"cannot write to {path}: {error}") from None
+    finally:
+        connection.rollback()
 
 
 def _adopt(connection: sqlite3.Connection, path: pathlib.Path, records: int, seed: int) -> None:
@@ -293,13 +332,18 @@ def _adopt(connection: sqlite3.Connection, path: pathlib.Path, records: int, see
     except sqlite3.Error as error:
         raise DemoDatabaseError(f"{path} is not a SQLite database ({error})") from None
     if not tables:
-        connection.execute("BEGIN")  # both tables or neither, even if killed here
-        connection.execute(
-            f"CREATE TABLE {TABLE} (record_id INTEGER, status TEXT, detail TEXT, attempts INTEGER)"
-        )
-        connection.execute(f"CREATE TABLE {RUN_TABLE} (records INTEGER, seed INTEGER)")
-        connection.execute(f"INSERT INTO {RUN_TABLE} VALUES (?, ?)", (records, seed))
-        connection.commit()
+        try:
+            connection.execute("BEGIN")  # both tables or neither, even if killed here
+            connection.execute(
+                f"CREATE TABLE {TABLE} "
+                "(record_id INTEGER, status TEXT, detail TEXT, attempts INTEGER)"
+            )
+            connection.execute(f"CREATE TABLE {RUN_TABLE} (records INTEGER, seed INTEGER)")
+            connection.execute(f"INSERT INTO {RUN_TABLE} VALUES (?, ?)", (records, seed))
+            connection.commit()
+        except sqlite3.Error as error:
+            connection.rollback()
+            raise DemoDatabaseError(f"cannot write to {path}: {error}") from None
         return
     made_for = (
         connection.execute(f"SELECT records, seed FROM {RUN_TABLE}").fetchall()
@@ -655,14 +699,25 @@ def _parser() -> argparse.ArgumentParser:
         "--records", type=int, default=RECORDS, help=f"how many (default {RECORDS})"
     )
     parser.add_argument("--rate", type=int, help="API calls/s (default 500; not with --adaptive)")
-    parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio")
+    parser.add_argument(
+        "--backend",
+        choices=["asyncio", "uvloop", "trio"],
+        default="asyncio",
+        help="the event loop: asyncio (default), uvloop (needs the extra corral[uvloop]) "
+        "or trio (needs the extra corral[trio])",
+    )
     parser.add_argument(
         "--db",
         type=pathlib.Path,
         help="SQLite file (default: a temporary one); run again with the same file to "
         "finish an interrupted run",
     )
-    parser.add_argument("--seed", type=int, default=SEED, help="for the simulated API's dice")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help=f"seed of the simulated API's dice (default {SEED})",
+    )
     parser.add_argument(
         "--adaptive",
         action="store_true",
@@ -691,7 +746,7 @@ def _check_options(parser: argparse.ArgumentParser, options: argparse.Namespace)
         parser.error(f"--capacity must be between 1 and {MAX_CAPACITY}")
     module = {"trio": "trio", "uvloop": "uvloop"}.get(options.backend)
     if module and importlib.util.find_spec(module) is None:
-        parser.error(f"--backend {options.backend} needs {module}: pip install 'corral[{module}]'")
+        parser.error(f"--backend {options.backend} needs {module}: {install_hint(module)}")
 
 
 def _is_interrupt(error: BaseException) -> bool:

@@ -24,11 +24,13 @@ Pass each a client you have entered, with :class:`connect` (or with
 
 from __future__ import annotations
 
+from .._extras import install_hint as _install_hint
+
 try:
     import coredis as _coredis  # noqa: F401
 except ImportError as _error:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "corral.redis needs coredis: install the extra with `pip install 'corral[redis]'`"
+        f"corral.redis needs coredis, which is not installed: {_install_hint('redis')}"
     ) from _error
 
 from ._capacity import RedisCapacityLimiter as RedisCapacityLimiter
