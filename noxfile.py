@@ -184,7 +184,7 @@ def shape(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the documentation site with mkdocs in strict mode (any warning fails)
     into build/site; pass other `mkdocs build` options after `--`."""
-    session.install("-e", ".[redis]")
+    session.install("-e", ".[redis,otel]")
     install_group(session, "docs")
     session.run(
         "mkdocs",

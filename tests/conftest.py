@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -40,6 +42,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = getattr(item, "fixturenames", ())
         if "exact" in fixtures and not on_mock_clock:
             item.add_marker(pytest.mark.untraced)
+
+
+@pytest.fixture(autouse=True)
+def _uninstrumented() -> Iterator[None]:
+    """No test leaves corral instrumented for the next (the docs' OpenTelemetry
+    blocks instrument it, as a program would at start-up)."""
+    yield
+    otel = sys.modules.get("corral.otel")
+    if otel is not None:
+        otel.CorralInstrumentor().uninstrument()
 
 
 @pytest.fixture(params=BACKENDS)

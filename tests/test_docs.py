@@ -212,15 +212,17 @@ def test_docs_redis_block_runs(
 
 def test_api_reference_lists_every_public_name() -> None:
     """docs/api.md documents exactly the names in ``corral.__all__``,
-    ``corral.redis.__all__`` and ``corral.sqlite.__all__``, so a new public
-    name cannot be left out of it."""
+    ``corral.redis.__all__``, ``corral.sqlite.__all__`` and
+    ``corral.otel.__all__``, so a new public name cannot be left out of it."""
     pytest.importorskip("coredis")
+    pytest.importorskip("opentelemetry")
     import corral
+    import corral.otel
     import corral.redis
     import corral.sqlite
 
     text = (ROOT / "docs" / "api.md").read_text()
-    for module in (corral, corral.redis, corral.sqlite):
+    for module in (corral, corral.redis, corral.sqlite, corral.otel):
         directive = re.search(
             rf"^::: {re.escape(module.__name__)}\n(.*?)(?=^:::|\Z)", text, re.DOTALL | re.MULTILINE
         )

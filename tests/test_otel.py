@@ -4,6 +4,7 @@ report, read back through the OpenTelemetry SDK's in-memory reader and exporter.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -377,3 +378,65 @@ def test_the_auto_instrumentation_finds_the_instrumentor() -> None:
 
     found = entry_points(group="opentelemetry_instrumentor", name="corral")
     assert [entry.load() for entry in found] == [CorralInstrumentor]
+
+
+# -------------------------------------------------------------- a /metrics page
+
+
+@pytest.mark.anyio
+async def test_a_prometheus_metrics_page_shows_a_20_item_run() -> None:
+    """The metrics through the Prometheus exporter, on a real /metrics page
+    served over HTTP and scraped, as Prometheus would."""
+    exporter = pytest.importorskip("opentelemetry.exporter.prometheus")
+    prometheus_client = pytest.importorskip("prometheus_client")
+    import urllib.request
+
+    registry = prometheus_client.CollectorRegistry()
+    reader = exporter.PrometheusMetricReader(registry=registry)
+    server, thread = prometheus_client.start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        CorralInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+        await corral.apply_to_all(flaky, range(20), workers=4, retry=RETRY, name="fetch")
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=10) as page:
+                return str(page.read().decode())
+
+        page = await anyio.to_thread.run_sync(scrape)
+    finally:
+        CorralInstrumentor().uninstrument()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    samples = parse_prometheus(page)
+
+    def sample(metric: str, **labels: str) -> float:
+        """The value of the sample with exactly these labels (besides the scope's
+        and those the exporter sets empty for a point without them)."""
+        (value,) = [
+            value
+            for name, found, value in samples
+            if name == metric
+            and {k: v for k, v in found.items() if v and not k.startswith("otel_")} == labels
+        ]
+        return value
+
+    fetch = {"corral_kind": "pool", "corral_name": "fetch"}
+    assert sample("corral_items_total", corral_outcome="ok", **fetch) == 16
+    failed = sample("corral_items_total", corral_outcome="failed", error_type="ValueError", **fetch)
+    assert failed == 4
+    assert sample("corral_retries_total", **fetch) == 8
+    assert sample("corral_attempt_duration_seconds_count", **fetch) == 16
+    assert sample("corral_attempt_duration_seconds_count", error_type="ValueError", **fetch) == 12
+
+
+def parse_prometheus(page: str) -> list[tuple[str, dict[str, str], float]]:
+    """(metric, labels, value) of each sample of a Prometheus text page."""
+    samples = []
+    for line in page.splitlines():
+        found = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if found is not None and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(2) or ""))
+            samples.append((found.group(1), labels, float(found.group(3))))
+    return samples

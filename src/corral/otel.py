@@ -10,21 +10,13 @@ with any ``opentelemetry-instrumentation-*`` package::
     CorralInstrumentor().instrument(meter_provider=provider, tracer_provider=tracers,
                                     trace_items=True)
 
-Every block entered afterwards reports (instruments of the meter ``corral``):
-
-==========================  ==================  ======================================
-name                        instrument          what
-==========================  ==================  ======================================
-``corral.items``            counter             items by ``corral.outcome``: ``ok``,
-                                                ``failed`` (with ``error.type``),
-                                                ``unfinished``
-``corral.retries``          counter             attempts after an item's first
-``corral.flushes``          counter             a batcher's flushes by outcome
-``corral.attempt.duration`` histogram (s)       each call of the handler or flush
-``corral.batch.size``       histogram           items per flush
-``corral.items.queued``     up-down (observed)  items waiting
-``corral.items.running``    up-down (observed)  items in a handler or a flush
-==========================  ==================  ======================================
+Every block entered afterwards reports (instruments of the meter ``corral``;
+the table in the docs' Observability page has each one's unit and attributes):
+``corral.items`` (a counter of items by ``corral.outcome``: ``ok``, ``failed``
+with ``error.type``, ``unfinished``), ``corral.retries``, ``corral.flushes``,
+the histograms ``corral.attempt.duration`` (seconds) and
+``corral.batch.size``, and the observed up-down counters
+``corral.items.queued`` and ``corral.items.running``.
 
 Each carries ``corral.kind`` (``pool`` or ``batcher``) and, for a named block,
 ``corral.name``. With ``trace_items=True`` every item of a pool gets a span
@@ -47,13 +39,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._extras import install_hint
+
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, trace
 except ImportError:  # pragma: no cover - the test environment has the extra
     raise ModuleNotFoundError(
-        "corral.otel needs opentelemetry-api: pip install 'corral[otel]' "
-        "(in a checkout of corral: pip install -e '.[otel]')"
+        f"corral.otel needs opentelemetry-api: {install_hint('otel')}"
     ) from None
 
 from . import _telemetry
