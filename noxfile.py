@@ -137,7 +137,8 @@ def typing(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example on every backend it supports."""
-    session.install("-e", ".[trio]")
+    # metrics.py serves corral's OpenTelemetry metrics through the SDK's exporter
+    session.install("-e", ".[trio,otel]", "opentelemetry-sdk", "opentelemetry-exporter-prometheus")
     for example in sorted((ROOT / "examples").glob("*.py")):
         session.run("python", str(example))
 

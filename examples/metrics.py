@@ -1,27 +1,31 @@
-"""Exporting corral's stats: Prometheus text and OpenTelemetry-style counters.
+"""Exporting corral's metrics to Prometheus: with OpenTelemetry, and with on_stats.
 
-`on_stats=` hands a frozen stats snapshot to a plain function every
-`stats_interval` seconds while a Pool or Batcher runs, and once more at exit.
-A snapshot is a handful of integers, cheap to take; nothing is counted per
-item on corral's side. This example turns the snapshots into:
+Two ways side by side, on the same job (a pool fetching records, its results
+written in batches):
 
-- the Prometheus text exposition format, the page a `/metrics` endpoint
-  serves, or a `.prom` file for node_exporter's textfile collector;
-- calls to OpenTelemetry-style counters (`counter.add(amount, attributes)`,
-  the shape of `opentelemetry.metrics.Counter`), fed with the increase since
-  the previous snapshot.
+- OpenTelemetry: `corral.otel.CorralInstrumentor().instrument(...)` once, and
+  every pool and batcher reports `corral.items`, `corral.retries`,
+  `corral.flushes`, `corral.attempt.duration`, `corral.batch.size` and the
+  items queued and running. Here the SDK's Prometheus exporter serves them on
+  a real `/metrics` page (prometheus_client's HTTP server on a free local
+  port), which the example then scrapes as Prometheus would. It needs
+  `opentelemetry-sdk` and `opentelemetry-exporter-prometheus` (and the extra
+  `corral[otel]`); without them this part is skipped, saying so.
+- `on_stats=`: a plain function gets a frozen stats snapshot every
+  `stats_interval` seconds and once more at exit, rendered here as Prometheus
+  text by a few lines of code (no library needed): the page a `/metrics`
+  endpoint serves, or a `.prom` file for node_exporter's textfile collector.
 
-Neither library is needed: the exporters below are a few lines each, and an
-object with an `add` method stands in for an OpenTelemetry meter's counter.
-
-Run it with `python examples/metrics.py [asyncio|uvloop|trio]` (both by default).
+Run it with `python examples/metrics.py [asyncio|uvloop|trio]` (asyncio and
+trio by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-from collections import defaultdict
+import re
+import urllib.request
 from typing import Any
 
 import anyio
@@ -76,42 +80,46 @@ class PrometheusExporter:
         return "\n".join(lines) + "\n"
 
 
-class Counter:
-    """Stands in for an OpenTelemetry counter: `add(amount, attributes)`."""
+def serve_metrics() -> tuple[str, Any] | None:
+    """Instrument corral with OpenTelemetry's Prometheus exporter and serve the
+    page on a free local port: the page's URL and the server, or None (and
+    why, printed) without the libraries."""
+    try:
+        import prometheus_client
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.totals: dict[tuple[tuple[str, str], ...], int] = defaultdict(int)
+        from corral.otel import CorralInstrumentor
+    except ImportError as missing:
+        print(
+            f"skipping OpenTelemetry ({missing.name} is not installed): pip install "
+            "'corral[otel]' opentelemetry-sdk opentelemetry-exporter-prometheus"
+        )
+        return None
+    registry = prometheus_client.CollectorRegistry()
+    reader = PrometheusMetricReader(registry=registry)
+    CorralInstrumentor().instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    server, _ = prometheus_client.start_http_server(0, addr="127.0.0.1", registry=registry)
+    return f"http://127.0.0.1:{server.server_port}/metrics", server
 
-    def add(self, amount: int, attributes: dict[str, str]) -> None:
-        assert amount >= 0, "a counter only goes up"
-        self.totals[tuple(sorted(attributes.items()))] += amount
 
-
-class CounterExporter:
-    """Feeds counters with the increase of each stats counter since the last
-    snapshot, as OpenTelemetry's synchronous counters expect."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.counters: dict[str, Counter] = {}
-        self.previous: dict[str, dict[str, int]] = defaultdict(dict)
-
-    def watch(self, name: str) -> Any:
-        def record(stats: corral.PoolStats | corral.BatcherStats) -> None:
-            before = self.previous[name]
-            for field, value in attrs.asdict(stats).items():
-                if field in COUNTERS:
-                    counter = self.counters.setdefault(field, Counter(f"{self.prefix}.{field}"))
-                    increase = value - before.get(field, 0)
-                    if increase:
-                        counter.add(increase, {"name": name})
-                    before[field] = value
-
-        return record
-
-    def total(self, field: str, name: str) -> int:
-        return self.counters[field].totals[(("name", name),)]
+def scrape(url: str) -> dict[str, float]:
+    """corral's samples on the page, as `metric{labels}` -> value (without the
+    labels OpenTelemetry adds to every sample, and the empty ones)."""
+    with urllib.request.urlopen(url, timeout=10) as page:
+        text = page.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        found = re.fullmatch(r"(corral_\w+)\{(.*)\} (\S+)", line)
+        if found is None:
+            continue
+        labels = ",".join(
+            f'{key}="{value}"'
+            for key, value in re.findall(r'(\w+)="([^"]*)"', found.group(2))
+            if value and not key.startswith("otel_")
+        )
+        samples[f"{found.group(1)}{{{labels}}}"] = float(found.group(3))
+    return samples
 
 
 async def fetch(n: int) -> int:
@@ -121,18 +129,9 @@ async def fetch(n: int) -> int:
     return n * n
 
 
-async def main() -> None:
+async def main(backend: str, metrics_page: str | None) -> None:
     prometheus = PrometheusExporter()
-    otel = CounterExporter("corral")
-
-    def both(name: str) -> Any:
-        first, second = prometheus.watch(name), otel.watch(name)
-
-        def record(stats: Any) -> None:
-            first(stats)
-            second(stats)
-
-        return record
+    fetch_name, sink_name = f"fetch-{backend}", f"sink-{backend}"
 
     async def save(rows: list[int]) -> None:
         await anyio.sleep(0.005)
@@ -142,26 +141,40 @@ async def main() -> None:
             await sink.add(outcome.result)  # waits while the sink is full
 
     async with corral.Batcher(
-        save, max_size=50, name="sink", on_stats=both("sink"), stats_interval=0.05
+        save,
+        max_size=50,
+        name=sink_name,
+        on_stats=prometheus.watch(sink_name),
+        stats_interval=0.05,
     ) as sink:
         outcomes = await corral.apply_to_all(
             fetch,
             range(500),
             workers=20,
-            name="fetch",
+            name=fetch_name,
             on_outcome=forward,
-            on_stats=both("fetch"),
+            on_stats=prometheus.watch(fetch_name),
             stats_interval=0.05,
         )
-    # the last snapshot (at exit) is the final count
-    print(prometheus.render(), end="")
     ok = sum(o.ok for o in outcomes)
-    assert prometheus.latest["fetch"]["succeeded"] == ok == 480
-    assert prometheus.latest["sink"]["flushed"] == ok
-    assert otel.total("succeeded", "fetch") == ok
-    assert otel.total("failed", "fetch") == 20
-    assert otel.total("flushed", "sink") == ok
-    print(f"OpenTelemetry-style counters: corral.succeeded{{name=fetch}} = {ok}, totals agree")
+    # on_stats: the last snapshot (at exit) is the final count
+    print(prometheus.render(), end="")
+    assert prometheus.latest[fetch_name]["succeeded"] == ok == 480
+    assert prometheus.latest[sink_name]["flushed"] == ok
+    if metrics_page is None:
+        return
+    # OpenTelemetry: the same totals, scraped from the /metrics page
+    page = await anyio.to_thread.run_sync(scrape, metrics_page)
+    for sample, value in sorted(page.items()):
+        if backend in sample and not sample.startswith("corral_attempt_duration_seconds_bucket"):
+            print(f"{sample} {value:g}")
+    fetch_labels = f'corral_kind="pool",corral_name="{fetch_name}"'
+    sink_labels = f'corral_kind="batcher",corral_name="{sink_name}"'
+    assert page[f'corral_items_total{{{fetch_labels},corral_outcome="ok"}}'] == ok
+    failed = f'{fetch_labels},corral_outcome="failed",error_type="ConnectionError"'
+    assert page[f"corral_items_total{{{failed}}}"] == 20
+    assert page[f'corral_items_total{{{sink_labels},corral_outcome="ok"}}'] == ok
+    print(f"{metrics_page}: the same totals as on_stats")
 
 
 # A name on the command line -> anyio.run's backend and backend_options.
@@ -198,7 +211,11 @@ def backends() -> list[str]:
 
 
 if __name__ == "__main__":
-    for name in backends():
+    chosen = backends()
+    served = serve_metrics()
+    for name in chosen:
         backend, options = BACKENDS[name]
         print(f"--- {name}")
-        anyio.run(main, backend=backend, backend_options=options)
+        anyio.run(main, name, served and served[0], backend=backend, backend_options=options)
+    if served is not None:
+        served[1].shutdown()

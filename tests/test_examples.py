@@ -131,14 +131,24 @@ def test_inference_shares_model_calls_between_requests(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_metrics_exports_prometheus_text_and_counters(backend: str) -> None:
+def test_metrics_exports_prometheus_text_and_a_real_metrics_page(backend: str) -> None:
     """examples/metrics.py turns on_stats snapshots into Prometheus text whose
-    final values are the pools' own totals, and feeds counters that agree."""
+    final values are the pools' own totals, and serves corral's OpenTelemetry
+    metrics on a /metrics page it scrapes, whose totals agree."""
+    pytest.importorskip("opentelemetry.exporter.prometheus")
     out = run_example("metrics.py", backend)
-    assert 'corral_succeeded_total{name="fetch"} 480' in out
-    assert 'corral_flushed_total{name="sink"} 480' in out
+    assert f'corral_succeeded_total{{name="fetch-{backend}"}} 480' in out
+    assert f'corral_flushed_total{{name="sink-{backend}"}} 480' in out
     assert "# TYPE corral_queued gauge" in out
-    assert "totals agree" in out
+    fetch = f'corral_kind="pool",corral_name="fetch-{backend}"'
+    assert f'corral_items_total{{{fetch},corral_outcome="ok"}} 480' in out
+    failed = f'{fetch},corral_outcome="failed",error_type="ConnectionError"'
+    assert f"corral_items_total{{{failed}}} 20" in out
+    assert f"corral_attempt_duration_seconds_count{{{fetch}}} 480" in out
+    sink = f'corral_kind="batcher",corral_name="sink-{backend}"'
+    assert f'corral_items_total{{{sink},corral_outcome="ok"}} 480' in out
+    assert f"corral_batch_size_sum{{{sink}}} 480" in out
+    assert "/metrics: the same totals as on_stats" in out
 
 
 @pytest.mark.parametrize("name", TAKE_A_BACKEND)
