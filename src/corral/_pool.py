@@ -812,29 +812,40 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         number = run.started
         run.started = number + 1
         run.parking.waking = True  # cleared by the new worker's _wake_next
-        call, attempts = self._worker_call(run)
+        worker = _Worker()
+        call, attempts = self._worker_call(run, worker)
         name = f"corral worker {self.name or hex(id(self))}#{number}"
-        run.start_soon(self._work, run, call, attempts, name=name)
+        run.start_soon(self._work, run, call, attempts, worker, name=name)
 
     def _worker_call(
-        self, run: _PoolRun[T, R]
+        self, run: _PoolRun[T, R], worker: _Worker
     ) -> tuple[Callable[[T], Awaitable[R]], list[float] | None]:
         """What a new worker calls per item: the handler, or a chain of its own
-        around a counter of handler calls (the counter's list: calls, start)."""
+        around a counter of handler calls (the counter's list: calls, start),
+        in a span per item if an instrumentation traces items."""
         layers, clock, threads, probe = self._layers, run.clock, run.threads, run.probe
         if not layers.configured and probe is None:
             return layers.chain(self._handler, threads=threads, clock=clock), None
         attempts: list[float] = [0, 0.0]
         on_start = _counter(attempts, clock)
         attempt = None if probe is None else probe.attempt
-        return layers.chain(
+        chain = layers.chain(
             self._handler,
             threads=threads,
             clock=clock,
             on_start=on_start,
             log=self._log,
             attempt=attempt,
-        ), attempts
+        )
+        carried = run.carried
+        if carried is not None:  # a span per item, from what _put kept of its submitter
+            assert probe is not None
+
+            def submitter() -> object | None:
+                return None if worker.entry is None else carried.pop(worker.entry[0], None)
+
+            chain = probe.item(chain, submitter, attempts)
+        return chain, attempts
 
     # ----------------------------------------------------- resize, pause, cancel
 
@@ -991,6 +1002,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         run: _PoolRun[T, R],
         call: Callable[[T], Awaitable[R]],
         attempts: list[float] | None,
+        worker: _Worker,
     ) -> None:
         """A worker task: serve entries until the pool closes; an exception that
         is no handler's error (on_outcome raised, a handler raised
@@ -998,7 +1010,6 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         this very exception."""
         _worker_of.set(weakref.ref(self))
         holds_of_attempt.set(None)  # not the holds of whoever started this worker
-        worker = _Worker()
         run.workers.append(worker)
         self._wake_next(run)  # a new worker: the chain of wake-ups goes on
         try:
@@ -1066,8 +1077,6 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         # columns) what no entry has, so that one test says both
         jobless = None if kept is not None else _NO_JOB
         cancelled = anyio.get_cancelled_exc_class()
-        traced = run.probe is not None and run.probe.traced
-        call_layered = self._call_traced if traced else self._call_layered
         # the first entry comes from _next_entry (the bound, pause), with no checkpoint
         streak = _MAX_STREAK + 1
         while True:
@@ -1085,7 +1094,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
                 slots.used -= 1
             start = clock()
             if attempts is not None:
-                outcome = await call_layered(record, call, attempts, start, entry, worker)
+                outcome = await self._call_layered(record, call, attempts, start, entry, worker)
             else:
                 result: R | None = None
                 error: Exception | None = None
@@ -1189,25 +1198,6 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         if error is not None:
             return record.record(entry, None, error, calls, elapsed)
         return record.succeeded(entry, result, elapsed, calls)
-
-    async def _call_traced(
-        self,
-        record: _Recorder[T, R],
-        chain: Callable[[T], Awaitable[R]],
-        attempts: list[float],
-        start: float,
-        entry: _Entry[T, R],
-        worker: _Worker,
-    ) -> Outcome[T, R] | None:
-        """:meth:`_call_layered` in the item's span (an instrumentation's)."""
-        run = self._run
-        assert run.probe is not None
-        assert run.carried is not None
-        carried = run.carried.pop(entry[0], None)
-        with run.probe.item_span(carried) as finish:
-            outcome = await self._call_layered(record, chain, attempts, start, entry, worker)
-            finish(outcome)
-        return outcome
 
     def _log_failure(self, outcome: Outcome[T, R]) -> None:
         """A final failure, at WARNING, with its traceback."""

@@ -14,7 +14,6 @@ attrs alone.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 __all__ = ["Instrumentation", "Probe", "install", "installed", "probe_for"]
@@ -26,7 +25,7 @@ class Probe(Protocol):
     """One entry into one block, as an instrumentation sees it."""
 
     # a span per item (a pool) or per flush (a batcher): then a pool keeps each
-    # submitter's context (``submitted``) and runs each item in ``item_span``
+    # submitter's context (``submitted``) and wraps its chain in ``item``
     traced: bool
 
     def attempt(self, call_next: Call) -> Call:
@@ -38,11 +37,15 @@ class Probe(Protocol):
         ...
 
     def submitted(self) -> object:
-        """What ``item_span`` needs of the submitter (called in its task)."""
+        """What ``item`` needs of the submitter (called in its task, by ``submit``)."""
         ...
 
-    def item_span(self, carried: object | None) -> AbstractContextManager[Callable[[Any], None]]:
-        """Around one item's calls in a worker; the callback gets its Outcome."""
+    def item(
+        self, call_next: Call, submitter: Callable[[], object | None], attempts: list[float]
+    ) -> Call:
+        """The outermost layer of a traced pool's chain: one item, its calls
+        counted in ``attempts[0]``; ``submitter()`` is what ``submitted``
+        returned for it (None: it came from a helper's input)."""
         ...
 
     def outcome(self, outcome: Any) -> None:

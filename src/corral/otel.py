@@ -35,8 +35,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from ._extras import install_hint
@@ -340,39 +339,45 @@ class _Probe:
     def submitted(self) -> object:
         return otel_context.get_current(), time.time_ns()
 
-    @contextmanager
-    def item_span(self, carried: object | None) -> Iterator[Callable[[Any], None]]:
+    def item(
+        self, call_next: Call, submitter: Callable[[], object | None], attempts: list[float]
+    ) -> Call:
+        """Each item in a span of its own, in which its attempts run."""
         assert self._tracer is not None
-        parent, start = carried if isinstance(carried, tuple) else (None, None)
-        span = self._tracer.start_span(
-            self._item_name, context=parent, attributes=self._attributes, start_time=start
-        )
-        if start is not None:
-            span.add_event("started")  # by a worker: the time before it is the wait
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        ended: list[Outcome[Any, Any] | None] = []
-        try:
-            yield ended.append
-        finally:
-            otel_context.detach(token)
-            _end_item(span, ended[0] if ended else None)
+        tracer, name, attributes = self._tracer, self._item_name, self._attributes
+
+        async def traced(item: Any) -> Any:
+            carried = submitter()
+            parent, start = carried if isinstance(carried, tuple) else (None, None)
+            span = tracer.start_span(name, parent, attributes=attributes, start_time=start)
+            if start is not None:
+                span.add_event("started")  # by a worker: the time before it is the wait
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            try:
+                result = await call_next(item)
+            except Exception as error:
+                _end_item(span, int(attempts[0]), error)
+                raise
+            except BaseException:
+                _end_item(span, int(attempts[0]), None, "unfinished")
+                raise
+            finally:
+                otel_context.detach(token)
+            _end_item(span, int(attempts[0]), None)
+            return result
+
+        return traced
 
 
-def _end_item(span: trace.Span, outcome: Outcome[Any, Any] | None) -> None:
-    """An item's span ends with its outcome (None: it ended unfinished)."""
-    if outcome is None:
-        span.set_attribute("corral.outcome", "unfinished")
-    elif outcome.error is None:
-        span.set_attributes({"corral.outcome": "ok", "corral.attempts": outcome.attempts})
-    else:
-        error = outcome.error
-        span.set_attributes(
-            {
-                "corral.outcome": "failed",
-                "corral.attempts": outcome.attempts,
-                "error.type": type(error).__qualname__,
-            }
-        )
+def _end_item(
+    span: trace.Span, attempts: int, error: Exception | None, outcome: str = "ok"
+) -> None:
+    """An item's span ends with how its calls ended."""
+    span.set_attribute("corral.attempts", attempts)
+    if error is not None:
+        outcome = "failed"
+        span.set_attribute("error.type", type(error).__qualname__)
         span.record_exception(error)
         span.set_status(trace.StatusCode.ERROR, f"{type(error).__qualname__}: {error}")
+    span.set_attribute("corral.outcome", outcome)
     span.end()
