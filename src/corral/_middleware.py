@@ -16,6 +16,9 @@ This is the one place the order is decided, and why:
   ``Outcome.attempts``;
 * ``limiter``, ``rate_limit`` and ``timeout`` see every call, and no capacity
   slot is held during a retry's backoff.
+* an instrumentation's ``attempt`` layer (``corral.otel``), when one is
+  installed, sits between ``rate_limit`` and ``timeout``: it times each call
+  with its timeout, not the waits for the limiters.
 
 With nothing configured the chain *is* the handler.
 """
