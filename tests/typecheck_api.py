@@ -292,3 +292,21 @@ async def check_resilience() -> None:
         assert_type(refused.retry_after, float)
     except corral.RetryError as gave_up:
         assert_type(gave_up.attempts, int)
+
+
+def check_otel() -> None:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from corral.otel import CorralInstrumentor
+
+    instrumentor = CorralInstrumentor()
+    assert_type(instrumentor, CorralInstrumentor)
+    meters: MeterProvider | None = None
+    tracers: TracerProvider | None = None
+    assert_type(
+        instrumentor.instrument(meter_provider=meters, tracer_provider=tracers, trace_items=True),
+        None,
+    )
+    assert_type(instrumentor.is_instrumented_by_opentelemetry, bool)
+    assert_type(instrumentor.uninstrument(), None)
