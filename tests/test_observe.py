@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -561,3 +564,155 @@ async def test_a_batcher_bar_shows_failed_flushes_before_anything_is_flushed() -
                 assert bar.n == 0
                 scope.cancel()
     assert batcher.unflushed == [1, 2]
+
+
+# ------------------------------------------- the bar's rate, logging beside it
+
+
+async def test_the_bar_shows_the_average_rate_not_the_bursts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Items that finish in bursts, as under a rate limiter (5, then 15, then
+    5, ..., a burst a second): every rate the bar of corral's own shows is
+    within 2% of the items done so far over the time so far (with tqdm's
+    default smoothing, 10.9 item/s after 2, 4, 6 s, for 10). The bar's clock
+    is the test's."""
+    import tqdm.auto
+    import tqdm.std
+
+    now = 0.0
+    monkeypatch.setattr(tqdm.std, "time", lambda: now)
+    bars: list[Any] = []
+    reached: list[tuple[int, anyio.Event]] = []
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def update(self, n: float = 1) -> bool | None:
+            drawn: bool | None = super().update(n)
+            for count, event in reached:
+                if self.n >= count:
+                    event.set()
+            return drawn
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    sizes = [5, 15] * 4
+    bursts = [anyio.Event() for _ in sizes]
+
+    async def handler(burst: int) -> None:
+        await bursts[burst].wait()
+
+    rates: list[tuple[float, float]] = []  # (shown, done / elapsed)
+    async with Pool(handler, workers=sum(sizes), progress=True) as pool:
+        for burst, size in enumerate(sizes):
+            for _ in range(size):
+                await pool.submit(burst)
+        done = 0
+        for burst, size in enumerate(sizes):
+            now += 1.0
+            bursts[burst].set()
+            done += size
+            event = anyio.Event()
+            reached.append((done, event))
+            with anyio.fail_after(60):
+                await event.wait()
+            shown = re.search(r"([\d.]+)item/s", str(bars[0]))
+            assert shown is not None
+            rates.append((float(shown.group(1)), done / now))
+    assert all(shown == pytest.approx(rate, rel=0.02) for shown, rate in rates), rates
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[logging.Handler]:
+    """The application's logging as ``logging.basicConfig()`` sets it up: a
+    handler on the root logger that writes to ``sys.stderr``, where tqdm draws
+    its bars too (in a test's body, where ``sys.stderr`` is capsys's)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+
+
+def _logging_setup() -> tuple[list[logging.Handler], bool, list[logging.Handler]]:
+    corral_logger = logging.getLogger("corral")
+    return list(corral_logger.handlers), corral_logger.propagate, list(logging.root.handlers)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-bar", "given-bar"])
+async def test_a_failure_logged_beside_a_bar_is_written_through_the_bar(
+    own: bool, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With console logging on the root logger, a failure logged while a tqdm
+    bar that corral draws is shown (its own, or one passed as progress=) comes
+    through tqdm.write: on lines of its own, not appended to the bar's line,
+    and formatted by the application's handler. Its other handlers (pytest's
+    here, a log file elsewhere) still get it, and afterwards the logging setup
+    is as it was."""
+    import tqdm
+
+    with console_logging():
+        before = _logging_setup()
+        given = None if own else tqdm.tqdm(file=sys.stderr, unit="item")
+        try:
+            outcomes = await corral.apply_to_all(
+                flaky, range(10), workers=2, progress=True if given is None else given
+            )
+        finally:
+            if given is not None:
+                given.close()
+        assert [o.ok for o in outcomes].count(False) == 1
+        assert _logging_setup() == before
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    logged = [line for line in lines if "WARNING:" in line]
+    assert len(logged) == 1
+    assert logged[0].startswith("WARNING:corral.pool:pool: item 3 failed"), lines
+    assert "ValueError: item 3 is bad" in lines  # its traceback, on lines of its own
+    assert any("item/s" in line for line in lines)  # the bar was drawn there
+    assert [r.getMessage() for r in caplog.records if r.name == "corral.pool"] == [
+        "pool: item 3 failed after 1 attempt: ValueError('item 3 is bad')"
+    ]
+
+
+async def test_logging_is_put_back_when_the_block_fails_or_is_cancelled(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The logging setup is restored however the block with a bar ends, and,
+    with two bars shown at once, only when the last of them is closed: a
+    failure logged after the inner one closed still goes through tqdm.write."""
+    import tqdm.std
+
+    written: list[str] = []
+    write = tqdm.std.tqdm.write.__func__
+
+    def spy(cls: Any, s: str, *args: Any, **kwargs: Any) -> None:
+        written.append(s)
+        write(cls, s, *args, **kwargs)
+
+    monkeypatch.setattr(tqdm.std.tqdm, "write", classmethod(spy))
+    with console_logging():
+        before = _logging_setup()
+        with pytest.raises(RuntimeError, match="block failed"):
+            async with Pool(flaky, progress=True) as pool:
+                await pool.submit(1)
+                raise RuntimeError("block failed")
+        assert _logging_setup() == before
+        with anyio.CancelScope() as scope:
+            async with Pool(flaky, progress=True):
+                scope.cancel()
+                await anyio.sleep_forever()
+        assert _logging_setup() == before
+        async with Pool(flaky, progress=True) as outer:
+            async with Pool(flaky, progress=True) as inner:
+                await inner.submit(1)
+            await outer.submit(3)  # fails while the outer bar is still shown
+            await outer.join()
+        assert _logging_setup() == before
+    assert len(written) == 1
+    assert written[0].startswith("WARNING:corral.pool:pool: item 0 failed")
+    assert written[0].endswith("ValueError: item 3 is bad")  # the traceback's end

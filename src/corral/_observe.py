@@ -7,12 +7,17 @@ often; logging happens at entry, at exit and on failures only.
 Loggers: ``corral`` is the root; a pool logs to ``corral.pool`` (or
 ``corral.pool.<name>``), a batcher to ``corral.batcher`` (``.<name>``). The
 root has a :class:`logging.NullHandler`, so nothing is printed unless the
-application configures logging.
+application configures logging. While a tqdm bar that corral draws is shown,
+corral's records that the application's handlers would print to the console
+are written with ``tqdm.write`` instead, so that a failure's line does not land
+in the middle of the bar's (see :class:`_ThroughBars`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -37,10 +42,129 @@ logging.getLogger("corral").addHandler(logging.NullHandler())
 # how often a progress bar is moved (tqdm redraws at most every 0.1 s anyway)
 _PROGRESS_INTERVAL = 0.1
 
+# The rate a bar of corral's own shows: tqdm's moving average of each redraw's
+# step, weighted 0.05 (its default, 0.3, follows a rate limiter's bursts: a few
+# redraws make up the rate shown); about the last 20 redraws, a few seconds.
+# Not 0, tqdm's average since the start: then it redraws only after as many
+# items as the largest step seen so far.
+_SMOOTHING = 0.05
+
 
 def logger_for(kind: str, name: str | None) -> logging.Logger:
     """``corral.<kind>``, or ``corral.<kind>.<name>`` for a named pool or batcher."""
     return logging.getLogger(f"corral.{kind}.{name}" if name else f"corral.{kind}")
+
+
+def _console_stream(handler: logging.Handler) -> Any:
+    """The stream of a handler that writes to the console (where a bar is), or None."""
+    if isinstance(handler, logging.StreamHandler):
+        stream = handler.stream
+        if stream is sys.stderr or stream is sys.stdout:
+            return stream
+    return None
+
+
+class _ThroughBars(logging.Handler):
+    """While corral shows tqdm bars: on the ``corral`` logger, whose
+    propagation is turned off meanwhile, it does what propagation did (hands
+    each record to the handlers of the logger's ancestors, the root's that
+    ``logging.basicConfig`` set up, say), except that a handler that writes to
+    ``sys.stderr`` or ``sys.stdout`` has its formatted record written with the
+    bars' ``write`` (``tqdm.write``: clears the bars, writes, draws them again)
+    instead of in the middle of a bar's line. Handlers of corral's own loggers
+    (``corral``, ``corral.pool``, ...) are left as they are.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.propagate = logger.propagate  # as it was: put back at the end
+        self.bar_classes: list[Any] = []  # of the bars shown, the newest last
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.propagate:
+            return  # the application turned it off: nothing went to the ancestors
+        found = False
+        logger = self.logger.parent
+        while logger is not None:  # Logger.callHandlers, from the parent up
+            for handler in logger.handlers:
+                found = True
+                if record.levelno >= handler.level:
+                    self._hand(handler, record)
+            logger = logger.parent if logger.propagate else None
+        last_resort = logging.lastResort  # used when no handler at all is found
+        if (
+            not found
+            and last_resort is not None
+            and record.levelno >= last_resort.level
+            and not self._handled_below(record)
+        ):
+            self._hand(last_resort, record)
+
+    def _handled_below(self, record: logging.LogRecord) -> bool:
+        """A handler other than this one, from the record's logger to ``corral``."""
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return True
+            logger = None if logger is self.logger else logger.parent
+        return False
+
+    def _hand(self, handler: logging.Handler, record: logging.LogRecord) -> None:
+        stream = _console_stream(handler)
+        if stream is None:
+            handler.handle(record)
+            return
+        assert isinstance(handler, logging.StreamHandler)
+        allowed = handler.filter(record)  # (a record, on Python 3.12+, or a bool)
+        if not allowed:
+            return
+        if isinstance(allowed, logging.LogRecord):
+            record = allowed
+        handler.acquire()
+        try:
+            line = handler.format(record)
+            self.bar_classes[-1].write(line, file=stream, end=handler.terminator)
+            handler.flush()
+        except RecursionError:  # as logging.StreamHandler.emit does
+            raise
+        except Exception:  # noqa: BLE001 - logging's way: reported, never raised
+            handler.handleError(record)
+        finally:
+            handler.release()
+
+
+_through_lock = threading.Lock()
+_through: _ThroughBars | None = None  # while a bar corral draws is shown
+
+
+def _log_through(bar_class: Any) -> None:
+    """Write corral's console logging with ``bar_class.write`` until the
+    matching :func:`_stop_logging_through` (bars of several pools can be
+    shown at once: the first installs :class:`_ThroughBars`, the last removes it)."""
+    global _through
+    with _through_lock:
+        if _through is None:
+            logger = logging.getLogger("corral")
+            _through = _ThroughBars(logger)
+            logger.addHandler(_through)
+            logger.propagate = False
+        _through.bar_classes.append(bar_class)
+
+
+def _stop_logging_through(bar_class: Any) -> None:
+    """Undo one :func:`_log_through`; the last puts the ``corral`` logger back
+    as it was."""
+    global _through
+    with _through_lock:
+        if _through is None:
+            return
+        if bar_class in _through.bar_classes:
+            _through.bar_classes.remove(bar_class)
+        if not _through.bar_classes:
+            _through.logger.removeHandler(_through)
+            _through.logger.propagate = _through.propagate
+            _through = None
 
 
 @runtime_checkable
@@ -69,9 +193,11 @@ def check_progress(progress: object) -> None:
         try:
             import tqdm.auto  # noqa: F401 - only checking it is there
         except ImportError:
+            from ._extras import install_hint
+
             raise ModuleNotFoundError(
                 "progress=True draws its bar with tqdm, which is not installed: "
-                "pip install 'corral[progress]' (or pass a tqdm-compatible bar object)"
+                f"{install_hint('progress')}; or pass a tqdm-compatible bar object"
             ) from None
         return
     if not callable(getattr(progress, "update", None)):
@@ -126,6 +252,7 @@ class Observer(Generic[S]):
         self._bar_broken = self._stats_broken = False
         self._bar_scope: anyio.CancelScope | None = None
         self._stats_scope: anyio.CancelScope | None = None
+        self._bar_class: Any = None  # the tqdm class whose write() takes corral's logging
 
     @property
     def active(self) -> bool:
@@ -147,9 +274,13 @@ class Observer(Generic[S]):
         if self._progress is True:
             from tqdm.auto import tqdm
 
-            self._bar, self._owned = tqdm(total=self.total, desc=label, unit="item"), True
+            self._bar, self._owned = (
+                tqdm(total=self.total, desc=label, unit="item", smoothing=_SMOOTHING),
+                True,
+            )
         elif self._progress is not None:
             self._bar, self._owned = self._progress, False
+        self._log_through_bar(self._bar)
 
     def start(
         self,
@@ -208,11 +339,25 @@ class Observer(Generic[S]):
                 if not self._owned and callable(refresh):
                     refresh()  # (closing an own bar draws it a last time)
         finally:
-            if self._owned:
-                self._owned = False
-                bar.close()
+            try:
+                if self._owned:
+                    self._owned = False
+                    bar.close()
+            finally:
+                self._log_through_bar(None)
         if self._on_stats is not None and not self._stats_broken:
             self._on_stats(stats)
+
+    def _log_through_bar(self, bar: Any) -> None:
+        """While ``bar`` (a tqdm bar) is shown, write corral's log records that
+        would go to the console with its ``write``; None: stop (at exit)."""
+        if self._bar_class is not None:  # (also one left by an entry that never exited)
+            _stop_logging_through(self._bar_class)
+            self._bar_class = None
+        tqdm_std = sys.modules.get("tqdm.std")  # loaded if bar is a tqdm bar
+        if bar is not None and tqdm_std is not None and isinstance(bar, tqdm_std.tqdm):
+            _log_through(type(bar))
+            self._bar_class = type(bar)
 
     def _draw(self, stats: S, bar: Any = None) -> None:
         bar = self._bar if bar is None else bar
