@@ -707,3 +707,53 @@ async def test_a_receive_stream_given_as_input_is_not_closed() -> None:
         assert left > 0
         assert receive.receive_nowait() == 100 - left
         send.send_nowait(100)
+
+
+# ------------------------------------------------------ backpressure_waits
+
+
+async def test_a_helper_counts_no_backpressure_waits_of_its_own() -> None:
+    """backpressure_waits counts a caller's submits that waited for room: the
+    helpers, which feed a pool of their own and wait for room before taking
+    each next item, report none: that wait is the helper's pacing."""
+
+    async def handler(item: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return item
+
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(100):
+            yield i
+
+    seen: list[corral.PoolStats] = []
+    await apply_to_all(handler, range(100), workers=2, max_pending=2, on_stats=seen.append)
+    await apply_to_all(handler, numbers(), workers=2, max_pending=2, on_stats=seen.append)
+    async with apply_to_each(
+        handler, range(100), workers=2, max_pending=2, on_stats=seen.append
+    ) as outcomes:
+        assert len([o async for o in outcomes]) == 100
+    assert [(s.submitted, s.backpressure_waits) for s in seen] == [(100, 0)] * 3
+
+
+async def test_a_callers_submit_that_waits_for_room_is_still_counted() -> None:
+    """A submit of the caller's own that finds the pool full waits and is
+    counted in backpressure_waits; one that finds room is not."""
+    gate = anyio.Event()
+
+    async def handler(item: int) -> int:
+        await gate.wait()
+        return item
+
+    seen: list[corral.PoolStats] = []
+    async with Pool(handler, workers=1, max_pending=1, on_stats=seen.append) as pool:
+        await pool.submit(0)
+        await anyio.wait_all_tasks_blocked()  # the worker took it and waits on the gate
+        await pool.submit(1)  # queued: the pool is full
+        assert pool.stats.backpressure_waits == 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.submit, 2)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.stats.backpressure_waits == 1
+            gate.set()
+    assert seen[-1].backpressure_waits == 1
+    assert seen[-1].succeeded == 3

@@ -172,11 +172,18 @@ async def _close_input(pool: Pool[Any, Any], iterator: Iterator[Any] | AsyncIter
 
 
 async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
+    """Submit ``item``, waiting for room. The helper's wait is taken back out
+    of ``backpressure_waits``, which counts a caller's waits for room (the
+    helper's pool is its own: no other code waits to submit to it)."""
+    counters = pool._counters
+    waits = counters.backpressure_waits
     try:
         await pool.submit(item)
     except BaseException:
         pool._run.orphans.append(item)
         raise
+    finally:
+        counters.backpressure_waits = waits
 
 
 @overload
@@ -261,7 +268,9 @@ async def apply_to_all(
     outcomes gathered so far: to keep partial results, use
     :func:`apply_to_each` or a :class:`Pool`. Takes the keyword options of
     :class:`Pool`; a bad one (or ``items`` that is not iterable) raises
-    ``TypeError`` or ``ValueError`` before any item is taken.
+    ``TypeError`` or ``ValueError`` before any item is taken. The stats that
+    ``on_stats`` gets count no ``backpressure_waits``: the call waiting for
+    room before it takes the next item is its own pacing, not a caller's wait.
 
     >>> import anyio
     >>> async def square(x: int) -> int:
@@ -578,7 +587,9 @@ def apply_to_each(
     outcome, and iterating ``outcomes`` again yields those that were ready but
     not consumed. Leaving it after consuming everything waits for async
     ``on_outcome`` callbacks still running. Takes the keyword options of
-    :class:`Pool`, validated here, at the call, which never waits.
+    :class:`Pool`, validated here, at the call, which never waits. The stats
+    that ``on_stats`` gets count no ``backpressure_waits`` (the feeder waiting
+    for room is its own pacing, not a caller's wait).
 
     The ``async with`` raises, after every task stopped and unwrapped: the
     block's own exception; with ``fail_fast``, the first handler failure; an
