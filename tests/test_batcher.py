@@ -1144,3 +1144,67 @@ async def test_flushes_failing_together_count_once_toward_giving_up() -> None:
                 await batcher.add(i)
             await anyio.sleep_forever()
     assert batcher.stats.flush_failures > 3
+
+
+class TestLastFlushAge:
+    """``last_flush_time`` on the event loop's clock and ``last_flush_age``,
+    exact on trio's MockClock, in real time with a tolerance elsewhere."""
+
+    @pytest.fixture
+    def anyio_backend(self, timing_anyio_backend: Any) -> Any:
+        return timing_anyio_backend
+
+    async def test_the_age_is_the_time_since_the_last_flush_ended(self, exact: bool) -> None:
+        """A flush that takes a unit of time ends at ``last_flush_time``, read
+        on anyio.current_time()'s clock; a snapshot taken two units later has
+        ``last_flush_age`` 2 units; a later one has more, and compares equal
+        (the age is not compared)."""
+        unit = 1.0 if exact else 0.05
+        slack = 0.05  # how late a real-time sleep may end
+        early = 0.0 if exact else 0.002  # how early (uvloop's clock counts milliseconds)
+
+        async def save(batch: list[int]) -> None:
+            await anyio.sleep(unit)
+
+        async with Batcher(save, max_size=10, max_wait=None) as batcher:
+            assert (batcher.stats.last_flush_time, batcher.stats.last_flush_age) == (None, None)
+            start = anyio.current_time()
+            await batcher.add(1)
+            await batcher.flush()
+            ended = anyio.current_time()
+            await anyio.sleep(2 * unit)
+            stats = batcher.stats
+            taken = anyio.current_time()
+        assert stats.last_flush_time is not None
+        assert stats.last_flush_age is not None
+        assert start + unit - early <= stats.last_flush_time <= ended
+        assert stats.last_flush_age <= taken - stats.last_flush_time  # the same clock
+        if exact:
+            assert (stats.last_flush_time, stats.last_flush_age) == (start + unit, 2 * unit)
+        else:
+            late = ended - stats.last_flush_time + slack
+            assert 2 * unit - early <= stats.last_flush_age <= 2 * unit + late
+        await anyio.sleep(unit)
+        later = batcher.stats  # after the block, in the event loop still
+        assert later.last_flush_age is not None
+        assert later.last_flush_age >= stats.last_flush_age + unit - early - 1e-9
+        assert later == stats
+
+    def test_the_age_is_none_outside_an_event_loop(self, anyio_backend: Any) -> None:
+        """A snapshot taken outside an event loop (after anyio.run returned)
+        has ``last_flush_time`` but no age, on every backend (trio's clock
+        cannot be read there)."""
+
+        async def main() -> Batcher[int, None]:
+            async def save(batch: list[int]) -> None:
+                await checkpoint()
+
+            async with Batcher(save) as batcher:
+                await batcher.add(1)
+            assert batcher.stats.last_flush_age is not None
+            return batcher
+
+        name, options = anyio_backend
+        stats = anyio.run(main, backend=name, backend_options=options).stats
+        assert stats.last_flush_time is not None
+        assert stats.last_flush_age is None

@@ -415,8 +415,16 @@ class BatcherStats:
     the flush's error (they left the batcher), and cancelled jobs.
     ``backpressure_waits``: adds that had to wait for room.
     ``unflushed``: ``len(batcher.unflushed)`` after the last exit.
-    ``last_flush_time``: :func:`anyio.current_time` at the end of the last
-    successful flush, or None. ``cancelled``: jobs cancelled by
+    ``last_flush_time``: when the last successful flush ended, or None (none
+    yet), read on the event loop's clock, the one :func:`anyio.current_time`
+    reads (trio's is its own, a ``MockClock`` in tests): comparable only with
+    :func:`anyio.current_time` in the same event loop, not with
+    :func:`time.time` or :func:`time.monotonic`. ``last_flush_age``: seconds
+    from then to when the snapshot was taken (a snapshot does not age), on
+    the same clock; None with no flush yet, or for a snapshot taken outside
+    an event loop (from another thread, after ``anyio.run`` returned). It is
+    left out of ``==``: two snapshots of the same counters are equal.
+    ``cancelled``: jobs cancelled by
     :meth:`Job.cancel` while queued (also counted in ``failed``: their
     outcome is a :class:`~corral.JobCancelled` error). ``limit``: the current
     limit of an :class:`~corral.AdaptiveLimiter` given as ``limiter=`` (None
@@ -440,6 +448,7 @@ class BatcherStats:
     last_flush_time: float | None
     cancelled: int = 0
     limit: int | None = None
+    last_flush_age: float | None = attrs.field(default=None, eq=False)
 
 
 class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
@@ -743,6 +752,13 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         any time (also before entry and after exit)."""
         counts = self._counts
         run = self._run
+        last_flush, age = counts.last_flush_time, None
+        if last_flush is not None:
+            try:  # only in an event loop (outside one, trio's clock cannot be read)
+                anyio.lowlevel.current_token()
+                age = run.clock() - last_flush
+            except RuntimeError:
+                pass
         return BatcherStats(
             added=run.next_seq,
             queued=len(run.queue),
@@ -754,9 +770,10 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             failed=counts.failed,
             backpressure_waits=counts.backpressure_waits,
             unflushed=len(run.unflushed),
-            last_flush_time=counts.last_flush_time,
+            last_flush_time=last_flush,
             cancelled=counts.cancelled,
             limit=limit_of(self._config.layers.limiter),
+            last_flush_age=age,
         )
 
     @property
@@ -869,7 +886,13 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             return PoolClosed(f"{self!r} is not running yet: add inside `async with batcher:`")
         if self._state is STOPPING:
             return PoolClosed(f"{self!r} is flushing for exit and takes no new items")
-        return PoolClosed(f"{self!r} has exited and takes no new items")
+        return PoolClosed(
+            f"{self!r} has exited and takes no new items. A block that ends well"
+            " flushes only the items already added, not those of tasks that add"
+            " later: start those tasks in a task group opened inside the batcher's"
+            " `async with` block, or keep the block open until they finish (docs:"
+            ' "Pools in task groups and nurseries")'
+        )
 
     # ------------------------------------------------------------------- add
 

@@ -735,9 +735,7 @@ class StreamSink(Generic[AnyStr]):
     """Entries to a Redis stream, added in batches: each batch is one pipelined
     round trip of ``XADD``\\ s, through a :class:`~corral.Batcher` (natural
     batching by default: a batch goes as soon as the last one is written, so
-    batches grow under load and latency stays low when idle).
-
-    ::
+    batches grow under load and latency stays low when idle). For example::
 
         async with StreamSink(client, "results") as sink:
             await sink.add({"order": "42", "status": "charged"})
