@@ -90,7 +90,8 @@ class PoolStats:
     worker. ``running``: in a worker.
     ``succeeded`` / ``failed``: final outcomes. ``retried``: extra attempts
     (retries, and a hedge's copies).
-    ``backpressure_waits``: submits that had to wait for room.
+    ``backpressure_waits``: submits that had to wait for room (the helpers'
+    own waits before taking the next item are not counted).
     ``unfinished``: items left without an outcome at the last exit (not
     accumulated: it is ``len(pool.unfinished)``).
     ``workers``: the current bound (:meth:`Pool.resize`). ``paused``: see

@@ -151,9 +151,7 @@ class _QueueFile:
 class QueueSink(_QueueFile):
     """Entries into a SQLite queue file, written in batches: one transaction
     per batch, through a :class:`~corral.Batcher` (natural batching: a batch
-    goes as soon as the last one is written).
-
-    ::
+    goes as soon as the last one is written). For example::
 
         async with QueueSink("work.sqlite3") as sink:
             await sink.add({"record": "42"}, key="42")
