@@ -111,3 +111,10 @@ def test_project_urls(metadata: email.message.Message) -> None:
     urls = dict(entry.split(", ", 1) for entry in metadata.get_all("Project-URL", []))
     assert set(urls) == {"Homepage", "Documentation", "Changelog", "Source", "Issues"}
     assert all(url.startswith("https://") for url in urls.values())
+
+
+def test_dunder_version_is_the_packages(metadata: email.message.Message) -> None:
+    """``corral.__version__`` is the version the package is built with."""
+    import corral
+
+    assert corral.__version__ == metadata["Version"]
