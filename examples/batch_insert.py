@@ -16,15 +16,14 @@ names a file (its `events` table is replaced).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import random
 import sqlite3
 import tempfile
 import threading
-from typing import Any
 
 import anyio
+from _backends import add_argument, chosen, run_on
 
 import corral
 
@@ -117,34 +116,16 @@ async def run(path: pathlib.Path) -> None:
         store.close()
 
 
-# A name on the command line -> anyio.run's backend and backend_options.
-BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Batched inserts into a SQLite file.")
-    parser.add_argument("backend", nargs="?", choices=list(BACKENDS), help="default: asyncio, trio")
+    add_argument(parser)
     parser.add_argument("--db", type=pathlib.Path, help="SQLite file (default: a temporary one)")
     args = parser.parse_args()
+    names = chosen(parser, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.db or pathlib.Path(tmp) / "events.db"
-        for name in [args.backend] if args.backend else ["asyncio", "trio"]:
-            if name != "asyncio" and importlib.util.find_spec(name) is None:
-                hint = (
-                    f"pip install 'corral[{name}]' "
-                    f"(in a checkout of corral: pip install -e '.[{name}]')"
-                )
-                if args.backend:  # asked for by name: an error
-                    parser.error(f"{name} is not installed: {hint}")
-                print(f"skipping {name}, which is not installed: {hint}")
-                continue
-            backend, options = BACKENDS[name]
-            print(f"--- {name} ---")
-            anyio.run(run, path, backend=backend, backend_options=options)
+        for name in names:
+            run_on(name, run, path)
 
 
 if __name__ == "__main__":

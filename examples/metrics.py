@@ -23,13 +23,13 @@ trio by default).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import urllib.request
 from typing import Any
 
 import anyio
 import attrs
+from _backends import add_argument, chosen, run_on
 
 import corral
 
@@ -177,45 +177,12 @@ async def main(backend: str, metrics_page: str | None) -> None:
     print(f"{metrics_page}: the same totals as on_stats")
 
 
-# A name on the command line -> anyio.run's backend and backend_options.
-BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
-
-
-def backends() -> list[str]:
-    """The backends named on the command line, or asyncio and trio (if installed)."""
-    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
-    parser.add_argument(
-        "backend", nargs="*", help="asyncio, uvloop or trio, in turn (default: asyncio, trio)"
-    )
-    named: list[str] = parser.parse_args().backend
-    for name in named:
-        if name not in BACKENDS:
-            parser.error(f"unknown backend {name!r} (choose from asyncio, uvloop, trio)")
-    chosen = []
-    for name in named or ["asyncio", "trio"]:
-        if name != "asyncio" and importlib.util.find_spec(name) is None:
-            hint = (
-                f"pip install 'corral[{name}]' "
-                f"(in a checkout of corral: pip install -e '.[{name}]')"
-            )
-            if named:  # asked for by name: an error
-                parser.error(f"{name} is not installed: {hint}")
-            print(f"skipping {name}, which is not installed: {hint}")
-        else:
-            chosen.append(name)
-    return chosen
-
-
 if __name__ == "__main__":
-    chosen = backends()
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
+    add_argument(parser)
+    names = chosen(parser, parser.parse_args().backend)
     served = serve_metrics()
-    for name in chosen:
-        backend, options = BACKENDS[name]
-        print(f"--- {name}")
-        anyio.run(main, name, served and served[0], backend=backend, backend_options=options)
+    for name in names:
+        run_on(name, main, name, served and served[0])
     if served is not None:
         served[1].shutdown()

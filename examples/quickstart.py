@@ -6,11 +6,8 @@ exactly one outcome. Run it with `python examples/quickstart.py [asyncio|uvloop|
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-from typing import Any
-
 import anyio
+from _backends import run_each
 
 import corral
 
@@ -36,41 +33,5 @@ async def main() -> int:
     return 0
 
 
-# A name on the command line -> anyio.run's backend and backend_options.
-BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "asyncio": ("asyncio", {}),
-    "uvloop": ("asyncio", {"use_uvloop": True}),
-    "trio": ("trio", {}),
-}
-
-
-def backends() -> list[str]:
-    """The backends named on the command line, or asyncio and trio (if installed)."""
-    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
-    parser.add_argument(
-        "backend", nargs="*", help="asyncio, uvloop or trio, in turn (default: asyncio, trio)"
-    )
-    named: list[str] = parser.parse_args().backend
-    for name in named:
-        if name not in BACKENDS:
-            parser.error(f"unknown backend {name!r} (choose from asyncio, uvloop, trio)")
-    chosen = []
-    for name in named or ["asyncio", "trio"]:
-        if name != "asyncio" and importlib.util.find_spec(name) is None:
-            hint = (
-                f"pip install 'corral[{name}]' "
-                f"(in a checkout of corral: pip install -e '.[{name}]')"
-            )
-            if named:  # asked for by name: an error
-                parser.error(f"{name} is not installed: {hint}")
-            print(f"skipping {name}, which is not installed: {hint}")
-        else:
-            chosen.append(name)
-    return chosen
-
-
 if __name__ == "__main__":
-    for name in backends():
-        backend, options = BACKENDS[name]
-        print(f"--- {name} ---")
-        anyio.run(main, backend=backend, backend_options=options)
+    run_each(__doc__.partition("\n")[0], main)
