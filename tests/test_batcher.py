@@ -1208,3 +1208,21 @@ class TestLastFlushAge:
         stats = anyio.run(main, backend=name, backend_options=options).stats
         assert stats.last_flush_time is not None
         assert stats.last_flush_age is None
+
+
+def test_the_age_is_none_in_another_event_loop() -> None:
+    """A snapshot taken in a later ``anyio.run`` than the last flush's has no
+    age: each trio run has a clock of its own, so it would be meaningless."""
+    batcher: Batcher[int, None] = Batcher(lambda batch: checkpoint(), max_wait=None)
+
+    async def flush_one() -> None:
+        async with batcher:
+            await batcher.add(1)
+
+    async def age() -> float | None:
+        return batcher.stats.last_flush_age
+
+    for backend in ("asyncio", "trio"):
+        anyio.run(flush_one, backend=backend)
+        assert batcher.stats.last_flush_time is not None
+        assert anyio.run(age, backend=backend) is None

@@ -440,3 +440,211 @@ def parse_prometheus(page: str) -> list[tuple[str, dict[str, str], float]]:
             labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', found.group(2) or ""))
             samples.append((found.group(1), labels, float(found.group(3))))
     return samples
+
+
+# ------------------------------------------------------ what a review found
+
+
+@pytest.mark.anyio
+async def test_instrumenting_again_on_the_same_provider_still_observes_the_queue() -> None:
+    """A meter keeps the instruments first made under a name: instrumenting
+    again with the same provider must find them, not make new ones whose
+    callbacks the meter ignores."""
+    recorded = Telemetry()
+    instrumentor = CorralInstrumentor()
+    release = anyio.Event()
+
+    async def held(x: int) -> None:
+        await release.wait()
+
+    for _ in range(2):
+        instrumentor.instrument(meter_provider=recorded.meters)
+        release = anyio.Event()
+
+        async with corral.Pool(held, workers=1, name="again") as pool:
+            for item in range(4):
+                await pool.submit(item)
+            await wait_until(lambda: pool.stats.running == 1)
+            assert recorded.value("corral.items.queued", corral_name="again") == 3
+            release.set()
+        instrumentor.uninstrument()
+
+
+async def wait_until(condition: Any) -> None:
+    """Let the pool's tasks run until ``condition()`` (they need no time)."""
+    for _ in range(100):
+        if condition():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("never")
+
+
+@pytest.mark.anyio
+async def test_a_batcher_item_taken_back_from_a_cancelled_caller_counts_once(
+    metrics_only: Telemetry,
+) -> None:
+    """A failed flush hands a submit item back; its caller is cancelled
+    before it sees the error, so the batcher takes the item back and a later
+    flush writes it: one ok, no failure."""
+    calls = 0
+    caller = anyio.CancelScope()
+
+    async def flaky_save(batch: list[int]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            caller.cancel()  # the caller is cancelled before it sees the error
+            raise OSError("once")
+
+    async def submit() -> None:
+        with caller:
+            await batcher.submit(1)
+
+    async with (
+        corral.Batcher(flaky_save, max_size=1, max_wait=None, name="back") as batcher,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(submit)
+    assert (batcher.stats.failed, batcher.stats.flushed) == (0, 1)
+    assert metrics_only.points("corral.items") == [
+        ({"corral.kind": "batcher", "corral.name": "back", "corral.outcome": "ok"}, 1)
+    ]
+
+
+@pytest.mark.anyio
+async def test_a_batcher_job_cancelled_while_queued_counts_as_failed(
+    metrics_only: Telemetry,
+) -> None:
+    async with corral.Batcher(lambda batch: anyio.lowlevel.checkpoint(), max_wait=60) as batcher:
+        job = batcher.submit_nowait(1)
+        batcher.submit_nowait(2)
+        assert job.cancel()
+    assert metrics_only.value("corral.items", corral_outcome="ok") == 1
+    failed = metrics_only.value("corral.items", error_type="JobCancelled")
+    assert failed == batcher.stats.cancelled == 1
+
+
+@pytest.mark.anyio
+async def test_a_batcher_counts_retries_per_flush(metrics_only: Telemetry) -> None:
+    """A flush that never reaches its attempt (middleware answered it) does
+    not hide a later flush's retry."""
+    calls = 0
+
+    class Cache:
+        async def __call__(self, batch: list[int], call_next: Any) -> None:
+            if batch == [0]:
+                return  # already written: no attempt
+            await call_next(batch)
+
+    async def save(batch: list[int]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("once")
+
+    retry = corral.Retry(attempts=2, on=OSError, wait_initial=0, wait_max=0, wait_jitter=False)
+    async with corral.Batcher(
+        save, max_size=1, max_wait=None, retry=retry, middleware=[Cache()]
+    ) as batcher:
+        await batcher.add(0)
+        await batcher.flush()
+        await batcher.add(1)
+    assert metrics_only.value("corral.retries") == 1
+
+
+@pytest.mark.anyio
+async def test_cancelled_jobs_and_unfinished_items_get_spans_and_leave_nothing_behind(
+    telemetry: Telemetry,
+) -> None:
+    """Every submitted item gets one span, however it ends, and the probe
+    keeps nothing of them after the block."""
+    release, started = anyio.Event(), anyio.Event()
+    began: list[int] = []
+
+    async def held(x: int) -> None:
+        began.append(x)
+        started.set()
+        await release.wait()
+
+    with anyio.CancelScope() as scope:
+        async with corral.Pool(held, workers=1, name="c") as pool:
+            running = await pool.submit(0)
+            queued = [await pool.submit(item) for item in range(1, 6)]
+            await started.wait()
+            probe = pool._run.probe
+            assert all(job.cancel() for job in queued[:3])
+            assert running.cancel()
+            await wait_until(lambda: 4 in began)
+            scope.cancel()
+    assert len(pool.unfinished) == 2
+    items = by_name(telemetry.spans(), "corral item c")
+    outcomes = sorted(
+        (span.attributes["corral.outcome"], span.attributes.get("error.type")) for span in items
+    )
+    assert outcomes == [("failed", "JobCancelled")] * 4 + [("unfinished", None)] * 2
+    assert probe is not None
+    assert (probe._submitted, probe._spans) == ({}, {})  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_a_stray_cancellation_is_a_failed_item_in_spans_and_durations(
+    telemetry: Telemetry, backend_name: str
+) -> None:
+    if backend_name != "asyncio":
+        pytest.skip("only asyncio lets user code raise a bare cancellation")
+    import asyncio
+
+    async def stray(x: int) -> None:
+        raise asyncio.CancelledError
+
+    async with corral.Pool(stray, name="s") as pool:
+        await pool.submit(1)
+    (item,) = by_name(telemetry.spans(), "corral item s")
+    assert item.attributes["corral.outcome"] == "failed"
+    assert item.attributes["error.type"] == "RuntimeError"
+    assert telemetry.value("corral.attempt.duration", error_type="CancelledError")[0] == 1
+
+
+@pytest.mark.anyio
+async def test_retries_of_unfinished_items_are_counted(metrics_only: Telemetry) -> None:
+    retried = anyio.Event()
+    calls = 0
+
+    async def fail_then_hang(x: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("once")
+        retried.set()
+        await anyio.sleep_forever()
+
+    retry = corral.Retry(attempts=2, on=OSError, wait_initial=0, wait_max=0, wait_jitter=False)
+    with anyio.CancelScope() as scope:
+        async with corral.Pool(fail_then_hang, retry=retry) as pool:
+            await pool.submit(1)
+            await retried.wait()
+            scope.cancel()
+    assert pool.stats.retried == 1
+    assert metrics_only.value("corral.retries") == 1
+    assert metrics_only.value("corral.items", corral_outcome="unfinished") == 1
+
+
+@pytest.mark.anyio
+async def test_a_block_whose_entry_fails_is_not_watched(
+    metrics_only: Telemetry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry that fails before its task group exists leaves no probe
+    behind (it would count the block's queue twice on its next entry)."""
+    from corral._observe import Observer
+
+    def broken(self: Any, snapshot: Any, label: str) -> None:
+        raise RuntimeError("no terminal")
+
+    pool = corral.Pool(flaky, on_stats=lambda stats: None)
+    with monkeypatch.context() as patched:
+        patched.setattr(Observer, "open", broken)
+        with pytest.raises(RuntimeError, match="no terminal"):
+            async with pool:
+                pass
+    instruments = CorralInstrumentor()._installed.instruments  # type: ignore[union-attr]
+    assert instruments._probes == set()

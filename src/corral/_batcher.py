@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 import attrs
 from anyio.lowlevel import checkpoint
 
@@ -328,6 +329,16 @@ def _check_weight(weight: object, max_weight: object) -> float:
     return max_weight  # type: ignore[return-value]  # an int stays exact
 
 
+def _in_loop(token: anyio.lowlevel.EventLoopToken | None) -> bool:
+    """Whether the running event loop is the one of ``token`` (its clock can be
+    read here and is the same clock; outside a loop, trio's cannot be read, and
+    every ``trio.run`` has a clock of its own)."""
+    try:
+        return token is not None and anyio.lowlevel.current_token() == token
+    except RuntimeError:
+        return False
+
+
 def _dedupe_for(dedupe_key: object, weight: object) -> Callable[..., Any] | None:
     """How a batch drops its duplicates, if it does (an entry's key is (dedupe
     key, weight) with a weight function)."""
@@ -356,6 +367,7 @@ class _Counts:
     failed: int = 0
     backpressure_waits: int = 0
     last_flush_time: float | None = None
+    last_flush_loop: anyio.lowlevel.EventLoopToken | None = None  # whose clock that is
     cancelled: int = 0
 
 
@@ -422,7 +434,8 @@ class BatcherStats:
     :func:`time.time` or :func:`time.monotonic`. ``last_flush_age``: seconds
     from then to when the snapshot was taken (a snapshot does not age), on
     the same clock; None with no flush yet, or for a snapshot taken outside
-    an event loop (from another thread, after ``anyio.run`` returned). It is
+    the event loop of the last flush (from another thread, after
+    ``anyio.run`` returned, in another ``anyio.run``). It is
     left out of ``==``: two snapshots of the same counters are equal.
     ``cancelled``: jobs cancelled by
     :meth:`Job.cancel` while queued (also counted in ``failed``: their
@@ -753,12 +766,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         counts = self._counts
         run = self._run
         last_flush, age = counts.last_flush_time, None
-        if last_flush is not None:
-            try:  # only in an event loop (outside one, trio's clock cannot be read)
-                anyio.lowlevel.current_token()
-                age = run.clock() - last_flush
-            except RuntimeError:
-                pass
+        if last_flush is not None and _in_loop(counts.last_flush_loop):
+            age = run.clock() - last_flush
         return BatcherStats(
             added=run.next_seq,
             queued=len(run.queue),
@@ -1089,7 +1098,10 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         run.slots.release(1)
         self._counts.cancelled += 1
         self._counts.failed += 1
-        ticket.fail(JobCancelled(f"job {job.id!r} was cancelled"))
+        error = JobCancelled(f"job {job.id!r} was cancelled")
+        ticket.fail(error)
+        if run.probe is not None:
+            run.probe.failed(1, error)
         if run.flush_waiters:
             self._settle_flush_waiters(run)
         return True
@@ -1262,6 +1274,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         """A submit caller resumed to see the error its item was handed back with."""
         assert ticket.entry is not None
         run.handed_back.discard(ticket.entry[0])
+        if run.probe is not None and isinstance(ticket.error, Exception):
+            run.probe.failed(1, ticket.error)
         if not run.handed_back:
             if self._state is not RUNNING:
                 run.parking.unpark_all()  # flushers wait for this before they exit
@@ -1279,6 +1293,8 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         if current.over:  # the queue was already listed
             keys = [queued[0] for queued in current.unflushed]
             current.unflushed.insert(bisect.bisect(keys, entry[0]), entry)
+            if current.probe is not None:
+                current.probe.ended(1)
             return
         self._requeue(current, [entry])
         if not run.handed_back and self._state is not RUNNING:
@@ -1480,7 +1496,7 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
         counts.flushes += 1
         counts.flushed += len(items)
         counts.deduped += len(batch) - len(items)
-        counts.last_flush_time = run.clock()
+        counts.last_flush_time, counts.last_flush_loop = run.clock(), run.token
         if run.submitted:
             _resolve(batch, items, positions, result)
         if run.flush_waiters:
@@ -1502,8 +1518,6 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
             run.failures += 1
         self._schedule_backoff(run, error)
         kept = self._hand_back(run, batch, error)
-        if run.probe is not None:
-            run.probe.failed(len(batch) - len(kept), error)
         self._requeue(run, kept)
         give_up_after = self._config.give_up_after
         give_up = give_up_after is not None and run.failures >= give_up_after
@@ -1533,8 +1547,10 @@ class Batcher(Block[_BatcherRun[T]], Generic[T, R]):
                 kept.append(entry)
             else:
                 self._counts.failed += 1
-                if ticket.hand_back(entry, error):  # a job has its outcome now
+                if ticket.hand_back(entry, error):  # its caller is yet to see it
                     run.handed_back.add(entry[0])
+                elif run.probe is not None:  # a job has its outcome now
+                    run.probe.failed(1, error)
         return kept
 
     def _halt(self, run: _BatcherRun[T], error: Exception, final: bool) -> None:

@@ -172,18 +172,13 @@ async def _close_input(pool: Pool[Any, Any], iterator: Iterator[Any] | AsyncIter
 
 
 async def _submit_or_orphan(pool: Pool[T, Any], item: T) -> None:
-    """Submit ``item``, waiting for room. The helper's wait is taken back out
-    of ``backpressure_waits``, which counts a caller's waits for room (the
-    helper's pool is its own: no other code waits to submit to it)."""
-    counters = pool._counters
-    waits = counters.backpressure_waits
+    """Submit ``item``, waiting for room (not counted in ``backpressure_waits``:
+    it is the helper's own pacing, no caller's wait)."""
     try:
-        await pool.submit(item)
+        await pool._submit_paced(item)
     except BaseException:
         pool._run.orphans.append(item)
         raise
-    finally:
-        counters.backpressure_waits = waits
 
 
 @overload

@@ -43,6 +43,7 @@ class Run:
         self.ended = False  # its task group has exited (after CLOSED: tasks end)
         self.threads = threads  # a plain handler's or flush's threads, if any
         self.clock: Callable[[], float] = anyio.current_time  # the loop's, once entered
+        self.token: anyio.lowlevel.EventLoopToken | None = None  # that loop's
         # the context of the task that entered the block: tasks started later
         # (on demand) start in it, as if all had started at entry
         self.context = contextvars.Context()
@@ -117,10 +118,11 @@ class Block(Generic[RunT]):
             # (closed, but its tasks are still ending: its exit has not returned)
             raise RuntimeError(f"{self!r} is already running; enter it only once at a time")
         run = self._new_run()
-        run.clock = _loop_clock()
-        run.probe = probe_for(self, self._kind, run.clock)
+        run.token = anyio.lowlevel.current_token()
+        run.clock = _loop_clock(run.token)
         if self._observer.active:  # before the task group: it may raise
             self._observer.open(self.stats, self.name or "corral")
+        run.probe = probe_for(self, self._kind, run.clock)
         tg = anyio.create_task_group()
         await tg.__aenter__()
         run.tg = tg
@@ -252,7 +254,7 @@ class Block(Generic[RunT]):
             self._log.exception("on_stats raised at exit, while the block was raising")
 
 
-def _loop_clock() -> Callable[[], float]:
+def _loop_clock(token: anyio.lowlevel.EventLoopToken) -> Callable[[], float]:
     """The running event loop's clock, looked up once instead of once per read.
 
     Always the clock :func:`anyio.current_time` reads (so trio's MockClock and
@@ -261,7 +263,6 @@ def _loop_clock() -> Callable[[], float]:
     :func:`anyio.current_time` finds the backend on every call, about 0.9 µs on
     trio, and the per-item path reads the clock twice.
     """
-    token = anyio.lowlevel.current_token()
     loop_time = getattr(token.native_token, "time", None)  # an asyncio event loop
     if callable(loop_time):
         return cast("Callable[[], float]", loop_time)

@@ -185,8 +185,8 @@ class _PoolRun(Run, Generic[T, R]):
         self.workers: list[_Worker] = []  # what each worker runs (for Job.cancel)
         self.doomed: set[int] = set()  # cancelled while handed to a parked worker
         self.unpaused: anyio.Event | None = None  # set by resume(); workers wait on it
-        # a traced pool's submitters' contexts, by index (see _telemetry)
-        self.carried: dict[int, object] | None = None
+        # a traced pool's probe's: told of each submit (see _telemetry)
+        self.on_submit: Callable[[int], None] | None = None
 
 
 class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
@@ -467,7 +467,7 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
     def _started(self, run: _PoolRun[T, R]) -> None:
         if run.probe is not None and run.probe.traced:
-            run.carried = {}
+            run.on_submit = run.probe.submitted
 
     def _make_run(self, threads: Threads | None) -> _PoolRun[T, R]:
         run: _PoolRun[T, R] = _PoolRun(threads, self._max_pending, weakly(self._give_back))
@@ -588,6 +588,9 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
 
     async def _wait_for_room(self, run: _PoolRun[T, R]) -> None:
         self._counters.backpressure_waits += 1
+        await self._take_room(run)
+
+    async def _take_room(self, run: _PoolRun[T, R]) -> None:
         if not await run.slots.take():
             await self._raise_closed()
         if self._state is not RUNNING:  # granted room, but the pool stopped meanwhile
@@ -631,19 +634,35 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
         self._counters.submitted = index + 1
         job: Job[T, R] = Job(item, index, index if id is None else id, self)
         run.live[index] = entry = (index, item, job.id, job)
-        if run.carried is not None:  # a span per item: where it was submitted
-            run.carried[index] = run.probe.submitted()  # type: ignore[union-attr]
+        if run.on_submit is not None:  # a span per item: where it was submitted
+            run.on_submit(index)
         if priority or self._key is not None:
             self._schedule(run, entry, priority)
         else:
             self._enqueue(run, entry)
         return job
 
+    async def _submit_paced(self, item: T) -> None:
+        """Enqueue without a Job once there is room (the helpers' feeder, whose
+        wait is its own pacing: not counted in ``backpressure_waits``)."""
+        await checkpoint()
+        if self._state is not RUNNING:
+            await self._raise_closed()
+        run = self._run
+        if not run.slots.take_nowait():
+            await self._take_room(run)
+        self._put_entry(run, item)
+
     def _submit_if_room(self, item: T) -> bool:
         """Enqueue without a checkpoint or a Job if there is room (the helpers)."""
         run = self._run
         if self._state is not RUNNING or not run.slots.take_nowait():
             return False
+        self._put_entry(run, item)
+        return True
+
+    def _put_entry(self, run: _PoolRun[T, R], item: T) -> None:
+        """Enqueue ``item`` without a Job, its room taken (the helpers)."""
         index = self._counters.submitted
         self._counters.submitted = index + 1
         run.live[index] = entry = (index, item, index, None)
@@ -651,7 +670,6 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             self._schedule(run, entry, 0)
         else:
             self._enqueue(run, entry)
-        return True
 
     def _fill(self, iterator: Iterator[T]) -> bool:
         """Enqueue items taken from ``iterator`` while there is room, like
@@ -838,14 +856,13 @@ class Pool(Block[_PoolRun[T, R]], Generic[T, R]):
             log=self._log,
             attempt=attempt,
         )
-        carried = run.carried
-        if carried is not None:  # a span per item, from what _put kept of its submitter
-            assert probe is not None
+        if probe is not None and probe.traced:  # a span per item, around its calls
 
-            def submitter() -> object | None:
-                return None if worker.entry is None else carried.pop(worker.entry[0], None)
+            def index_of() -> int:
+                assert worker.entry is not None
+                return int(worker.entry[0])
 
-            chain = probe.item(chain, submitter, attempts)
+            chain = probe.item(chain, index_of)
         return chain, attempts
 
     # ----------------------------------------------------- resize, pause, cancel

@@ -24,8 +24,8 @@ Call = Callable[[Any], Awaitable[Any]]
 class Probe(Protocol):
     """One entry into one block, as an instrumentation sees it."""
 
-    # a span per item (a pool) or per flush (a batcher): then a pool keeps each
-    # submitter's context (``submitted``) and wraps its chain in ``item``
+    # a span per item (a pool) or per flush (a batcher): then a pool says when
+    # each item is submitted (``submitted``) and wraps its chain in ``item``
     traced: bool
 
     def attempt(self, call_next: Call) -> Call:
@@ -36,16 +36,13 @@ class Probe(Protocol):
         """A batcher's layer around each flush (with its retries)."""
         ...
 
-    def submitted(self) -> object:
-        """What ``item`` needs of the submitter (called in its task, by ``submit``)."""
+    def submitted(self, index: int) -> None:
+        """Item ``index`` was submitted (called in the submitter's task)."""
         ...
 
-    def item(
-        self, call_next: Call, submitter: Callable[[], object | None], attempts: list[float]
-    ) -> Call:
-        """The outermost layer of a traced pool's chain: one item, its calls
-        counted in ``attempts[0]``; ``submitter()`` is what ``submitted``
-        returned for it (None: it came from a helper's input)."""
+    def item(self, call_next: Call, index_of: Callable[[], int]) -> Call:
+        """The outermost layer of a traced pool's chain: one item, whose index
+        ``index_of()`` tells."""
         ...
 
     def outcome(self, outcome: Any) -> None:
@@ -57,7 +54,8 @@ class Probe(Protocol):
         ...
 
     def ended(self, unfinished: int) -> None:
-        """The block's tasks ended; ``unfinished`` items got no outcome."""
+        """The block's tasks ended; ``unfinished`` items got no outcome (called
+        again for an item that came back after the end)."""
         ...
 
 

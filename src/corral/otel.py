@@ -31,6 +31,7 @@ Blocks entered before :meth:`~CorralInstrumentor.instrument` or after
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -71,7 +72,7 @@ class CorralInstrumentor:
     """
 
     _instance: CorralInstrumentor | None = None
-    _instruments: _Instruments | None = None
+    _installed: _Instrumentation | None = None
 
     def __new__(cls) -> CorralInstrumentor:
         if cls._instance is None:
@@ -81,7 +82,7 @@ class CorralInstrumentor:
     @property
     def is_instrumented_by_opentelemetry(self) -> bool:
         """Whether :meth:`instrument` is in effect."""
-        return self._instruments is not None
+        return self._installed is not None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         """What must be installed besides corral itself: nothing."""
@@ -108,32 +109,32 @@ class CorralInstrumentor:
         del kwargs  # what the auto-instrumentation passes to every instrumentor
         if not isinstance(trace_items, bool):
             raise TypeError(f"trace_items must be True or False, got {trace_items!r}")
-        if self._instruments is not None:
+        if self._installed is not None:
             _log.warning("Attempting to instrument while already instrumented")
             return
         from . import __version__
 
         meter = metrics.get_meter(_SCOPE, __version__, meter_provider=meter_provider)
         tracer = trace.get_tracer(_SCOPE, __version__, tracer_provider=tracer_provider)
-        self._instruments = _Instruments(meter, tracer if trace_items else None)
-        _telemetry.install(self._instruments)
+        self._installed = _Instrumentation(_instruments_of(meter), tracer if trace_items else None)
+        _telemetry.install(self._installed)
 
     def uninstrument(self, **kwargs: Any) -> None:
         """Blocks entered from now on report nothing; those running report
         until they exit."""
         del kwargs
-        if self._instruments is None:
+        if self._installed is None:
             return
         _telemetry.install(None)
-        self._instruments = None
+        self._installed = None
 
 
 class _Instruments:
-    """The instruments of one :meth:`CorralInstrumentor.instrument`, and the
-    blocks they watch (for the observed gauges)."""
+    """The instruments of one meter, made once: a meter keeps the instruments
+    first made under a name (an observed one keeps its first callbacks), so
+    instrumenting again with the same provider must find these."""
 
-    def __init__(self, meter: metrics.Meter, tracer: trace.Tracer | None) -> None:
-        self.tracer = tracer
+    def __init__(self, meter: metrics.Meter) -> None:
         self.items = meter.create_counter(
             "corral.items", "{item}", "Items that got an outcome, or none, by outcome"
         )
@@ -156,7 +157,7 @@ class _Instruments:
             explicit_bucket_boundaries_advisory=_SIZE_BUCKETS,
         )
         self._lock = threading.Lock()  # exporters observe from their own threads
-        self._probes: set[_Probe] = set()
+        self._probes: set[_Probe] = set()  # the running blocks reporting here
         meter.create_observable_up_down_counter(
             "corral.items.queued", [self._observe_queued], "{item}", "Items waiting"
         )
@@ -164,11 +165,9 @@ class _Instruments:
             "corral.items.running", [self._observe_running], "{item}", "Items being handled"
         )
 
-    def probe(self, block: Any, kind: str, clock: Callable[[], float]) -> _Probe:
-        probe = _Probe(self, block, kind, clock)
+    def watch(self, probe: _Probe) -> None:
         with self._lock:
             self._probes.add(probe)
-        return probe
 
     def forget(self, probe: _Probe) -> None:
         with self._lock:
@@ -196,22 +195,56 @@ class _Instruments:
         ]
 
 
+_meters_lock = threading.Lock()
+_meters: dict[int, tuple[metrics.Meter, _Instruments]] = {}  # by id(meter), kept alive
+
+
+def _instruments_of(meter: metrics.Meter) -> _Instruments:
+    with _meters_lock:
+        found = _meters.get(id(meter))
+        if found is None:
+            found = _meters[id(meter)] = (meter, _Instruments(meter))
+        return found[1]
+
+
+class _Instrumentation:
+    """What one :meth:`CorralInstrumentor.instrument` installs in the engine."""
+
+    def __init__(self, instruments: _Instruments, tracer: trace.Tracer | None) -> None:
+        self.instruments, self.tracer = instruments, tracer
+
+    def probe(self, block: Any, kind: str, clock: Callable[[], float]) -> _Probe:
+        probe = _Probe(self.instruments, self.tracer, block, kind, clock)
+        self.instruments.watch(probe)
+        return probe
+
+
 def _attributes(kind: str, name: str | None) -> Attributes:
     return {"corral.kind": kind} if name is None else {"corral.kind": kind, "corral.name": name}
+
+
+# the attempts of the flush call running in this task (see _Probe.flush)
+_flush_attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "corral_flush_attempts", default=None
+)
 
 
 class _Probe:
     """One entry into one block: what the engine calls (see ``_telemetry.Probe``)."""
 
     def __init__(
-        self, instruments: _Instruments, block: Any, kind: str, clock: Callable[[], float]
+        self,
+        instruments: _Instruments,
+        tracer: trace.Tracer | None,
+        block: Any,
+        kind: str,
+        clock: Callable[[], float],
     ) -> None:
-        self._instruments = instruments
+        self._instruments, self._tracer = instruments, tracer
         self._block = weakref.ref(block)
         self.kind, self.name = kind, block.name
         self._clock = clock
-        self._tracer = instruments.tracer
-        self.traced = self._tracer is not None
+        self.traced = tracer is not None
         self._attributes = _attributes(kind, self.name)
         self._ok = {**self._attributes, "corral.outcome": "ok"}
         self._errors: dict[type[BaseException], Attributes] = {}
@@ -219,8 +252,14 @@ class _Probe:
         label = f" {self.name}" if self.name else ""
         self._item_name, self._attempt_name = f"corral item{label}", f"corral attempt{label}"
         self._flush_name = f"corral flush{label}"
-        # a batcher's retries: attempts beyond one per flush call
-        self._calls = self._attempts = self._retries = 0
+        # a pool's retries: counted per outcome; those of items left without
+        # one at the end (the pool's count, from this entry on, tells)
+        self._retried_before = block.stats.retried if kind == "pool" else 0
+        self._retries = 0
+        # a traced pool's items: their submitter's (context, time) until a worker
+        # takes them, then their span until their outcome
+        self._submitted: dict[int, tuple[otel_context.Context, int]] = {}
+        self._spans: dict[int, trace.Span] = {}
 
     # ------------------------------------------------------------ attributes
 
@@ -259,11 +298,13 @@ class _Probe:
         attributes = self._attributes
 
         async def timed(item: Any) -> Any:
-            self._attempts += 1
+            attempts = _flush_attempts.get()
+            if attempts is not None:
+                attempts[0] += 1
             start = clock()
             try:
                 result = await call_next(item)
-            except Exception as error:
+            except BaseException as error:  # (timed, and re-raised)
                 record(clock() - start, self._error(error))
                 raise
             record(clock() - start, attributes)
@@ -284,16 +325,19 @@ class _Probe:
         attributes = self._attributes
 
         async def flushed(items: list[Any]) -> Any:
-            self._calls += 1
             size = len(items)
             instruments.batch_size.record(size, attributes)
+            attempts = [0]
+            token = _flush_attempts.set(attempts)
             try:
                 result = await call_next(items)
             except Exception as error:
                 instruments.flushes.add(1, self._failure(error))
                 raise
             finally:
-                self._count_retries()
+                _flush_attempts.reset(token)
+                if attempts[0] > 1:
+                    instruments.retries.add(attempts[0] - 1, attributes)
             instruments.flushes.add(1, self._ok)
             instruments.items.add(size, self._ok)
             return result
@@ -309,20 +353,16 @@ class _Probe:
 
         return traced
 
-    def _count_retries(self) -> None:
-        retries = self._attempts - self._calls  # each call's first attempt is no retry
-        if retries > self._retries:
-            self._instruments.retries.add(retries - self._retries, self._attributes)
-            self._retries = retries
-
     # ------------------------------------------------------------- outcomes
 
     def outcome(self, outcome: Outcome[Any, Any]) -> None:
-        items = self._instruments.items
         error = outcome.error
-        items.add(1, self._ok if error is None else self._failure(error))
+        self._instruments.items.add(1, self._ok if error is None else self._failure(error))
         if outcome.attempts > 1:
+            self._retries += outcome.attempts - 1
             self._instruments.retries.add(outcome.attempts - 1, self._attributes)
+        if self.traced:
+            self._end_span(outcome.index, outcome.attempts, error)
 
     def failed(self, count: int, error: Exception) -> None:
         if count:
@@ -332,52 +372,69 @@ class _Probe:
         if unfinished:
             attributes = {**self._attributes, "corral.outcome": "unfinished"}
             self._instruments.items.add(unfinished, attributes)
+        block = self._block()
+        if self.kind == "pool" and block is not None:
+            # extra calls of items that got no outcome
+            left = block.stats.retried - self._retried_before - self._retries
+            if left > 0:
+                self._retries += left
+                self._instruments.retries.add(left, self._attributes)
+        for index in list(self._spans) + list(self._submitted):
+            self._end_span(index, None, None)
         self._instruments.forget(self)
 
     # ----------------------------------------------------------------- spans
 
-    def submitted(self) -> object:
-        return otel_context.get_current(), time.time_ns()
+    def submitted(self, index: int) -> None:
+        self._submitted[index] = (otel_context.get_current(), time.time_ns())
 
-    def item(
-        self, call_next: Call, submitter: Callable[[], object | None], attempts: list[float]
-    ) -> Call:
-        """Each item in a span of its own, in which its attempts run."""
+    def item(self, call_next: Call, index_of: Callable[[], int]) -> Call:
+        """Each item in a span of its own, in which its attempts run; the span
+        ends with the item's outcome (:meth:`outcome`), or unfinished (:meth:`ended`)."""
         assert self._tracer is not None
         tracer, name, attributes = self._tracer, self._item_name, self._attributes
 
         async def traced(item: Any) -> Any:
-            carried = submitter()
-            parent, start = carried if isinstance(carried, tuple) else (None, None)
+            index = index_of()
+            parent, start = self._submitted.pop(index, (None, None))
             span = tracer.start_span(name, parent, attributes=attributes, start_time=start)
             if start is not None:
                 span.add_event("started")  # by a worker: the time before it is the wait
+            self._spans[index] = span
             token = otel_context.attach(trace.set_span_in_context(span, parent))
             try:
-                result = await call_next(item)
-            except Exception as error:
-                _end_item(span, int(attempts[0]), error)
-                raise
-            except BaseException:
-                _end_item(span, int(attempts[0]), None, "unfinished")
-                raise
+                return await call_next(item)
             finally:
                 otel_context.detach(token)
-            _end_item(span, int(attempts[0]), None)
-            return result
 
         return traced
 
+    def _end_span(self, index: int, attempts: int | None, error: Exception | None) -> None:
+        """End the span of item ``index`` with its outcome (``attempts`` None:
+        unfinished); an item that never started gets one from its submit."""
+        span = self._spans.pop(index, None)
+        if span is None:
+            submitted = self._submitted.pop(index, None)
+            if submitted is None or self._tracer is None:
+                return  # not traced (a helper's item that never started)
+            parent, start = submitted
+            span = self._tracer.start_span(
+                self._item_name, parent, attributes=self._attributes, start_time=start
+            )
+        _end_item(span, attempts, error)
 
-def _end_item(
-    span: trace.Span, attempts: int, error: Exception | None, outcome: str = "ok"
-) -> None:
-    """An item's span ends with how its calls ended."""
+
+def _end_item(span: trace.Span, attempts: int | None, error: Exception | None) -> None:
+    """An item's span ends with its outcome (``attempts`` None: it had none)."""
+    if attempts is None:
+        span.set_attribute("corral.outcome", "unfinished")
+        span.end()
+        return
     span.set_attribute("corral.attempts", attempts)
-    if error is not None:
-        outcome = "failed"
-        span.set_attribute("error.type", type(error).__qualname__)
+    if error is None:
+        span.set_attribute("corral.outcome", "ok")
+    else:
+        span.set_attributes({"corral.outcome": "failed", "error.type": type(error).__qualname__})
         span.record_exception(error)
         span.set_status(trace.StatusCode.ERROR, f"{type(error).__qualname__}: {error}")
-    span.set_attribute("corral.outcome", outcome)
     span.end()
