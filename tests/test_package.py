@@ -74,6 +74,8 @@ def test_description_has_no_relative_links(description: str) -> None:
     ]
     assert relative == []
     assert RELATIVE_DEFINITION.findall(description) == []
+    # an HTML link or image, which the build does not rewrite, would need to be absolute
+    assert re.findall(r"""(?:href|src)=["'](?!https?://)""", description) == []
     # the rewritten links point into the repository
     assert "](https://github.com/corral-py/corral/blob/main/CHANGELOG.md)" in description
     assert "](https://github.com/corral-py/corral/blob/main/README.md#examples)" in description
