@@ -5,7 +5,8 @@ for a :class:`Probe` once per entry into a block (``Block.__aenter__``) and
 calls the probe only at places that exist for it: a layer around each attempt,
 the record step's sinks, a failed flush, the end of the block. With nothing
 installed, a block's probe is None and the per-item path is the same code as
-without this module (nothing is checked per item).
+without this module, but for one test in ``Pool.submit`` (``run.on_submit``,
+set for a traced pool).
 
 This module imports nothing of OpenTelemetry: the engine stays on anyio and
 attrs alone.

@@ -26,7 +26,8 @@ attempt; a batcher gets a span per flush. The handler runs in its item's span,
 so its own spans (an HTTP call) are children of the attempt.
 
 Blocks entered before :meth:`~CorralInstrumentor.instrument` or after
-:meth:`~CorralInstrumentor.uninstrument` report nothing and pay nothing.
+:meth:`~CorralInstrumentor.uninstrument` report nothing; their per-item
+path is the uninstrumented one (one test per ``submit`` is left).
 """
 
 from __future__ import annotations
