@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sqlite3
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +53,36 @@ def _uninstrumented() -> Iterator[None]:
     otel = sys.modules.get("corral.otel")
     if otel is not None:
         otel.CorralInstrumentor().uninstrument()
+
+
+@pytest.fixture
+def sqlite_connections_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every SQLite connection opened during a test (corral's, in its worker
+    threads, and the test's own) is closed when it ends. Since Python 3.13 a
+    connection left to the garbage collector warns (ResourceWarning), and
+    ``with connection:`` ends a transaction, not the connection."""
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def tracked(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        opened.append(connection)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", tracked)
+    yield
+    left_open = [connection for connection in opened if _is_open(connection)]
+    for connection in left_open:
+        connection.close()
+    assert not left_open, f"{len(left_open)} SQLite connection(s) left open"
+
+
+def _is_open(connection: sqlite3.Connection) -> bool:
+    try:
+        connection.total_changes  # noqa: B018 (raises once the connection is closed)
+    except sqlite3.ProgrammingError:
+        return False
+    return True
 
 
 @pytest.fixture(params=BACKENDS)

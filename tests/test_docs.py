@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import re
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,34 +27,8 @@ DOC_BLOCKS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def sqlite_connections_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every SQLite connection a block opens, the block closes: users copy these
-    blocks, and since Python 3.13 a connection left to the garbage collector
-    warns (ResourceWarning). ``with connection:`` ends a transaction, not the
-    connection."""
-    opened: list[sqlite3.Connection] = []
-    connect = sqlite3.connect
-
-    def connect_and_track(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        connection = connect(*args, **kwargs)
-        opened.append(connection)
-        return connection
-
-    monkeypatch.setattr(sqlite3, "connect", connect_and_track)
-    yield
-    left_open = [connection for connection in opened if is_open(connection)]
-    for connection in left_open:
-        connection.close()
-    assert not left_open, f"{len(left_open)} SQLite connection(s) left open"
-
-
-def is_open(connection: sqlite3.Connection) -> bool:
-    try:
-        connection.total_changes  # noqa: B018 (raises once the connection is closed)
-    except sqlite3.ProgrammingError:
-        return False
-    return True
+# users copy these blocks: every SQLite connection a block opens, it closes
+pytestmark = pytest.mark.usefixtures("sqlite_connections_closed")
 
 
 def test_readme_has_python_examples() -> None:

@@ -23,36 +23,8 @@ import corral
 from corral import Outcome, PoolClosed
 from corral.sqlite import Delivery, QueueCounts, QueueError, QueueSink, QueueSource, _store
 
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(autouse=True)
-def files_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every SQLite connection opened during a test (corral's, in its worker
-    threads, and the test's own) is closed when it ends: a sink or source
-    closes its file when its block ends, also when the block is cancelled."""
-    opened: list[sqlite3.Connection] = []
-    connect = sqlite3.connect
-
-    def tracked(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        connection = connect(*args, **kwargs)
-        opened.append(connection)
-        return connection
-
-    monkeypatch.setattr(sqlite3, "connect", tracked)
-    yield
-    left_open = [connection for connection in opened if is_open(connection)]
-    for connection in left_open:
-        connection.close()
-    assert not left_open, f"{len(left_open)} SQLite connection(s) left open"
-
-
-def is_open(connection: sqlite3.Connection) -> bool:
-    try:
-        connection.total_changes  # noqa: B018 (raises once the connection is closed)
-    except sqlite3.ProgrammingError:
-        return False
-    return True
+# a sink or source closes its file when its block ends, also when cancelled
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("sqlite_connections_closed")]
 
 
 @pytest.fixture
