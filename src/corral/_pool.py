@@ -1312,10 +1312,10 @@ class _Recorder(Generic[T, R]):
         )
         # a keyed pool's first sink lets the next item of the key start
         keys = () if pool._key is None else (pool._release_key,)
-        probe = () if run.probe is None else (run.probe.outcome,)
+        watched = () if run.probe is None else (run.probe.outcome,)
         self.sinks: tuple[Callable[[Outcome[T, R]], Any], ...] = (
             keys
-            + probe
+            + watched
             + tuple(pool._sinks)
             + (() if on_outcome is None or is_async else (on_outcome,))
         )

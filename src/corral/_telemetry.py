@@ -51,7 +51,9 @@ class Probe(Protocol):
         ...
 
     def failed(self, count: int, error: Exception) -> None:
-        """A batcher's failed flush handed ``count`` items back with ``error``."""
+        """``count`` of a batcher's items failed with ``error``: a job whose
+        flush failed or that was cancelled while queued, or a ``submit`` item
+        whose caller saw its flush's error."""
         ...
 
     def ended(self, unfinished: int) -> None:
@@ -67,18 +69,19 @@ class Instrumentation(Protocol):
         ...
 
 
-_installed: list[Instrumentation] = []  # at most one
+_installed: Instrumentation | None = None
 
 
 def install(instrumentation: Instrumentation | None) -> None:
     """Make ``instrumentation`` watch every block entered from now on (None: stop)."""
-    _installed[:] = [] if instrumentation is None else [instrumentation]
+    global _installed
+    _installed = instrumentation
 
 
 def installed() -> Instrumentation | None:
-    return _installed[0] if _installed else None
+    return _installed
 
 
 def probe_for(block: Any, kind: str, clock: Callable[[], float]) -> Probe | None:
     """The probe of a block being entered, if an instrumentation is installed."""
-    return _installed[0].probe(block, kind, clock) if _installed else None
+    return None if _installed is None else _installed.probe(block, kind, clock)
