@@ -44,7 +44,7 @@ def test_error_hierarchy() -> None:
     assert (gave_up.result, gave_up.attempts) == ("pending", 3)
 
 
-@pytest.mark.parametrize("name", ["Pool", "apply_to_all", "apply_to_each"])
+@pytest.mark.parametrize("name", ["Pool", "Queue", "apply_to_all", "apply_to_each"])
 def test_entry_points_have_runnable_examples(name: str) -> None:
     """Each entry point's docstring carries an example (run by the doctest pass)."""
     assert ">>>" in (inspect.getdoc(getattr(corral, name)) or "")

@@ -37,6 +37,8 @@ from ._outcome import Job as Job
 from ._outcome import Outcome as Outcome
 from ._pool import Pool as Pool
 from ._pool import PoolStats as PoolStats
+from ._queue import Queue as Queue
+from ._queue import QueueStatistics as QueueStatistics
 from ._retry import Retry as Retry
 from ._retry import backoff as backoff
 
@@ -64,7 +66,9 @@ __all__ = [
     "PoolClosed",
     "PoolStats",
     "ProgressBar",
+    "Queue",
     "QueueFull",
+    "QueueStatistics",
     "RateLimiter",
     "Retry",
     "RetryBudget",

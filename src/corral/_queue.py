@@ -1,0 +1,283 @@
+"""Queue: the engine's cancel-safe admission, with hand-written consumers.
+
+Two of the engine's primitives make it: :class:`~corral._slots.Slots` is the
+room (``used`` counts the items queued, those handed to a getter that has not
+resumed, and room granted to a putter that has not resumed), and
+:class:`~corral._parking.Parking` is the line of waiting getters. A put hands
+its item straight to the first parked getter, so a getter woken for an item
+gets that item (no other caller can take it in between) and getters are served
+in the order they came. An item is handed over in a one-tuple, so that ``None``
+is an item like any other.
+
+Invariant: while items are queued, no getter is parked (an item goes to the
+buffer only when nobody waits, and a getter parks only when it is empty).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+import anyio
+import attrs
+from anyio.lowlevel import checkpoint
+
+from ._errors import PoolClosed, QueueFull
+from ._lifecycle import weakly
+from ._parking import Parking
+from ._slots import Slots
+from ._validate import check_int, check_optional_str
+
+__all__ = ["Queue", "QueueStatistics"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class QueueStatistics:
+    """A snapshot of a :class:`Queue`, from :meth:`Queue.statistics`."""
+
+    name: str | None
+    maxsize: int
+    queued: int  # items in the queue now (``len(queue)``)
+    unfinished: int  # items put and not yet marked done by ``task_done()``
+    puts: int  # items put so far
+    gets: int  # items taken so far
+    waiting_putters: int  # tasks waiting in ``put`` for room
+    waiting_getters: int  # tasks waiting in ``get`` for an item
+    backpressure_waits: int  # calls to ``put`` that had to wait for room
+    closed: bool
+
+
+class Queue(Generic[T]):
+    """A bounded FIFO queue for your own producer and consumer tasks, the same
+    on asyncio, uvloop and trio.
+
+    ``put`` waits for room while ``maxsize`` items are queued (backpressure);
+    ``get`` waits for an item. Both are cancel-safe: if ``put`` raises, the item
+    is not in the queue, and if it returns, it is; if ``get`` raises, no item was
+    taken. Waiting putters and waiting getters are each served first come, first
+    served, and a cancelled waiter gives its place to the next. ``put`` and
+    ``get`` are always checkpoints; the ``_nowait`` twins never are.
+
+    ``task_done()`` and ``join()`` count items as :class:`asyncio.Queue` does.
+    ``close()`` stops the producers: later puts raise :class:`PoolClosed`, and
+    the consumers take what is left, after which ``get`` raises
+    :class:`anyio.EndOfStream` and ``async for item in queue`` ends.
+
+    A queue needs no event loop to be made and starts no task. It is not
+    thread-safe: use it from the tasks of one event loop.
+
+    >>> import anyio
+    >>> async def main() -> list[int]:
+    ...     queue: Queue[int] = Queue(2)
+    ...     got: list[int] = []
+    ...     async def consume() -> None:
+    ...         async for item in queue:
+    ...             got.append(item)
+    ...     async with anyio.create_task_group() as tg:
+    ...         tg.start_soon(consume)
+    ...         for i in range(5):
+    ...             await queue.put(i)  # waits while 2 items are queued
+    ...         queue.close()  # the consumer takes what is left, then stops
+    ...     return got
+    >>> anyio.run(main)
+    [0, 1, 2, 3, 4]
+
+    :param maxsize: how many items the queue holds before ``put`` waits (>= 1).
+    :param name: shown in its ``repr``, its errors and its statistics.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_all_done",
+        "_buffer",
+        "_gets",
+        "_getters",
+        "_name",
+        "_puts",
+        "_slots",
+        "_unfinished",
+    )
+
+    def __init__(self, maxsize: int, *, name: str | None = None) -> None:
+        self._slots = Slots(check_int("maxsize", maxsize, minimum=1))
+        self._name = check_optional_str("name", name)
+        self._buffer: deque[T] = deque()
+        # (a weak callback: a queue and what it holds go with its last reference)
+        self._getters: Parking[tuple[T]] = Parking(weakly(self._give_back))
+        self._unfinished = 0
+        self._all_done: anyio.Event | None = None  # made by the first join() that waits
+        self._puts = 0
+        self._gets = 0
+
+    @property
+    def maxsize(self) -> int:
+        """How many items the queue holds before ``put`` waits."""
+        return self._slots.capacity
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._slots.closed
+
+    def __len__(self) -> int:
+        """The items in the queue now (not those a getter is taking)."""
+        return len(self._buffer)
+
+    def __repr__(self) -> str:
+        name = "" if self._name is None else f" {self._name!r}"
+        state = " closed" if self.closed else ""
+        return f"<corral.Queue{name} {len(self._buffer)}/{self.maxsize}{state}>"
+
+    def _refusal(self) -> PoolClosed:
+        return PoolClosed(f"{self._describe()} is closed: it takes no more items")
+
+    def _describe(self) -> str:
+        return "queue" if self._name is None else f"queue {self._name!r}"
+
+    def _deliver(self, item: T) -> None:
+        """Room for ``item`` is held: hand it to the first waiting getter, or
+        queue it. Synchronous, so the caller's put has happened when it returns."""
+        self._puts += 1
+        self._unfinished += 1
+        if self._getters.spots:
+            self._getters.unpark((item,))
+        else:
+            self._buffer.append(item)
+
+    def _give_back(self, handed: tuple[T]) -> None:
+        """A getter was cancelled after it was handed an item: the item (its
+        room still held) goes to the next getter, or back to the front."""
+        if self._getters.spots:
+            self._getters.unpark(handed)
+        else:
+            self._buffer.appendleft(handed[0])
+
+    async def put(self, item: T) -> None:
+        """Put ``item`` in the queue, waiting for room while it is full (behind
+        the putters that came first). Always a checkpoint.
+
+        :raises PoolClosed: the queue is closed (also if it is closed while
+            this waits); the item was not put.
+        """
+        await checkpoint()
+        if self._slots.closed:
+            raise self._refusal()
+        if not self._slots.take_nowait() and not await self._slots.take():
+            raise self._refusal()
+        self._deliver(item)
+
+    def put_nowait(self, item: T) -> None:
+        """Put ``item`` in the queue now. Never waits and is not a checkpoint.
+
+        :raises QueueFull: the queue is full, or putters are waiting (they come
+            first); the item was not put.
+        :raises PoolClosed: the queue is closed.
+        """
+        slots = self._slots
+        if slots.closed:
+            raise self._refusal()
+        if not slots.take_nowait():
+            raise QueueFull(
+                f"{self._describe()} is full ({self.maxsize} items)"
+                if not slots.waiting
+                else f"{self._describe()} has putters waiting for room"
+            )
+        self._deliver(item)
+
+    async def get(self) -> T:
+        """Take the next item, waiting for one (behind the getters that came
+        first). Always a checkpoint.
+
+        :raises anyio.EndOfStream: the queue is closed and empty.
+        """
+        await checkpoint()
+        buffer = self._buffer
+        if buffer:
+            item = buffer.popleft()
+        elif self._slots.closed:
+            raise anyio.EndOfStream
+        else:
+            handed = await self._getters.park()
+            if not isinstance(handed, tuple):  # woken by close() with nothing
+                raise anyio.EndOfStream
+            item = handed[0]
+        self._gets += 1
+        self._slots.release()
+        return item
+
+    def get_nowait(self) -> T:
+        """Take the next item now. Never waits and is not a checkpoint.
+
+        :raises anyio.WouldBlock: the queue is empty.
+        :raises anyio.EndOfStream: the queue is closed and empty.
+        """
+        if not self._buffer:
+            raise anyio.EndOfStream if self._slots.closed else anyio.WouldBlock
+        item = self._buffer.popleft()
+        self._gets += 1
+        self._slots.release()
+        return item
+
+    def task_done(self) -> None:
+        """Mark one item taken from the queue as done, for :meth:`join`.
+
+        :raises ValueError: called more times than items were put.
+        """
+        if self._unfinished <= 0:
+            what = self._describe()
+            raise ValueError(f"task_done() called more times than items were put in the {what}")
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._all_done is not None:
+            self._all_done.set()
+            self._all_done = None
+
+    async def join(self) -> None:
+        """Wait until every item put so far was marked done with
+        :meth:`task_done` (at once if none is unfinished). Always a checkpoint."""
+        await checkpoint()
+        if self._unfinished:
+            if self._all_done is None:
+                self._all_done = anyio.Event()
+            await self._all_done.wait()
+
+    def close(self) -> None:
+        """Take no more items. Waiting putters raise :class:`PoolClosed`; getters
+        take what is queued, then ``get`` raises :class:`anyio.EndOfStream`.
+        Closing again does nothing."""
+        if self._slots.closed:
+            return
+        self._slots.close()
+        if not self._buffer:  # (only an empty queue has parked getters)
+            self._getters.unpark_all()
+
+    def statistics(self) -> QueueStatistics:
+        """Where the queue stands now (a frozen snapshot)."""
+        slots = self._slots
+        return QueueStatistics(
+            name=self._name,
+            maxsize=slots.capacity,
+            queued=len(self._buffer),
+            unfinished=self._unfinished,
+            puts=self._puts,
+            gets=self._gets,
+            waiting_putters=len(slots.waiters),
+            waiting_getters=len(self._getters),
+            backpressure_waits=slots.waits,
+            closed=slots.closed,
+        )
+
+    def __aiter__(self) -> Queue[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        """The next item; the iteration ends when the queue is closed and empty."""
+        try:
+            return await self.get()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
