@@ -1,14 +1,15 @@
 """Many more random-cancellation trials than the test suite runs: ``nox -s chaos``.
 
-Runs the seeded scenarios of ``test_contract_accounting.py`` and
-``test_batcher_scheduling.py`` (a pool, a pool with
+Runs the seeded scenarios of ``test_contract_accounting.py``,
+``test_batcher_scheduling.py`` and ``test_queue.py`` (a pool, a pool with
 retry/timeout/limiters, a pool with priorities, keys, resizes, pauses and job
 cancellations, a pool with a circuit breaker, hedges and retries of results
 under a budget, a batcher, a batcher with submit_nowait jobs, their
-cancellations and weights; random sizes, producers, failures, hangs, and
-cancellation at a random moment) for ``--cases`` seeds on each backend, and
-prints how many cases ran and how many broke an invariant (an item lost,
-doubled, both finished and unfinished, out of order, or a task left running).
+cancellations and weights, a Queue's putters and getters; random sizes,
+producers, failures, hangs, and cancellation at a random moment) for
+``--cases`` seeds on each backend, and prints how many cases ran and how many
+broke an invariant (an item lost, doubled, both finished and unfinished, out
+of order, or a task left running).
 
     python tests/chaos.py [--cases 10000] [--seed 0] [--backend asyncio trio]
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(pathlib.Path(__file__).parent))
     from test_batcher_scheduling import trial as batcher_jobs_trial
     from test_contract_accounting import batcher_trial, trial
+    from test_queue import chaos_trial as queue_trial
 
     async def layered(seed: int) -> None:
         await trial(seed, layered=True)
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     async def resilient(seed: int) -> None:
         await trial(seed, resilient=True)
 
+    async def queue(seed: int) -> None:
+        await queue_trial(seed, virtual_time=False)
+
     scenarios: dict[str, Callable[[int], Awaitable[None]]] = {
         "pool": trial,
         "pool+middleware": layered,
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "pool+resilience": resilient,
         "batcher": batcher_trial,
         "batcher+jobs": batcher_jobs_trial,
+        "queue": queue,
     }
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="per backend, all scenarios")

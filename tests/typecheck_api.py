@@ -166,6 +166,16 @@ async def check_batcher() -> None:
     assert_type(keyed, corral.Batcher[str, float])
 
 
+async def check_queue() -> None:
+    queue: corral.Queue[int] = corral.Queue(8, name="jobs")
+    await queue.put(1)
+    assert_type(await queue.get(), int)
+    assert_type(queue.get_nowait(), int)
+    async for item in queue:
+        assert_type(item, int)
+    assert_type(queue.statistics(), corral.QueueStatistics)
+
+
 def check_policies() -> None:
     retry = corral.Retry(3, wait_initial=0.5, deadline=30.0)
     assert_type(retry.attempts, int)

@@ -6,16 +6,26 @@ resumed, and room granted to a putter that has not resumed), and
 :class:`~corral._parking.Parking` is the line of waiting getters. A put hands
 its item straight to the first parked getter, so a getter woken for an item
 gets that item (no other caller can take it in between) and getters are served
-in the order they came. An item is handed over in a one-tuple, so that ``None``
-is an item like any other.
+in the order they came. An item is handed over as ``(seq, item)``: ``None`` is
+an item like any other, and ``seq`` numbers the puts.
 
-Invariant: while items are queued, no getter is parked (an item goes to the
-buffer only when nobody waits, and a getter parks only when it is empty).
+A getter cancelled after it was handed an item, before it resumed, gives the
+item back (``Parking``'s give-back): to the next parked getter, or into
+``returned``, a heap by ``seq`` that is taken before the buffer, so that items
+given back in any order come out in the order they were put. Every item in the
+buffer was put after every item handed over or given back (a put hands over
+only while a getter is parked, which it does only when nothing is queued).
+
+Invariants: while items are queued (``returned`` or the buffer), no getter is
+parked. ``handed`` counts the items handed to getters that have not resumed;
+getters end with :class:`anyio.EndOfStream` only when the queue is closed,
+nothing is queued and ``handed`` is 0, since a handed item may still come back.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from heapq import heappop, heappush
 from typing import Generic, TypeVar
 
 import anyio
@@ -94,8 +104,10 @@ class Queue(Generic[T]):
         "_buffer",
         "_gets",
         "_getters",
+        "_handed",
         "_name",
         "_puts",
+        "_returned",
         "_slots",
         "_unfinished",
     )
@@ -104,8 +116,10 @@ class Queue(Generic[T]):
         self._slots = Slots(check_int("maxsize", maxsize, minimum=1))
         self._name = check_optional_str("name", name)
         self._buffer: deque[T] = deque()
+        self._returned: list[tuple[int, T]] = []  # given back, by seq: taken first
         # (a weak callback: a queue and what it holds go with its last reference)
-        self._getters: Parking[tuple[T]] = Parking(weakly(self._give_back))
+        self._getters: Parking[tuple[int, T]] = Parking(weakly(self._give_back))
+        self._handed = 0  # items handed to getters that have not resumed
         self._unfinished = 0
         self._all_done: anyio.Event | None = None  # made by the first join() that waits
         self._puts = 0
@@ -127,12 +141,12 @@ class Queue(Generic[T]):
 
     def __len__(self) -> int:
         """The items in the queue now (not those a getter is taking)."""
-        return len(self._buffer)
+        return len(self._returned) + len(self._buffer)
 
     def __repr__(self) -> str:
         name = "" if self._name is None else f" {self._name!r}"
         state = " closed" if self.closed else ""
-        return f"<corral.Queue{name} {len(self._buffer)}/{self.maxsize}{state}>"
+        return f"<corral.Queue{name} {len(self)}/{self.maxsize}{state}>"
 
     def _refusal(self) -> PoolClosed:
         return PoolClosed(f"{self._describe()} is closed: it takes no more items")
@@ -146,17 +160,32 @@ class Queue(Generic[T]):
         self._puts += 1
         self._unfinished += 1
         if self._getters.spots:
-            self._getters.unpark((item,))
+            self._handed += 1
+            self._getters.unpark((self._puts, item))
         else:
             self._buffer.append(item)
 
-    def _give_back(self, handed: tuple[T]) -> None:
+    def _give_back(self, handed: tuple[int, T]) -> None:
         """A getter was cancelled after it was handed an item: the item (its
-        room still held) goes to the next getter, or back to the front."""
+        room still held) goes to the next getter, or is queued again in its
+        place by the order of the puts."""
         if self._getters.spots:
             self._getters.unpark(handed)
         else:
-            self._buffer.appendleft(handed[0])
+            self._handed -= 1
+            heappush(self._returned, handed)
+
+    def _take(self) -> T:
+        """The next queued item (there is one), its room released."""
+        item = heappop(self._returned)[1] if self._returned else self._buffer.popleft()
+        self._gets += 1
+        self._slots.release()
+        return item
+
+    @property
+    def _ended(self) -> bool:
+        """Closed, nothing queued and nothing that may come back: getters end."""
+        return self._slots.closed and not self._handed and not len(self)
 
     async def put(self, item: T) -> None:
         """Put ``item`` in the queue, waiting for room while it is full (behind
@@ -197,19 +226,19 @@ class Queue(Generic[T]):
         :raises anyio.EndOfStream: the queue is closed and empty.
         """
         await checkpoint()
-        buffer = self._buffer
-        if buffer:
-            item = buffer.popleft()
-        elif self._slots.closed:
+        if self._returned or self._buffer:
+            return self._take()
+        if self._ended:
             raise anyio.EndOfStream
-        else:
-            handed = await self._getters.park()
-            if not isinstance(handed, tuple):  # woken by close() with nothing
-                raise anyio.EndOfStream
-            item = handed[0]
+        handed = await self._getters.park()
+        if not isinstance(handed, tuple):  # woken with nothing: the queue ended
+            raise anyio.EndOfStream
+        self._handed -= 1
         self._gets += 1
         self._slots.release()
-        return item
+        if self._ended:  # the last item that might have come back was taken
+            self._getters.unpark_all()
+        return handed[1]
 
     def get_nowait(self) -> T:
         """Take the next item now. Never waits and is not a checkpoint.
@@ -217,12 +246,9 @@ class Queue(Generic[T]):
         :raises anyio.WouldBlock: the queue is empty.
         :raises anyio.EndOfStream: the queue is closed and empty.
         """
-        if not self._buffer:
-            raise anyio.EndOfStream if self._slots.closed else anyio.WouldBlock
-        item = self._buffer.popleft()
-        self._gets += 1
-        self._slots.release()
-        return item
+        if self._returned or self._buffer:
+            return self._take()
+        raise anyio.EndOfStream if self._ended else anyio.WouldBlock
 
     def task_done(self) -> None:
         """Mark one item taken from the queue as done, for :meth:`join`.
@@ -253,7 +279,7 @@ class Queue(Generic[T]):
         if self._slots.closed:
             return
         self._slots.close()
-        if not self._buffer:  # (only an empty queue has parked getters)
+        if self._ended:  # (parked getters wait on until nothing may come back)
             self._getters.unpark_all()
 
     def statistics(self) -> QueueStatistics:
@@ -262,7 +288,7 @@ class Queue(Generic[T]):
         return QueueStatistics(
             name=self._name,
             maxsize=slots.capacity,
-            queued=len(self._buffer),
+            queued=len(self),
             unfinished=self._unfinished,
             puts=self._puts,
             gets=self._gets,
