@@ -110,6 +110,27 @@ async def test_progress_total_unknown_for_a_generator(made_bars: list[FakeBar]) 
     assert bar.n == 20
 
 
+async def test_progress_total_unknown_for_a_queue(made_bars: list[FakeBar]) -> None:
+    """A corral.Queue as input has a length (what is queued now), which is not
+    the total: its bar has none."""
+    queue: corral.Queue[int] = corral.Queue(20)
+    for n in range(4):
+        queue.put_nowait(n)
+
+    async def produce() -> None:
+        for n in range(4, 12):
+            await queue.put(n)
+        queue.close()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce)
+        outcomes = await corral.apply_to_all(flaky, queue, progress=True)
+    assert len(outcomes) == 12
+    (bar,) = made_bars
+    assert bar.total is None
+    assert bar.n == 12
+
+
 async def test_progress_shows_retries(made_bars: list[FakeBar]) -> None:
     """Retried attempts appear in the bar's postfix."""
     calls: dict[int, int] = {}

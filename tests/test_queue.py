@@ -282,7 +282,7 @@ async def test_put_nowait_on_a_full_queue_raises_queue_full_and_puts_nothing() -
     queue: Queue[str] = Queue(2, name="jobs")
     queue.put_nowait("a")
     queue.put_nowait("b")
-    with pytest.raises(QueueFull, match=r"queue 'jobs' is full \(2 items\)") as raised:
+    with pytest.raises(QueueFull, match=r"queue 'jobs' is full \(maxsize=2\)") as raised:
         queue.put_nowait("c")
     assert isinstance(raised.value, anyio.WouldBlock)
     assert isinstance(raised.value, CorralError)

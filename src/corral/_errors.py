@@ -54,7 +54,8 @@ class QueueFull(CorralError, anyio.WouldBlock):
     """Raised by the ``*_nowait`` twins when the call would have to wait.
 
     ``Pool.submit_nowait`` raises it while ``max_pending`` items are waiting for a
-    worker, ``Batcher.add_nowait`` while ``max_pending`` items are queued. It is
+    worker, ``Batcher.add_nowait`` while ``max_pending`` items are queued,
+    ``Queue.put_nowait`` while the queue is full or putters wait. It is
     an :class:`anyio.WouldBlock`, so code written against anyio's memory streams
     handles it already. Nothing was enqueued when it is raised.
     """
@@ -73,7 +74,9 @@ class PoolClosed(CorralError, anyio.ClosedResourceError):
       ``await batcher.submit(x)`` when the batcher stopped before ``x`` was
       flushed (``x`` is then in ``batcher.unflushed``); likewise
       ``await batcher.flush()``;
-    * iterating or settling a ``corral.redis.StreamSource`` outside its block.
+    * iterating or settling a ``corral.redis.StreamSource`` outside its block;
+    * putting into a :class:`~corral.Queue` that was closed (also while the put
+      waited for room).
 
     It is an :class:`anyio.ClosedResourceError`.
     """

@@ -54,8 +54,12 @@ def _check_items(items: object) -> None:
 
 
 def _count_for_progress(pool: Pool[Any, Any], items: object) -> None:
-    """A progress bar's total: the input's length, when it has one."""
-    if pool._observer.wants_total and isinstance(items, Sized):
+    """A progress bar's total: the input's length, when it has one. An async
+    iterable's items come over time (a :class:`~corral.Queue`'s ``len`` is what
+    is queued now), so its length is not taken as the total."""
+    if isinstance(items, AsyncIterable) or not pool._observer.wants_total:
+        return
+    if isinstance(items, Sized):
         try:
             pool._observer.total = len(items)
         except (TypeError, OverflowError):  # a length beyond what len() can say

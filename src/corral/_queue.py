@@ -45,17 +45,26 @@ T = TypeVar("T")
 
 @attrs.frozen
 class QueueStatistics:
-    """A snapshot of a :class:`Queue`, from :meth:`Queue.statistics`."""
+    """A snapshot of a :class:`Queue`, from :meth:`Queue.statistics`.
+
+    ``name`` and ``maxsize``: as given. ``queued``: items in the queue now
+    (``len(queue)``). ``unfinished``: items put and not yet marked done with
+    :meth:`Queue.task_done`. ``puts`` / ``gets``: items put and taken so far.
+    ``waiting_putters``: tasks in ``put`` waiting for room (or granted room and
+    not yet resumed). ``waiting_getters``: tasks in ``get`` waiting for an item.
+    ``backpressure_waits``: calls to ``put`` that had to wait for room.
+    ``closed``: whether :meth:`Queue.close` was called.
+    """
 
     name: str | None
     maxsize: int
-    queued: int  # items in the queue now (``len(queue)``)
-    unfinished: int  # items put and not yet marked done by ``task_done()``
-    puts: int  # items put so far
-    gets: int  # items taken so far
-    waiting_putters: int  # tasks waiting in ``put`` for room
-    waiting_getters: int  # tasks waiting in ``get`` for an item
-    backpressure_waits: int  # calls to ``put`` that had to wait for room
+    queued: int
+    unfinished: int
+    puts: int
+    gets: int
+    waiting_putters: int
+    waiting_getters: int
+    backpressure_waits: int
     closed: bool
 
 
@@ -67,8 +76,13 @@ class Queue(Generic[T]):
     ``get`` waits for an item. Both are cancel-safe: if ``put`` raises, the item
     is not in the queue, and if it returns, it is; if ``get`` raises, no item was
     taken. Waiting putters and waiting getters are each served first come, first
-    served, and a cancelled waiter gives its place to the next. ``put`` and
-    ``get`` are always checkpoints; the ``_nowait`` twins never are.
+    served, and a cancelled waiter gives its place to the next. ``put``, ``get``
+    and ``join`` are always checkpoints; the ``_nowait`` twins never are.
+
+    ``maxsize`` counts the items queued and those being handed to a getter that
+    has not resumed yet, so ``put`` may wait a moment while ``len(queue)`` is
+    below it. A getter cancelled after an item was handed to it gives the item
+    back: to the next waiting getter, or into the queue in its place.
 
     ``task_done()`` and ``join()`` count items as :class:`asyncio.Queue` does.
     ``close()`` stops the producers: later puts raise :class:`PoolClosed`, and
@@ -132,6 +146,7 @@ class Queue(Generic[T]):
 
     @property
     def name(self) -> str | None:
+        """The name given, shown in the ``repr``, errors and statistics."""
         return self._name
 
     @property
@@ -204,8 +219,9 @@ class Queue(Generic[T]):
     def put_nowait(self, item: T) -> None:
         """Put ``item`` in the queue now. Never waits and is not a checkpoint.
 
-        :raises QueueFull: the queue is full, or putters are waiting (they come
-            first); the item was not put.
+        :raises QueueFull: the queue is full (its items and those being handed
+            to getters), or putters are waiting (they come first); the item was
+            not put.
         :raises PoolClosed: the queue is closed.
         """
         slots = self._slots
@@ -213,9 +229,9 @@ class Queue(Generic[T]):
             raise self._refusal()
         if not slots.take_nowait():
             raise QueueFull(
-                f"{self._describe()} is full ({self.maxsize} items)"
-                if not slots.waiting
-                else f"{self._describe()} has putters waiting for room"
+                f"{self._describe()} has putters waiting for room"
+                if slots.waiting
+                else f"{self._describe()} is full (maxsize={self.maxsize})"
             )
         self._deliver(item)
 
@@ -223,7 +239,9 @@ class Queue(Generic[T]):
         """Take the next item, waiting for one (behind the getters that came
         first). Always a checkpoint.
 
-        :raises anyio.EndOfStream: the queue is closed and empty.
+        :raises anyio.EndOfStream: the queue is closed and empty. (While an
+            item handed to another getter may still come back, because that
+            getter was cancelled before it resumed, this waits for it.)
         """
         await checkpoint()
         if self._returned or self._buffer:
@@ -292,7 +310,7 @@ class Queue(Generic[T]):
             unfinished=self._unfinished,
             puts=self._puts,
             gets=self._gets,
-            waiting_putters=len(slots.waiters),
+            waiting_putters=len(slots.waiters) + (slots.granted > 0),
             waiting_getters=len(self._getters),
             backpressure_waits=slots.waits,
             closed=slots.closed,
