@@ -194,7 +194,11 @@ class Queue(Generic[T]):
         """The next queued item (there is one), its room released."""
         item = heappop(self._returned)[1] if self._returned else self._buffer.popleft()
         self._gets += 1
-        self._slots.release()
+        slots = self._slots
+        if slots.waiters:
+            slots.release()  # the room goes to the first waiting putter
+        else:
+            slots.used -= 1  # Slots.release, inlined (every get's path): nobody waits
         return item
 
     @property
@@ -227,12 +231,15 @@ class Queue(Generic[T]):
         slots = self._slots
         if slots.closed:
             raise self._refusal()
-        if not slots.take_nowait():
+        # Slots.take_nowait, inlined (every put's path; maxsize >= 1): room if
+        # nobody waits or was granted room, and the queue is not full
+        if slots.waiters or slots.granted or slots.used >= slots.capacity:
             raise QueueFull(
                 f"{self._describe()} has putters waiting for room"
                 if slots.waiting
                 else f"{self._describe()} is full (maxsize={self.maxsize})"
             )
+        slots.used += 1
         self._deliver(item)
 
     async def get(self) -> T:
