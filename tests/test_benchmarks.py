@@ -49,6 +49,7 @@ TINY = {
     "bench_middleware.py": ["--items", "300", "--repeat", "1", "--admissions", "150"],
     "bench_http.py": ["--items", "60", "--workers", "5", "--limit", "200", "--only", "corral"],
     "bench_memory.py": ["--items", "500"],
+    "bench_queue.py": ["--items", "300", "--repeat", "1"],
     "bench_redis.py": ["--acquires", "100", "--entries", "500", "--repeat", "1"],
     "bench_resilience.py": ["--items", "300", "--calls", "300", "--repeat", "1"],
     "bench_scheduling.py": ["--items", "300", "--batch", "50", "--repeat", "1"],
