@@ -213,6 +213,41 @@ def test_a_queue_made_outside_an_event_loop_works_in_one(anyio_backend: Any) -> 
     assert anyio.run(main, backend=name, backend_options=options) == [0, 1, 2, 3, 4]
 
 
+def test_a_join_cut_off_in_one_event_loop_leaves_nothing_for_the_next(
+    anyio_backend: Any,
+) -> None:
+    """A queue outlives an event loop: a join() cancelled in one run leaves
+    nothing bound to that loop, so join() and task_done() work in the next."""
+    queue: Queue[int] = Queue(2)
+    queue.put_nowait(1)
+    name, options = anyio_backend
+
+    async def cut_off_join() -> None:
+        with anyio.move_on_after(0.01) as scope:
+            await queue.join()
+        assert scope.cancelled_caught
+
+    async def join_in_the_next_loop() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(queue.join)
+            await settle()
+            assert queue.get_nowait() == 1
+            queue.task_done()  # wakes the join of this loop
+
+    anyio.run(cut_off_join, backend=name, backend_options=options)
+    anyio.run(join_in_the_next_loop, backend=name, backend_options=options)
+    assert queue.statistics().unfinished == 0
+
+
+def test_an_empty_queue_is_still_true() -> None:
+    """``queue or Queue(10)`` keeps an empty queue (asyncio.Queue is always
+    true too); len() still says it is empty."""
+    queue: Queue[int] = Queue(1)
+    assert queue
+    assert len(queue) == 0
+    assert (queue or Queue(10)) is queue
+
+
 async def test_a_queue_and_what_it_holds_go_with_its_last_reference() -> None:
     """No reference cycle keeps a used queue, or its items, alive until the
     garbage collector runs: they go as soon as the last reference does."""
@@ -317,6 +352,26 @@ async def test_put_nowait_refuses_while_putters_wait_even_when_room_was_granted(
     assert drain(queue) == ["second"]
     queue.put_nowait("newcomer")  # nobody waits and there is room
     assert drain(queue) == ["newcomer"]
+
+
+async def test_get_nowait_on_a_closed_queue_waits_for_an_item_being_taken() -> None:
+    """While an item handed to a getter may still come back (the getter was
+    cancelled before it resumed), a closed, empty queue is not at its end:
+    get_nowait raises WouldBlock, not EndOfStream, and the item is not lost."""
+    queue: Queue[str] = Queue(2)
+    async with anyio.create_task_group() as tg:
+        getter = Getter(queue)
+        await start(tg, getter)
+        getter.scope.cancel()
+        queue.put_nowait("a")  # handed to the getter, which will give it back
+        queue.close()
+        assert queue.statistics().being_taken == 1
+        with pytest.raises(anyio.WouldBlock):
+            queue.get_nowait()
+    assert getter.items == []
+    assert queue.get_nowait() == "a"
+    with pytest.raises(anyio.EndOfStream):
+        queue.get_nowait()
 
 
 async def test_get_nowait_on_an_empty_queue_raises_would_block() -> None:
@@ -784,6 +839,7 @@ async def test_statistics_count_puts_gets_and_waiters() -> None:
             "maxsize": 2,
             "waiting_putters": 0,
             "waiting_getters": 0,
+            "being_taken": 0,
             "closed": False,
             **counts,
         }
@@ -817,7 +873,16 @@ async def test_statistics_count_puts_gets_and_waiters() -> None:
         assert queue.statistics() == expect(
             queued=0, unfinished=3, puts=4, gets=4, waiting_getters=3, backpressure_waits=2
         )
-        await queue.put("e")
+        queue.put_nowait("e")  # handed to the first getter, which has not resumed
+        assert queue.statistics() == expect(
+            queued=0,
+            unfinished=4,
+            puts=5,
+            gets=4,
+            waiting_getters=2,
+            being_taken=1,
+            backpressure_waits=2,
+        )
         await settle()
         assert queue.statistics() == expect(
             queued=0, unfinished=4, puts=5, gets=5, waiting_getters=2, backpressure_waits=2
@@ -1203,6 +1268,7 @@ async def chaos_trial(seed: int, *, virtual_time: bool) -> None:
         gets=len(taken),
         waiting_putters=0,
         waiting_getters=0,
+        being_taken=0,
         backpressure_waits=stats.backpressure_waits,
         closed=True,
     )

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from heapq import heappop, heappush
-from typing import Generic, TypeVar
+from typing import Generic, Self, TypeVar
 
 import anyio
 import attrs
@@ -48,7 +48,9 @@ class QueueStatistics:
     """A snapshot of a :class:`Queue`, from :meth:`Queue.statistics`.
 
     ``name`` and ``maxsize``: as given. ``queued``: items in the queue now
-    (``len(queue)``). ``unfinished``: items put and not yet marked done with
+    (``len(queue)``). ``being_taken``: items handed to a waiting getter that has
+    not resumed yet (they count against ``maxsize``, as queued items do).
+    ``unfinished``: items put and not yet marked done with
     :meth:`Queue.task_done`. ``puts`` / ``gets``: items put and taken so far.
     ``waiting_putters``: tasks in ``put`` waiting for room (or granted room and
     not yet resumed). ``waiting_getters``: tasks in ``get`` waiting for an item.
@@ -59,6 +61,7 @@ class QueueStatistics:
     name: str | None
     maxsize: int
     queued: int
+    being_taken: int
     unfinished: int
     puts: int
     gets: int
@@ -77,7 +80,10 @@ class Queue(Generic[T]):
     is not in the queue, and if it returns, it is; if ``get`` raises, no item was
     taken. Waiting putters and waiting getters are each served first come, first
     served, and a cancelled waiter gives its place to the next. ``put``, ``get``
-    and ``join`` are always checkpoints; the ``_nowait`` twins never are.
+    and ``join`` are always checkpoints; the ``_nowait`` twins never are. A call
+    takes its place in line after that checkpoint, as ``Pool.submit`` does: of
+    two tasks that call ``put`` in the same scheduling step, trio (which runs
+    ready tasks in a random order) may let either in first.
 
     ``maxsize`` counts the items queued and those being handed to a getter that
     has not resumed yet, so ``put`` may wait a moment while ``len(queue)`` is
@@ -114,11 +120,11 @@ class Queue(Generic[T]):
 
     __slots__ = (
         "__weakref__",
-        "_all_done",
         "_buffer",
         "_gets",
         "_getters",
         "_handed",
+        "_joiners",
         "_name",
         "_puts",
         "_returned",
@@ -135,7 +141,7 @@ class Queue(Generic[T]):
         self._getters: Parking[tuple[int, T]] = Parking(weakly(self._give_back))
         self._handed = 0  # items handed to getters that have not resumed
         self._unfinished = 0
-        self._all_done: anyio.Event | None = None  # made by the first join() that waits
+        self._joiners: list[anyio.Event] = []  # one per join() waiting
         self._puts = 0
         self._gets = 0
 
@@ -268,7 +274,8 @@ class Queue(Generic[T]):
     def get_nowait(self) -> T:
         """Take the next item now. Never waits and is not a checkpoint.
 
-        :raises anyio.WouldBlock: the queue is empty.
+        :raises anyio.WouldBlock: the queue is empty (also when it is closed,
+            while an item handed to a getter may still come back).
         :raises anyio.EndOfStream: the queue is closed and empty.
         """
         if self._returned or self._buffer:
@@ -284,18 +291,26 @@ class Queue(Generic[T]):
             what = self._describe()
             raise ValueError(f"task_done() called more times than items were put in the {what}")
         self._unfinished -= 1
-        if self._unfinished == 0 and self._all_done is not None:
-            self._all_done.set()
-            self._all_done = None
+        if self._unfinished == 0 and self._joiners:
+            for joiner in self._joiners:
+                joiner.set()
+            self._joiners.clear()
 
     async def join(self) -> None:
-        """Wait until every item put so far was marked done with
-        :meth:`task_done` (at once if none is unfinished). Always a checkpoint."""
+        """Wait until no item is unfinished: every item put was marked done with
+        :meth:`task_done`, those put while this waits included (as
+        :meth:`asyncio.Queue.join` counts). Returns at once if none is
+        unfinished. Always a checkpoint."""
         await checkpoint()
         if self._unfinished:
-            if self._all_done is None:
-                self._all_done = anyio.Event()
-            await self._all_done.wait()
+            joiner = anyio.Event()  # its own: a queue may outlive an event loop
+            self._joiners.append(joiner)
+            try:
+                await joiner.wait()
+            except BaseException:
+                if joiner in self._joiners:
+                    self._joiners.remove(joiner)
+                raise
 
     def close(self) -> None:
         """Take no more items. Waiting putters raise :class:`PoolClosed`; getters
@@ -314,6 +329,7 @@ class Queue(Generic[T]):
             name=self._name,
             maxsize=slots.capacity,
             queued=len(self),
+            being_taken=self._handed,
             unfinished=self._unfinished,
             puts=self._puts,
             gets=self._gets,
@@ -323,7 +339,12 @@ class Queue(Generic[T]):
             closed=slots.closed,
         )
 
-    def __aiter__(self) -> Queue[T]:
+    def __bool__(self) -> bool:
+        """Always True, empty or not (as for :class:`asyncio.Queue`): ``queue
+        or Queue(10)`` must not swap an empty queue for another."""
+        return True
+
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> T:
