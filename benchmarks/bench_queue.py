@@ -75,6 +75,9 @@ SCENARIOS = [
     Scenario("4 producers, 4 consumers, `maxsize` 100", 4, 4, 100, False),
     Scenario("1 producer, 4 consumers, `maxsize` 100", 1, 4, 100, False),
     Scenario("4 producers, 1 consumer, `maxsize` 100", 4, 1, 100, False),
+    # without checkpoints a pair costs a quarter of a microsecond, and the
+    # queue's own counts (puts, gets, unfinished, the room and who waits for
+    # it) are a third of that more than the stream keeps
     Scenario(
         "`put_nowait` / `get_nowait`, awaiting only when full / empty, "
         "1 producer, 1 consumer, `maxsize` 100",
@@ -82,6 +85,7 @@ SCENARIOS = [
         1,
         100,
         True,
+        target=1.50,
     ),
 ]
 
