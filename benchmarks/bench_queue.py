@@ -97,101 +97,98 @@ def shares(items: int, producers: int) -> list[range]:
     return [range(first, items, producers) for first in range(producers)]
 
 
+async def produce(
+    share: range,
+    put: Callable[[int], Awaitable[None]],
+    put_nowait: Callable[[int], None],
+    full: type[Exception],
+    nowait: bool,
+) -> None:
+    """Put every item of ``share``; with ``nowait``, await ``put`` only when
+    ``put_nowait`` raises ``full``."""
+    if nowait:
+        for x in share:
+            try:
+                put_nowait(x)
+            except full:
+                await put(x)
+    else:
+        for x in share:
+            await put(x)
+
+
+async def consume(
+    get: Callable[[], Awaitable[object]],
+    get_nowait: Callable[[], object],
+    empty: type[Exception],
+    end: type[Exception],
+    nowait: bool,
+) -> int:
+    """Take items until ``end`` is raised: how many; with ``nowait``, await
+    ``get`` only when ``get_nowait`` raises ``empty``."""
+    count = 0
+    try:
+        if nowait:
+            while True:
+                try:
+                    get_nowait()
+                except empty:
+                    await get()
+                count += 1
+        else:
+            while True:
+                await get()
+                count += 1
+    except end:
+        pass
+    return count
+
+
 async def corral_queue(items: int, scenario: Scenario) -> int:
     queue: corral.Queue[int] = corral.Queue(scenario.maxsize)
-    handled = 0
+    counts: list[int] = []
+    taking = (queue.get, queue.get_nowait, anyio.WouldBlock, anyio.EndOfStream, scenario.nowait)
 
-    async def produce(share: range) -> None:
-        put = queue.put
-        if scenario.nowait:
-            put_nowait = queue.put_nowait
-            for x in share:
-                try:
-                    put_nowait(x)
-                except corral.QueueFull:
-                    await put(x)
-        else:
-            for x in share:
-                await put(x)
-
-    async def consume() -> None:
-        nonlocal handled
-        count = 0
-        get = queue.get
-        try:
-            if scenario.nowait:
-                get_nowait = queue.get_nowait
-                while True:
-                    try:
-                        get_nowait()
-                    except anyio.WouldBlock:
-                        await get()
-                    count += 1
-            else:
-                while True:
-                    await get()
-                    count += 1
-        except anyio.EndOfStream:
-            pass
-        handled += count
+    async def consumer() -> None:
+        counts.append(await consume(*taking))
 
     async with anyio.create_task_group() as tg:
         for _ in range(scenario.consumers):
-            tg.start_soon(consume)
+            tg.start_soon(consumer)
         async with anyio.create_task_group() as producing:
             for share in shares(items, scenario.producers):
-                producing.start_soon(produce, share)
+                producing.start_soon(
+                    produce, share, queue.put, queue.put_nowait, corral.QueueFull, scenario.nowait
+                )
         queue.close()
-    return handled
+    return sum(counts)
 
 
 async def anyio_stream(items: int, scenario: Scenario) -> int:
     send, receive = anyio.create_memory_object_stream[int](scenario.maxsize)
-    handled = 0
+    counts: list[int] = []
+    taking = (receive.receive, receive.receive_nowait, anyio.WouldBlock, anyio.EndOfStream)
+    nowait = scenario.nowait
 
-    async def produce(share: range) -> None:
-        send_ = send.send
-        if scenario.nowait:
-            send_nowait = send.send_nowait
-            for x in share:
-                try:
-                    send_nowait(x)
-                except anyio.WouldBlock:
-                    await send_(x)
-        else:
-            for x in share:
-                await send_(x)
-
-    async def consume() -> None:
-        nonlocal handled
-        count = 0
-        receive_ = receive.receive
-        try:
-            if scenario.nowait:
-                receive_nowait = receive.receive_nowait
-                while True:
-                    try:
-                        receive_nowait()
-                    except anyio.WouldBlock:
-                        await receive_()
-                    count += 1
-            else:
-                while True:
-                    await receive_()
-                    count += 1
-        except anyio.EndOfStream:
-            pass
-        handled += count
+    async def consumer() -> None:
+        counts.append(await consume(*taking, nowait))
 
     with receive:
         async with anyio.create_task_group() as tg:
             for _ in range(scenario.consumers):
-                tg.start_soon(consume)
+                tg.start_soon(consumer)
             with send:
                 async with anyio.create_task_group() as producing:
                     for share in shares(items, scenario.producers):
-                        producing.start_soon(produce, share)
-    return handled
+                        producing.start_soon(
+                            produce,
+                            share,
+                            send.send,
+                            send.send_nowait,
+                            anyio.WouldBlock,
+                            scenario.nowait,
+                        )
+    return sum(counts)
 
 
 async def asyncio_queue(items: int, scenario: Scenario) -> int:
@@ -247,51 +244,29 @@ async def trio_channel(items: int, scenario: Scenario) -> int:
     import trio
 
     send, receive = trio.open_memory_channel[int](scenario.maxsize)
-    handled = 0
+    counts: list[int] = []
+    taking = (receive.receive, receive.receive_nowait, trio.WouldBlock, trio.EndOfChannel)
+    nowait = scenario.nowait
 
-    async def produce(share: range) -> None:
-        send_ = send.send
-        if scenario.nowait:
-            send_nowait = send.send_nowait
-            for x in share:
-                try:
-                    send_nowait(x)
-                except trio.WouldBlock:
-                    await send_(x)
-        else:
-            for x in share:
-                await send_(x)
-
-    async def consume() -> None:
-        nonlocal handled
-        count = 0
-        receive_ = receive.receive
-        try:
-            if scenario.nowait:
-                receive_nowait = receive.receive_nowait
-                while True:
-                    try:
-                        receive_nowait()
-                    except trio.WouldBlock:
-                        await receive_()
-                    count += 1
-            else:
-                while True:
-                    await receive_()
-                    count += 1
-        except trio.EndOfChannel:
-            pass
-        handled += count
+    async def consumer() -> None:
+        counts.append(await consume(*taking, nowait))
 
     with receive:
         async with trio.open_nursery() as nursery:
             for _ in range(scenario.consumers):
-                nursery.start_soon(consume)
+                nursery.start_soon(consumer)
             with send:
                 async with trio.open_nursery() as producing:
                     for share in shares(items, scenario.producers):
-                        producing.start_soon(produce, share)
-    return handled
+                        producing.start_soon(
+                            produce,
+                            share,
+                            send.send,
+                            send.send_nowait,
+                            trio.WouldBlock,
+                            scenario.nowait,
+                        )
+    return sum(counts)
 
 
 BASELINE = "anyio memory object stream"
