@@ -1,5 +1,6 @@
-"""Parking: idle tasks (a pool's workers, a batcher's flushers) wait here to
-be handed work, first parked, first woken.
+"""Parking: idle tasks (a pool's workers, a batcher's flushers, a Queue's
+getters and its join() calls) wait here to be handed work, first parked, first
+woken.
 
 At most one wake-up is in flight by the owner's choice: :attr:`Parking.waking`
 is True from :meth:`Parking.unpark` until the woken task runs, and owners

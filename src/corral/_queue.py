@@ -141,7 +141,9 @@ class Queue(Generic[T]):
         self._getters: Parking[tuple[int, T]] = Parking(weakly(self._give_back))
         self._handed = 0  # items handed to getters that have not resumed
         self._unfinished = 0
-        self._joiners: list[anyio.Event] = []  # one per join() waiting
+        # the join() calls waiting (each on an event of its own, gone with its
+        # call: a queue may outlive an event loop)
+        self._joiners: Parking[None] = Parking()
         self._puts = 0
         self._gets = 0
 
@@ -291,10 +293,8 @@ class Queue(Generic[T]):
             what = self._describe()
             raise ValueError(f"task_done() called more times than items were put in the {what}")
         self._unfinished -= 1
-        if self._unfinished == 0 and self._joiners:
-            for joiner in self._joiners:
-                joiner.set()
-            self._joiners.clear()
+        if self._unfinished == 0 and self._joiners.spots:
+            self._joiners.unpark_all()
 
     async def join(self) -> None:
         """Wait until no item is unfinished: every item put was marked done with
@@ -303,14 +303,7 @@ class Queue(Generic[T]):
         unfinished. Always a checkpoint."""
         await checkpoint()
         if self._unfinished:
-            joiner = anyio.Event()  # its own: a queue may outlive an event loop
-            self._joiners.append(joiner)
-            try:
-                await joiner.wait()
-            except BaseException:
-                if joiner in self._joiners:
-                    self._joiners.remove(joiner)
-                raise
+            await self._joiners.park()
 
     def close(self) -> None:
         """Take no more items. Waiting putters raise :class:`PoolClosed`; getters
