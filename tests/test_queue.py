@@ -34,58 +34,59 @@ from corral import (
 pytestmark = pytest.mark.anyio
 
 
-class Putter:
-    """A task that puts one item, in a cancel scope the test can cancel."""
+class QueueTask:
+    """A task that calls the queue once (``call``), in a cancel scope the test
+    can cancel; an exception it raises is kept in ``error``."""
+
+    def __init__(self, queue: Queue[Any]) -> None:
+        self.queue = queue
+        self.scope = anyio.CancelScope()
+        self.error: Exception | None = None
+        self.finished = False
+
+    async def call(self) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        with self.scope:
+            try:
+                await self.call()
+            except Exception as error:
+                self.error = error
+        self.finished = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self.scope.cancelled_caught
+
+
+class Putter(QueueTask):
+    """A task that puts one item."""
 
     def __init__(self, queue: Queue[Any], item: Any) -> None:
-        self.queue = queue
+        super().__init__(queue)
         self.item = item
-        self.scope = anyio.CancelScope()
         self.returned = False  # put() returned
-        self.error: Exception | None = None
-        self.finished = False
 
-    async def run(self) -> None:
-        with self.scope:
-            try:
-                await self.queue.put(self.item)
-                self.returned = True
-            except Exception as error:
-                self.error = error
-        self.finished = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self.scope.cancelled_caught
+    async def call(self) -> None:
+        await self.queue.put(self.item)
+        self.returned = True
 
 
-class Getter:
-    """A task that gets one item (or, with ``loop``, iterates the queue), in a
-    cancel scope the test can cancel."""
+class Getter(QueueTask):
+    """A task that gets one item (or, with ``loop``, iterates the queue)."""
 
     def __init__(self, queue: Queue[Any], *, loop: bool = False) -> None:
-        self.queue = queue
+        super().__init__(queue)
         self.loop = loop
-        self.scope = anyio.CancelScope()
         self.items: list[Any] = []
-        self.error: Exception | None = None
-        self.finished = False
 
-    async def run(self) -> None:
-        with self.scope:
-            try:
-                if self.loop:
-                    async for item in self.queue:
-                        self.items.append(item)
-                else:
-                    self.items.append(await self.queue.get())
-            except Exception as error:
-                self.error = error
-        self.finished = True
-
-    @property
-    def cancelled(self) -> bool:
-        return self.scope.cancelled_caught
+    async def call(self) -> None:
+        if self.loop:
+            async for item in self.queue:
+                self.items.append(item)
+        else:
+            self.items.append(await self.queue.get())
 
 
 async def settle() -> None:
@@ -96,7 +97,7 @@ async def settle() -> None:
     await anyio.wait_all_tasks_blocked()
 
 
-async def start(tg: TaskGroup, *tasks: Putter | Getter) -> None:
+async def start(tg: TaskGroup, *tasks: QueueTask) -> None:
     """Start each task and let it block before the next starts, so that they
     wait in the order given."""
     for task in tasks:
