@@ -48,7 +48,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 from _harness import Contender, compare, installed, key_ratio  # the script's folder is on sys.path
@@ -164,14 +164,22 @@ async def corral_queue(items: int, scenario: Scenario) -> int:
     return sum(counts)
 
 
-async def anyio_stream(items: int, scenario: Scenario) -> int:
-    send, receive = anyio.create_memory_object_stream[int](scenario.maxsize)
+async def channel(
+    send: Any,
+    receive: Any,
+    full: type[Exception],
+    end: type[Exception],
+    items: int,
+    scenario: Scenario,
+) -> int:
+    """A memory channel's two ends (anyio's stream or trio's channel, which
+    have the same methods): the input ends when the sending end is closed."""
     counts: list[int] = []
-    taking = (receive.receive, receive.receive_nowait, anyio.WouldBlock, anyio.EndOfStream)
     nowait = scenario.nowait
+    taking = (receive.receive, receive.receive_nowait, full, end, nowait)
 
     async def consumer() -> None:
-        counts.append(await consume(*taking, nowait))
+        counts.append(await consume(*taking))
 
     with receive:
         async with anyio.create_task_group() as tg:
@@ -181,14 +189,14 @@ async def anyio_stream(items: int, scenario: Scenario) -> int:
                 async with anyio.create_task_group() as producing:
                     for share in shares(items, scenario.producers):
                         producing.start_soon(
-                            produce,
-                            share,
-                            send.send,
-                            send.send_nowait,
-                            anyio.WouldBlock,
-                            scenario.nowait,
+                            produce, share, send.send, send.send_nowait, full, nowait
                         )
     return sum(counts)
+
+
+async def anyio_stream(items: int, scenario: Scenario) -> int:
+    send, receive = anyio.create_memory_object_stream[int](scenario.maxsize)
+    return await channel(send, receive, anyio.WouldBlock, anyio.EndOfStream, items, scenario)
 
 
 async def asyncio_queue(items: int, scenario: Scenario) -> int:
@@ -244,29 +252,7 @@ async def trio_channel(items: int, scenario: Scenario) -> int:
     import trio
 
     send, receive = trio.open_memory_channel[int](scenario.maxsize)
-    counts: list[int] = []
-    taking = (receive.receive, receive.receive_nowait, trio.WouldBlock, trio.EndOfChannel)
-    nowait = scenario.nowait
-
-    async def consumer() -> None:
-        counts.append(await consume(*taking, nowait))
-
-    with receive:
-        async with trio.open_nursery() as nursery:
-            for _ in range(scenario.consumers):
-                nursery.start_soon(consumer)
-            with send:
-                async with trio.open_nursery() as producing:
-                    for share in shares(items, scenario.producers):
-                        producing.start_soon(
-                            produce,
-                            share,
-                            send.send,
-                            send.send_nowait,
-                            trio.WouldBlock,
-                            scenario.nowait,
-                        )
-    return sum(counts)
+    return await channel(send, receive, trio.WouldBlock, trio.EndOfChannel, items, scenario)
 
 
 BASELINE = "anyio memory object stream"
