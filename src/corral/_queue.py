@@ -121,7 +121,6 @@ class Queue(Generic[T]):
     __slots__ = (
         "__weakref__",
         "_buffer",
-        "_gets",
         "_getters",
         "_handed",
         "_joiners",
@@ -145,7 +144,6 @@ class Queue(Generic[T]):
         # call: a queue may outlive an event loop)
         self._joiners: Parking[None] = Parking()
         self._puts = 0
-        self._gets = 0
 
     @property
     def maxsize(self) -> int:
@@ -201,7 +199,6 @@ class Queue(Generic[T]):
     def _take(self) -> T:
         """The next queued item (there is one), its room released."""
         item = heappop(self._returned)[1] if self._returned else self._buffer.popleft()
-        self._gets += 1
         slots = self._slots
         if slots.waiters:
             slots.release()  # the room goes to the first waiting putter
@@ -267,7 +264,6 @@ class Queue(Generic[T]):
         if not isinstance(handed, tuple):  # woken with nothing: the queue ended
             raise anyio.EndOfStream
         self._handed -= 1
-        self._gets += 1
         self._slots.release()
         if self._ended:  # the last item that might have come back was taken
             self._getters.unpark_all()
@@ -325,7 +321,7 @@ class Queue(Generic[T]):
             being_taken=self._handed,
             unfinished=self._unfinished,
             puts=self._puts,
-            gets=self._gets,
+            gets=self._puts - len(self) - self._handed,  # every other item put was taken
             waiting_putters=len(slots.waiters) + (slots.granted > 0),
             waiting_getters=len(self._getters),
             backpressure_waits=slots.waits,
