@@ -31,8 +31,10 @@ def anyio_backend(timing_anyio_backend: Any) -> Any:
 
 @pytest.fixture
 def unit(exact: bool) -> float:
-    """The time unit of a race: 1 s on the MockClock, 50 ms in real time."""
-    return 1.0 if exact else 0.05
+    """The time unit of a race: 1 s on the MockClock, 200 ms in real time (a
+    shared machine stalls a timer by tens of milliseconds at times, and
+    `near` allows 0.6 unit)."""
+    return 1.0 if exact else 0.2
 
 
 @pytest.fixture
